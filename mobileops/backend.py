@@ -1,0 +1,175 @@
+"""Backend registry: which implementation (torch, triton, cuda) runs each fused op.
+
+Selection, from strongest to weakest: :func:`use_backend` (a context manager),
+:func:`set_backend`, the environment variable ``MOBILEOPS_BACKEND``, then ``"auto"``.
+``auto`` picks, per op and per tensor device, the fastest backend that is available and
+implements the op (CUDA tensors: cuda, then triton, then torch; anything else: torch) and
+never fails.  An explicitly requested backend that cannot run raises
+:class:`BackendUnavailableError` saying why; it never falls back silently.
+
+The selection is process-wide (a plain module global, so ``torch.compile`` can trace it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "MOBILEOPS_BACKEND"
+
+_impls: Dict[str, Dict[str, Callable]] = {}
+_selected: Optional[str] = None
+_override_stack: List[str] = []
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the requested op here."""
+
+
+def _check_choice(name, source: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in CHOICES:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+    return name.strip().lower()
+
+
+def register_impl(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator registering ``fn`` as ``backend``'s implementation of the fused op ``op``."""
+    _check_choice(backend, "register_impl")
+    if backend == "auto":
+        raise ValueError("register_impl: 'auto' is not a backend")
+
+    def decorate(fn: Callable) -> Callable:
+        _impls.setdefault(op, {})[backend] = fn
+        return fn
+
+    return decorate
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(module: str) -> Optional[str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _cuda_extension_status() -> Optional[str]:
+    err = _import_error("mobileops._C")
+    if err is not None:
+        return f"the CUDA extension mobileops._C is not built or does not load ({err})"
+    from mobileops import _C  # type: ignore[attr-defined]
+
+    count, message = _C.device_count()
+    if message:
+        return f"the CUDA runtime reports no usable device ({message})"
+    if count == 0:
+        return "no CUDA device"
+    return None
+
+
+def _backend_problem(backend: str, device: Optional[torch.device]) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` (None: on any device here), or None."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _import_error("triton")
+        if err is not None:
+            return f"triton is not importable ({err})"
+        on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+        if not on_cuda and not _interpreter_on():
+            if device is not None and device.type != "cpu":
+                return f"triton kernels cannot run on {device.type} tensors"
+            return "no CUDA device; set TRITON_INTERPRET=1 to run it on the CPU for testing"
+    if backend == "cuda":
+        problem = _cuda_extension_status()
+        if problem is not None:
+            return problem
+        if device is not None and device.type != "cuda":
+            return f"the CUDA extension cannot run on {device.type} tensors"
+    if not any(backend in table for table in _impls.values()):
+        return "no fused op is implemented by this backend yet"
+    return None
+
+
+def backend_status() -> Dict[str, Optional[str]]:
+    """Map each backend name to None if it is available here, else the reason it is not."""
+    return {name: _backend_problem(name, None) for name in BACKENDS}
+
+
+def available_backends() -> List[str]:
+    """Names of the backends that can run at least one op on this machine."""
+    return [name for name, problem in backend_status().items() if problem is None]
+
+
+def get_backend() -> str:
+    """The backend name currently selected (possibly ``"auto"``)."""
+    if _override_stack:
+        return _override_stack[-1]
+    if _selected is not None:
+        return _selected
+    return _check_choice(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every fused op, process-wide.
+
+    Args:
+        name: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Raises:
+        ValueError: for an unknown name.
+        BackendUnavailableError: if the backend cannot run on this machine at all.
+    """
+    global _selected
+    name = _check_choice(name, "set_backend")
+    if name != "auto":
+        problem = _backend_problem(name, None)
+        if problem is not None:
+            raise BackendUnavailableError(f"{name}: {problem}")
+    _selected = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager selecting a backend for the ops run inside it (see :func:`set_backend`)."""
+    name = _check_choice(name, "use_backend")
+    if name != "auto":
+        problem = _backend_problem(name, None)
+        if problem is not None:
+            raise BackendUnavailableError(f"{name}: {problem}")
+    _override_stack.append(name)
+    try:
+        yield name
+    finally:
+        _override_stack.pop()
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """Return the implementation of ``op`` for tensors on ``device`` under the current selection."""
+    table = _impls.get(op, {})
+    name = get_backend()
+    if name == "auto":
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+        for backend in order:
+            if backend in table and _backend_problem(backend, device) is None:
+                return table[backend]
+        raise BackendUnavailableError(f"{op}: no backend implements it for {device.type} tensors")
+    problem = _backend_problem(name, device)
+    if problem is not None:
+        raise BackendUnavailableError(f"{op}: backend {name!r} is unavailable: {problem}")
+    if name not in table:
+        raise BackendUnavailableError(
+            f"{op}: backend {name!r} does not implement this op (implemented by: {', '.join(table) or 'none'})")
+    return table[name]

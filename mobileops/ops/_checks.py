@@ -1,0 +1,90 @@
+"""Argument validation shared by the fused ops: every error names the argument at fault."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _autocast_on(device: torch.device) -> bool:
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch versions whose is_autocast_enabled takes no device type
+        return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def check_input(op: str, x) -> None:
+    """``x`` must be a floating (N, C, H, W) tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_tensor(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, *,
+                 optional: bool = False, same_dtype: bool = False) -> None:
+    """``t`` must be a floating tensor of ``shape`` on ``x``'s device (or None if ``optional``).
+
+    ``same_dtype`` requires ``x``'s dtype unless autocast is active (it casts for us).
+    """
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{op}: {name} is required, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} to match x of shape "
+                         f"{tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+    if same_dtype and t.dtype != x.dtype and not _autocast_on(x.device):
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; cast one of them "
+                        "or run under torch.autocast")
+
+
+def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running_var,
+             training: bool, momentum, eps) -> None:
+    """BatchNorm parameters: per-channel tensors (each may be None), a sane momentum and eps."""
+    channels = (x.shape[1],)
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        check_tensor(op, name, t, channels, x, optional=True)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
+    if not isinstance(training, bool):
+        raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
+    if not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"{op}: momentum must be a number in [0, 1], got {momentum!r}")
+    if not isinstance(eps, numbers.Real) or not float(eps) > 0.0:
+        raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
+
+
+def check_int(op: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_depthwise_weight(op: str, weight, x: torch.Tensor) -> int:
+    """Depthwise weight (C, 1, K, K); returns K."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{op}: weight must be a 4-D (C, 1, K, K) depthwise kernel, got {shape}")
+    k = weight.shape[-1]
+    check_tensor(op, "weight", weight, (x.shape[1], 1, k, k), x, same_dtype=True)
+    return k
+
+
+def resolve_padding(op: str, padding: Optional[int], kernel_size: int) -> int:
+    if padding is None:
+        return (kernel_size - 1) // 2
+    return check_int(op, "padding", padding, 0)

@@ -1,0 +1,33 @@
+"""Activations understood by the fused ops, looked up by name."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("none", "relu", "relu6", "hswish", "silu", "hsigmoid")
+GATES = ("hsigmoid", "sigmoid")
+
+_FUNCTIONS = {
+    "none": lambda x: x,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    # hardswish(x) = x * relu6(x + 3) / 6 and hardsigmoid(x) = relu6(x + 3) / 6: the same
+    # functions (and the same zero gradient at the kinks) as the seed h_swish / h_sigmoid.
+    "hswish": F.hardswish,
+    "silu": F.silu,
+    "hsigmoid": F.hardsigmoid,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def check_activation(name, argument: str = "activation", choices=ACTIVATIONS) -> str:
+    """Return ``name`` if it is one of ``choices``, else raise a ValueError naming ``argument``."""
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"{argument} must be one of {', '.join(map(repr, choices))}; got {name!r}")
+    return name
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Apply the activation called ``name`` (one of :data:`ACTIVATIONS` or ``"sigmoid"``) to ``x``."""
+    return _FUNCTIONS[check_activation(name, choices=ACTIVATIONS + ("sigmoid",))](x)

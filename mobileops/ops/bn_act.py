@@ -1,0 +1,39 @@
+"""BatchNorm + activation, for the dense convolutions whose conv stays on cuDNN/cuBLAS."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mobileops import backend
+from mobileops.ops import _checks
+from mobileops.ops.activation import activation as apply_activation
+from mobileops.ops.activation import check_activation
+
+
+def bn_act(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+           running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], *,
+           activation: str = "none", training: bool = False, momentum: float = 0.1,
+           eps: float = 1e-5) -> torch.Tensor:
+    """BatchNorm over the channels of ``x`` (N, C, H, W), then an activation.
+
+    Arguments and BatchNorm semantics are those of :func:`mobileops.ops.dwconv_bn_act`
+    without the convolution. Returns a tensor in ``x``'s dtype and memory format.
+    """
+    op = "bn_act"
+    _checks.check_input(op, x)
+    _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    check_activation(activation)
+    impl = backend.resolve(op, x.device)
+    return impl(x, bn_weight, bn_bias, running_mean, running_var, activation=activation,
+                training=training, momentum=float(momentum), eps=float(eps))
+
+
+@backend.register_impl("bn_act", "torch")
+def _bn_act_torch(x, bn_weight, bn_bias, running_mean, running_var, *, activation, training,
+                  momentum, eps):
+    y = F.batch_norm(x, running_mean, running_var, bn_weight, bn_bias,
+                     training or running_mean is None, momentum, eps)
+    return apply_activation(y, activation)

@@ -1,0 +1,99 @@
+"""Depthwise convolution + BatchNorm + activation, and its BN-folded form.
+
+The ``torch`` backend here is the reference: the plain PyTorch composition
+(``conv2d(groups=C)`` -> ``batch_norm`` -> activation), autograd by PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mobileops import backend
+from mobileops.ops import _checks
+from mobileops.ops.activation import activation as apply_activation
+from mobileops.ops.activation import check_activation
+
+
+def _check_output_size(op: str, x: torch.Tensor, k: int, stride: int, padding: int) -> None:
+    h, w = x.shape[-2:]
+    if (h + 2 * padding - k) // stride + 1 < 1 or (w + 2 * padding - k) // stride + 1 < 1:
+        raise ValueError(f"{op}: a {k}x{k} kernel with padding {padding} does not fit the "
+                         f"input of spatial size {h}x{w}")
+
+
+def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                  bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                  running_var: Optional[torch.Tensor], *, stride: int = 1,
+                  padding: Optional[int] = None, activation: str = "none", training: bool = False,
+                  momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """Depthwise KxK convolution (no bias), then BatchNorm, then an activation.
+
+    Args:
+        x: input (N, C, H, W), float16/bfloat16/float32/float64, NCHW or channels_last.
+        weight: depthwise kernel (C, 1, K, K), same dtype as ``x`` (outside autocast).
+        bn_weight, bn_bias: BN affine parameters (C,) or None (identity affine).
+        running_mean, running_var: BN running statistics (C,), or both None to always
+            normalise with batch statistics (``track_running_stats=False``).
+        stride: convolution stride (>= 1).
+        padding: zero padding on each side; None means "same" padding ``(K - 1) // 2``.
+        activation: one of ``none, relu, relu6, hswish, silu, hsigmoid``.
+        training: True normalises with the batch mean and biased variance and updates the
+            running statistics in place (unbiased variance) like ``nn.BatchNorm2d``; False
+            normalises with the running statistics.
+        momentum: the running-statistics update factor for this call, i.e.
+            ``nn.BatchNorm2d``'s exponential average factor (``1 / num_batches_tracked``
+            when the module's momentum is None).
+        eps: BN epsilon.
+
+    Returns:
+        (N, C, H_out, W_out) tensor in ``x``'s dtype and memory format.
+    """
+    op = "dwconv_bn_act"
+    _checks.check_input(op, x)
+    k = _checks.check_depthwise_weight(op, weight, x)
+    _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    stride = _checks.check_int(op, "stride", stride, 1)
+    padding = _checks.resolve_padding(op, padding, k)
+    check_activation(activation)
+    _check_output_size(op, x, k, stride, padding)
+    impl = backend.resolve(op, x.device)
+    return impl(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                padding=padding, activation=activation, training=training,
+                momentum=float(momentum), eps=float(eps))
+
+
+def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               stride: int = 1, padding: Optional[int] = None,
+               activation: str = "none") -> torch.Tensor:
+    """Depthwise KxK convolution with an optional bias, then an activation.
+
+    This is :func:`dwconv_bn_act` after the BatchNorm has been folded into ``weight`` and
+    ``bias`` (``fuse()``); arguments as there, with ``bias`` of shape (C,) or None.
+    """
+    op = "dwconv_act"
+    _checks.check_input(op, x)
+    k = _checks.check_depthwise_weight(op, weight, x)
+    _checks.check_tensor(op, "bias", bias, (x.shape[1],), x, optional=True, same_dtype=True)
+    stride = _checks.check_int(op, "stride", stride, 1)
+    padding = _checks.resolve_padding(op, padding, k)
+    check_activation(activation)
+    _check_output_size(op, x, k, stride, padding)
+    impl = backend.resolve(op, x.device)
+    return impl(x, weight, bias, stride=stride, padding=padding, activation=activation)
+
+
+@backend.register_impl("dwconv_bn_act", "torch")
+def _dwconv_bn_act_torch(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride,
+                         padding, activation, training, momentum, eps):
+    y = F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+    y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias,
+                     training or running_mean is None, momentum, eps)
+    return apply_activation(y, activation)
+
+
+@backend.register_impl("dwconv_act", "torch")
+def _dwconv_act_torch(x, weight, bias, *, stride, padding, activation):
+    return apply_activation(F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1]), activation)

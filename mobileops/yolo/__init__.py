@@ -1,0 +1,31 @@
+"""YOLOv5 detectors assembled from YOLOv5-style yaml files.
+
+>>> import mobileops.yolo as yolo
+>>> model = yolo.build("yolov5n-c3uib")           # or a path to your own yaml
+>>> yolo.register("MyBlock", MyBlock, "conv")      # make a block usable in yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+from mobileops.yolo.model import DetectionModel, count_flops
+from mobileops.yolo.parse import ceil_to_multiple, load_config, parse_model, shipped_configs
+from mobileops.yolo.registry import KINDS, known_modules, register
+
+
+def build(cfg: Union[str, Path, Dict[str, Any]], nc: Optional[int] = None, ch: int = 3) -> DetectionModel:
+    """Build a :class:`DetectionModel` from a shipped config name, a yaml path or a dict.
+
+    Args:
+        cfg: e.g. ``"yolov5n"``, ``"yolov5s"``, ``"yolov5n-c3uib"``, ``"yolov5-mobilenetv3"``
+            or ``"path/to/model.yaml"``.
+        nc: number of classes, overriding the config's.
+        ch: input channels.
+    """
+    return DetectionModel(cfg, ch=ch, nc=nc)
+
+
+__all__ = ["KINDS", "DetectionModel", "build", "ceil_to_multiple", "count_flops", "known_modules",
+           "load_config", "parse_model", "register", "shipped_configs"]
