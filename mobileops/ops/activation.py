@@ -12,11 +12,11 @@ _FUNCTIONS = {
     "none": lambda x: x,
     "relu": F.relu,
     "relu6": F.relu6,
-    # hardswish(x) = x * relu6(x + 3) / 6 and hardsigmoid(x) = relu6(x + 3) / 6: the same
-    # functions (and the same zero gradient at the kinks) as the seed h_swish / h_sigmoid.
-    "hswish": F.hardswish,
+    # Written out rather than F.hardswish / F.hardsigmoid: their CPU backward kernels use a
+    # float32 1/6 even for float64 tensors, which would spoil the float64 reference.
+    "hswish": lambda x: x * (F.relu6(x + 3.0) / 6.0),
     "silu": F.silu,
-    "hsigmoid": F.hardsigmoid,
+    "hsigmoid": lambda x: F.relu6(x + 3.0) / 6.0,
     "sigmoid": torch.sigmoid,
 }
 

@@ -1,0 +1,73 @@
+"""Shared test utilities: BN randomisation and module parity checks (float64)."""
+
+import torch
+from torch import nn
+
+
+def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm2d non-trivial affine parameters and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
+                m.bias.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return module
+
+
+def assert_modules_match(ours: nn.Module, ref: nn.Module, x: torch.Tensor, *, train: bool,
+                         steps: int = 1, rtol: float = 1e-9, atol: float = 1e-10) -> None:
+    """Outputs, input grads, parameter grads and buffers (running stats) of two modules
+    with identical state_dicts agree after ``steps`` forward/backward passes."""
+    ours.train(train)
+    ref.train(train)
+    ours_params = dict(ours.named_parameters())
+    ours_buffers = dict(ours.named_buffers())
+    for step in range(steps):
+        x_ref = x.detach().clone().requires_grad_(True)
+        x_ours = x.detach().clone().requires_grad_(True)
+        y_ref, y_ours = ref(x_ref), ours(x_ours)
+        torch.testing.assert_close(y_ours, y_ref, rtol=rtol, atol=atol, msg=lambda m: f"output (step {step}): {m}")
+        grad = torch.randn_like(y_ref)
+        ref.zero_grad()
+        ours.zero_grad()
+        y_ref.backward(grad)
+        y_ours.backward(grad)
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"input grad: {m}")
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(ours_params[name].grad, p.grad, rtol=rtol, atol=atol,
+                                       msg=lambda m, n=name: f"grad of {n}: {m}")
+    for name, b in ref.named_buffers():
+        torch.testing.assert_close(ours_buffers[name], b, rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"buffer {n}: {m}")
+
+
+def load_from(ref: nn.Module, ours: nn.Module) -> nn.Module:
+    """Load ``ref``'s state_dict into ``ours`` strictly; both end up in float64."""
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.double()
+    return ours.double()
+
+
+def count_bn(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+
+
+#: Relative error floors per dtype (DESIGN.md: fp32 1e-4, fp16 3e-3, bf16 1e-2).
+FLOORS = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+def assert_within_bound(out: torch.Tensor, ref64: torch.Tensor, out_torch: torch.Tensor, what: str = "") -> None:
+    """The flash-attention rule: ``max|out - ref| <= 2 max|out_torch - ref| + floor * max|ref|``
+    with ``ref`` in float64 and ``out_torch`` the torch backend in ``out``'s dtype; no NaN."""
+    assert not torch.isnan(out).any(), f"{what}: NaN in output"
+    ref64 = ref64.double()
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (out_torch.double() - ref64).abs().max().item()
+    scale = max(ref64.abs().max().item(), 1.0)
+    bound = 2 * torch_err + FLOORS[out.dtype] * scale
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
