@@ -63,11 +63,12 @@ class DetectionModel(nn.Module):
         feats = self._forward_once(torch.zeros(1, self.ch, size, size))
         self.train(was_training)
         head.set_strides([size / f.shape[-2] for f in feats])
-        head.anchors /= head.stride.view(-1, 1, 1)
+        # Order on the pixel anchors, then divide (the order of current YOLOv5).
         area = head.anchors.prod(-1).mean(-1).view(-1)
         da, ds = area[-1] - area[0], head.stride[-1] - head.stride[0]
         if da != 0 and (da.sign() != ds.sign()):
             head.anchors[:] = head.anchors.flip(0)
+        head.anchors /= head.stride.view(-1, 1, 1)
         for conv, s in zip(head.m, head.stride.tolist()):
             b = conv.bias.view(head.na, -1)
             b[:, 4] += math.log(8 / (640 / s) ** 2)
@@ -132,5 +133,6 @@ def count_flops(model: nn.Module, input_shape) -> int:
     meta = copy.deepcopy(model).to("meta").eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        meta(torch.zeros(input_shape, device="meta"))
+        dtype = next(meta.parameters(), torch.empty(0)).dtype
+        meta(torch.zeros(input_shape, device="meta", dtype=dtype))
     return int(counter.get_total_flops())
