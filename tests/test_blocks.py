@@ -203,3 +203,27 @@ def test_h_swish_and_h_sigmoid_match_seed_formula():
     x = torch.linspace(-5, 5, 101, dtype=torch.float64)
     torch.testing.assert_close(mnn.h_sigmoid()(x), ref_blocks.RefHSigmoid()(x.clone()))
     torch.testing.assert_close(mnn.h_swish()(x), ref_blocks.RefHSwish()(x.clone()))
+
+
+@pytest.mark.parametrize("block", [
+    lambda: mnn.MobileNetv3(24, 24, 72, 5, 1, 1, 1), lambda: mnn.C3_UIB(16, 16, 1),
+    lambda: mnn.MobileNetv3(16, 16, 16, 3, 2, 1, 0),
+], ids=["mnv3-expand-se", "c3uib", "mnv3-dw-se"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_blocks_trace_with_torch_compile_fullgraph(block, train):
+    """Dynamo traces the op dispatch without graph breaks (compiled with the eager backend to
+    keep CPU test time low; inductor itself is exercised on GPU)."""
+    torch.manual_seed(0)
+    module = block().train(train)
+    twin = block().train(train)
+    twin.load_state_dict(module.state_dict())
+    x = torch.randn(2, _in_channels(module), 8, 8)
+    compiled = torch.compile(twin, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), module(x))
+    for name, b in module.named_buffers():
+        torch.testing.assert_close(dict(twin.named_buffers())[name], b)
+
+
+def _in_channels(module):
+    first_conv = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+    return first_conv.in_channels
