@@ -227,3 +227,16 @@ def test_blocks_trace_with_torch_compile_fullgraph(block, train):
 def _in_channels(module):
     first_conv = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
     return first_conv.in_channels
+
+
+@pytest.mark.parametrize("make,c_in", [(lambda: mnn.C3_UIB(16, 32), 16), (lambda: mnn.MobileNetv3(24, 40, 72, 5, 2, 1, 0), 24),
+                                       (lambda: mnn.UniversalInvertedBottleneckBlock(8, 8), 8),
+                                       (lambda: mnn.Conv3BN(3, 16, 2), 3)], ids=["c3uib", "mnv3", "uib", "conv3bn"])
+def test_blocks_reject_bad_input(make, c_in):
+    block = make()
+    with pytest.raises(ValueError, match=rf"expected a floating \(N, {c_in}, H, W\) tensor, got shape \(2, {c_in + 1}, 8, 8\)"):
+        block(torch.randn(2, c_in + 1, 8, 8))
+    with pytest.raises(ValueError, match="got shape"):
+        block(torch.randn(c_in, 8, 8))
+    with pytest.raises(TypeError, match="got dtype torch.int64"):
+        block(torch.ones(2, c_in, 8, 8, dtype=torch.long))

@@ -47,6 +47,7 @@ def bn_op_arguments(bn: nn.BatchNorm2d) -> dict:
 def conv_bn_act(x: torch.Tensor, conv: nn.Module, bn: Optional[nn.Module],
                 act: Optional[nn.Module]) -> torch.Tensor:
     """``act(bn(conv(x)))`` through the fused ops; ``bn`` may be None or Identity (folded)."""
+    _check_conv_input(x, conv)
     if bn is not None and type(bn) is not nn.BatchNorm2d:
         if type(bn) is not nn.Identity:
             return _plain(x, conv, bn, act)
@@ -73,3 +74,13 @@ def conv_bn_act(x: torch.Tensor, conv: nn.Module, bn: Optional[nn.Module],
 def _plain(x, conv, bn, act):
     y = bn(conv(x))
     return y if act is None else act(y)
+
+
+def _check_conv_input(x, conv) -> None:
+    expected = f"a floating (N, {conv.in_channels}, H, W) tensor"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{type(conv).__name__}: expected {expected}, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != conv.in_channels:
+        raise ValueError(f"{type(conv).__name__}: expected {expected}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{type(conv).__name__}: expected {expected}, got dtype {x.dtype}")
