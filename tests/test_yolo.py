@@ -83,7 +83,7 @@ def test_output_shapes_in_both_modes(models, name, size):
 
 
 def test_head_initialisation(models):
-    for name, model in models.items():
+    for model in models.values():
         head = model.model[-1]
         assert head.stride.tolist() == [8.0, 16.0, 32.0]
         pixels = torch.tensor(model.yaml["anchors"], dtype=torch.float32).view(3, 3, 2)

@@ -105,7 +105,7 @@ class DetectionModel(nn.Module):
         fuse_modules(self.model)
         left = [name for name, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
         if left:
-            warnings.warn(f"fuse(): these BatchNorm2d could not be folded: {', '.join(left)}")
+            warnings.warn(f"fuse(): these BatchNorm2d could not be folded: {', '.join(left)}", stacklevel=2)
         for layer in self.model:
             layer.np = sum(p.numel() for p in layer.parameters())
         return self

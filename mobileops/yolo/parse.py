@@ -123,7 +123,7 @@ def parse_model(cfg: Dict[str, Any], ch: int) -> Tuple[nn.Sequential, List[int]]
         if kind == "detect" and i != len(rows) - 1:
             raise ValueError(f"{where}: the detection head must be the last layer")
 
-        def in_channels(s):
+        def in_channels(s, i=i):
             return ch if s == -1 and i == 0 else channels[s]
 
         single = kind in ("conv", "csp", "verbatim", "channels", "passthrough")
