@@ -67,19 +67,6 @@ class RefConv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class RefC3UIB(nn.Module):
-    def __init__(self, c1, c2, n=1, shortcut=True, g=1, e=0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = RefConv(c1, c_, 1, 1)
-        self.cv2 = RefConv(c1, c_, 1, 1)
-        self.cv3 = RefConv(2 * c_, c2, 1)
-        self.m = nn.Sequential(*(RefUIB(c_, c_) for _ in range(n)))
-
-    def forward(self, x):
-        return self.cv3(torch.cat([self.m(self.cv1(x)), self.cv2(x)], dim=1))
-
-
 class RefBottleneck(nn.Module):
     def __init__(self, c1, c2, shortcut=True, g=1, e=0.5):
         super().__init__()
@@ -103,6 +90,12 @@ class RefC3(nn.Module):
 
     def forward(self, x):
         return self.cv3(torch.cat([self.m(self.cv1(x)), self.cv2(x)], dim=1))
+
+
+class RefC3UIB(RefC3):
+    def __init__(self, c1, c2, n=1, shortcut=True, g=1, e=0.5):
+        super().__init__(c1, c2, 0, shortcut, g, e)
+        self.m = nn.Sequential(*(RefUIB(int(c2 * e), int(c2 * e)) for _ in range(n)))
 
 
 class RefSPPF(nn.Module):

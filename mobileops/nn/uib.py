@@ -14,7 +14,7 @@ from torch import nn
 
 from mobileops.nn.fused import conv_bn_act
 from mobileops.nn.helpers import fuse_conv_bn, fuse_modules, make_divisible
-from mobileops.nn.yolov5 import Conv
+from mobileops.nn.yolov5 import CSPBlock
 
 
 class ConvBN(nn.Sequential):
@@ -125,7 +125,7 @@ class UniversalInvertedBottleneckBlock(nn.Module):
         return fuse_modules(self)
 
 
-class C3_UIB(nn.Module):  # noqa: N801 - the seed's class name
+class C3_UIB(CSPBlock):  # noqa: N801 - the seed's class name
     """YOLOv5 C3 with its bottlenecks replaced by Universal Inverted Bottlenecks.
 
     ``cv3(cat(m(cv1(x)), cv2(x)))`` with ``m`` = ``n`` x ``UniversalInvertedBottleneckBlock(c_, c_)``.
@@ -140,18 +140,5 @@ class C3_UIB(nn.Module):  # noqa: N801 - the seed's class name
     """
 
     def __init__(self, c1, c2, n=1, shortcut=True, g=1, e=0.5, *, use_shortcut: bool = False):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c1, c_, 1, 1)
-        self.cv3 = Conv(2 * c_, c2, 1)
         residual = bool(use_shortcut and shortcut)
-        self.m = nn.Sequential(*(UniversalInvertedBottleneckBlock(c_, c_, residual=residual)
-                                 for _ in range(n)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
-
-    def fuse(self) -> "C3_UIB":
-        """Fold every BN of the block into its conv."""
-        return fuse_modules(self)
+        super().__init__(c1, c2, e, n, lambda c_: UniversalInvertedBottleneckBlock(c_, c_, residual=residual))

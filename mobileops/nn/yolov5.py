@@ -67,7 +67,33 @@ class Bottleneck(nn.Module):
         return fuse_modules(self)
 
 
-class C3(nn.Module):
+class CSPBlock(nn.Module):
+    """YOLOv5's CSP layout shared by C3 and C3_UIB: ``cv3(cat(m(cv1(x)), cv2(x)))``.
+
+    Args:
+        c1, c2: input and output channels.
+        e: hidden width ratio, c_ = int(c2 * e).
+        n: number of bottlenecks in ``m``.
+        make_bottleneck: builds one bottleneck of width c_ -> c_ from c_.
+    """
+
+    def __init__(self, c1, c2, e, n, make_bottleneck):
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = Conv(c1, c_, 1, 1)
+        self.cv2 = Conv(c1, c_, 1, 1)
+        self.cv3 = Conv(2 * c_, c2, 1)
+        self.m = nn.Sequential(*(make_bottleneck(c_) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+    def fuse(self) -> "CSPBlock":
+        """Fold every BN of the block into its conv."""
+        return fuse_modules(self)
+
+
+class C3(CSPBlock):
     """CSP bottleneck with 3 convolutions: ``cv3(cat(m(cv1(x)), cv2(x)))``.
 
     Args:
@@ -78,19 +104,7 @@ class C3(nn.Module):
     """
 
     def __init__(self, c1, c2, n=1, shortcut=True, g=1, e=0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c1, c_, 1, 1)
-        self.cv3 = Conv(2 * c_, c2, 1)
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
-
-    def fuse(self) -> "C3":
-        """Fold every BN of the block into its conv."""
-        return fuse_modules(self)
+        super().__init__(c1, c2, e, n, lambda c_: Bottleneck(c_, c_, shortcut, g, e=1.0))
 
 
 class SPPF(nn.Module):
