@@ -36,12 +36,12 @@ def bn_op_arguments(bn: nn.BatchNorm2d) -> dict:
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    # The ops already normalise with batch statistics when no running statistics are given.
     track = not bn.training or bn.track_running_stats
     return dict(bn_weight=bn.weight, bn_bias=bn.bias,
                 running_mean=bn.running_mean if track else None,
                 running_var=bn.running_var if track else None,
-                training=use_batch_stats, momentum=factor, eps=bn.eps)
+                training=bn.training, momentum=factor, eps=bn.eps)
 
 
 def conv_bn_act(x: torch.Tensor, conv: nn.Module, bn: Optional[nn.Module],
