@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,6 +7,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, so the triton backend is
+# tested everywhere. It must be set before the kernels are first defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mobileops import backend  # noqa: E402
 

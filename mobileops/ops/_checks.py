@@ -10,7 +10,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _autocast_on(device: torch.device) -> bool:
+def autocast_on(device: torch.device) -> bool:
     try:
         return torch.is_autocast_enabled(device.type)
     except TypeError:  # torch versions whose is_autocast_enabled takes no device type
@@ -46,7 +46,7 @@ def check_tensor(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, *
         raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
-    if same_dtype and t.dtype != x.dtype and not _autocast_on(x.device):
+    if same_dtype and t.dtype != x.dtype and not autocast_on(x.device):
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; cast one of them "
                         "or run under torch.autocast")
 
@@ -88,3 +88,36 @@ def resolve_padding(op: str, padding: Optional[int], kernel_size: int) -> int:
     if padding is None:
         return (kernel_size - 1) // 2
     return check_int(op, "padding", padding, 0)
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Output length of a convolution along one spatial dimension."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def check_conv_output(op: str, x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> tuple:
+    """The (H_out, W_out) of a KxK conv of ``x``; a ValueError if the kernel does not fit."""
+    h, w = x.shape[-2:]
+    ho, wo = (conv_output_size(s, kernel_size, stride, padding) for s in (h, w))
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{op}: a {kernel_size}x{kernel_size} kernel with padding {padding} does not "
+                         f"fit the input of spatial size {h}x{w}")
+    return ho, wo
+
+
+def check_batch_stats_size(op: str, x_shape, out_hw, batch_stats: bool) -> None:
+    """BatchNorm with batch statistics needs at least two values per channel (as nn.BatchNorm2d)."""
+    count = x_shape[0] * out_hw[0] * out_hw[1]
+    if batch_stats and count < 2:
+        raise ValueError(f"{op}: BatchNorm with batch statistics needs more than one value per channel; "
+                         f"got {count} (batch {x_shape[0]}, spatial output {out_hw[0]}x{out_hw[1]})")
+
+
+def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an op's output should have: channels_last when ``x`` stores channels
+    innermost (including strided slices of channels_last tensors), else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3):
+        return torch.channels_last
+    return torch.contiguous_format

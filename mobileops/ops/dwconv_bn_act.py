@@ -17,13 +17,6 @@ from mobileops.ops.activation import activation as apply_activation
 from mobileops.ops.activation import check_activation
 
 
-def _check_output_size(op: str, x: torch.Tensor, k: int, stride: int, padding: int) -> None:
-    h, w = x.shape[-2:]
-    if (h + 2 * padding - k) // stride + 1 < 1 or (w + 2 * padding - k) // stride + 1 < 1:
-        raise ValueError(f"{op}: a {k}x{k} kernel with padding {padding} does not fit the "
-                         f"input of spatial size {h}x{w}")
-
-
 def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
                   bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                   running_var: Optional[torch.Tensor], *, stride: int = 1,
@@ -58,7 +51,8 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     stride = _checks.check_int(op, "stride", stride, 1)
     padding = _checks.resolve_padding(op, padding, k)
     check_activation(activation)
-    _check_output_size(op, x, k, stride, padding)
+    out_hw = _checks.check_conv_output(op, x, k, stride, padding)
+    _checks.check_batch_stats_size(op, x.shape, out_hw, training or running_mean is None)
     impl = backend.resolve(op, x.device)
     return impl(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                 padding=padding, activation=activation, training=training,
@@ -80,7 +74,7 @@ def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     stride = _checks.check_int(op, "stride", stride, 1)
     padding = _checks.resolve_padding(op, padding, k)
     check_activation(activation)
-    _check_output_size(op, x, k, stride, padding)
+    _checks.check_conv_output(op, x, k, stride, padding)
     impl = backend.resolve(op, x.device)
     return impl(x, weight, bias, stride=stride, padding=padding, activation=activation)
 
