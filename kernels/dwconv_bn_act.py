@@ -87,16 +87,17 @@ def _conv_tile(x_base, w_ptr, c, cmask, oh, ow, pmask, H, W, sxc, sxh, sxw,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """The depthwise conv at output positions (oh, ow) x channels c, accumulated in ACC."""
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    c_off = (c * sxc)[None, :]
+    row0 = oh * STRIDE - PAD
+    col0 = ow * STRIDE - PAD
+    w_c = w_ptr + c * (K * K)
     for kh in tl.static_range(K):
-        ih = oh * STRIDE - PAD + kh
-        h_ok = pmask & (ih >= 0) & (ih < H)
+        ih = row0 + kh
+        row_ptr = x_base + (ih * sxh)[:, None] + (c * sxc)[None, :]
+        row_ok = (pmask & (ih >= 0) & (ih < H))[:, None] & cmask[None, :]
         for kw in tl.static_range(K):
-            iw = ow * STRIDE - PAD + kw
-            ok = h_ok & (iw >= 0) & (iw < W)
-            xv = tl.load(x_base + (ih * sxh + iw * sxw)[:, None] + c_off,
-                         mask=ok[:, None] & cmask[None, :], other=0.0)
-            wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw), mask=cmask, other=0.0)
+            iw = col0 + kw
+            xv = tl.load(row_ptr + (iw * sxw)[:, None], mask=row_ok & ((iw >= 0) & (iw < W))[:, None], other=0.0)
+            wv = tl.load(w_c + (kh * K + kw), mask=cmask, other=0.0)
             acc += xv.to(ACC) * wv.to(ACC)[None, :]
     return acc
 
@@ -362,23 +363,25 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
     ih = p // W
     iw = p % W
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    dz_base = dz_ptr + n * szn
-    c_off = (c * szc)[None, :]
+    row0 = ih + PAD
+    col0 = iw + PAD
+    w_c = w_ptr + c * (K * K)
     for kh in tl.static_range(K):
-        th = ih + PAD - kh
+        th = row0 - kh
         oh = th // STRIDE
         h_ok = pmask & (th >= 0) & (oh < HO)
         if STRIDE > 1:
             h_ok = h_ok & (th % STRIDE == 0)
+        row_ptr = dz_ptr + n * szn + (oh * szh)[:, None] + (c * szc)[None, :]
+        row_ok = h_ok[:, None] & cmask[None, :]
         for kw in tl.static_range(K):
-            tw = iw + PAD - kw
+            tw = col0 - kw
             ow = tw // STRIDE
-            ok = h_ok & (tw >= 0) & (ow < WO)
+            ok = (tw >= 0) & (ow < WO)
             if STRIDE > 1:
                 ok = ok & (tw % STRIDE == 0)
-            g = tl.load(dz_base + (oh * szh + ow * szw)[:, None] + c_off,
-                        mask=ok[:, None] & cmask[None, :], other=0.0)
-            wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw), mask=cmask, other=0.0)
+            g = tl.load(row_ptr + (ow * szw)[:, None], mask=row_ok & ok[:, None], other=0.0)
+            wv = tl.load(w_c + (kh * K + kw), mask=cmask, other=0.0)
             acc += g.to(ACC) * wv.to(ACC)[None, :]
     offs = n * sxn + (ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :]
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
@@ -412,7 +415,7 @@ _COMPILED_FOR_INTERPRETER = interpreter_on()
 
 # Under the interpreter: small blocks so tests cover several channel blocks, several tiles per
 # chunk and several chunks per sample even on tiny shapes.
-_INTERPRETER_META = dict(BLOCK_P=32, BLOCK_C=16)
+_INTERPRETER_META = dict(BLOCK_P=64, BLOCK_C=16)
 _INTERPRETER_CHUNK = 64
 _REDUCE_META = dict(BLOCK_R=32, BLOCK_M=64)
 _FINALIZE_META = dict(BLOCK_R=16, BLOCK_C=32)

@@ -27,6 +27,7 @@ ENV_VAR = "MOBILEOPS_BACKEND"
 _impls: Dict[str, Dict[str, Callable]] = {}
 _selected: Optional[str] = None
 _override_stack: List[str] = []
+_recorders: List[List[dict]] = []
 
 
 class BackendUnavailableError(RuntimeError):
@@ -156,15 +157,48 @@ def use_backend(name: str) -> Iterator[str]:
         _override_stack.pop()
 
 
+@contextlib.contextmanager
+def record_calls() -> Iterator[List[dict]]:
+    """Record every fused-op call made inside the ``with`` block, e.g. to list the real layer
+    shapes of a model (run it on the meta device: nothing is computed then).
+
+    Yields a list that fills with one dict per call: ``op``, ``backend`` (the implementation
+    that ran), ``inputs`` (``(shape, dtype)`` of each tensor argument, None for absent ones)
+    and ``options`` (the keyword arguments: stride, activation, training...).
+    """
+    calls: List[dict] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def _recorded(op: str, name: str, impl: Callable) -> Callable:
+    def run(*args, **kwargs):
+        entry = dict(op=op, backend=name, options=dict(kwargs),
+                     inputs=[(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else None for a in args])
+        for calls in _recorders:
+            calls.append(entry)
+        return impl(*args, **kwargs)
+
+    return run
+
+
 def resolve(op: str, device: torch.device) -> Callable:
     """Return the implementation of ``op`` for tensors on ``device`` under the current selection."""
+    name, impl = _resolve(op, device)
+    return _recorded(op, name, impl) if _recorders else impl
+
+
+def _resolve(op: str, device: torch.device):
     table = _impls.get(op, {})
     name = get_backend()
     if name == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
         for backend in order:
             if backend in table and _backend_problem(backend, device) is None:
-                return table[backend]
+                return backend, table[backend]
         raise BackendUnavailableError(f"{op}: no backend implements it for {device.type} tensors")
     problem = _backend_problem(name, device)
     if problem is not None:
@@ -172,4 +206,4 @@ def resolve(op: str, device: torch.device) -> Callable:
     if name not in table:
         raise BackendUnavailableError(
             f"{op}: backend {name!r} does not implement this op (implemented by: {', '.join(table) or 'none'})")
-    return table[name]
+    return name, table[name]

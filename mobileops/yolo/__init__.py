@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from mobileops.yolo.model import DetectionModel, count_flops
+from mobileops.yolo.model import DetectionModel, count_flops, fused_op_calls
 from mobileops.yolo.parse import ceil_to_multiple, load_config, parse_model, shipped_configs
 from mobileops.yolo.registry import KINDS, known_modules, register
 
@@ -27,5 +27,6 @@ def build(cfg: Union[str, Path, Dict[str, Any]], nc: Optional[int] = None, ch: i
     return DetectionModel(cfg, ch=ch, nc=nc)
 
 
-__all__ = ["KINDS", "DetectionModel", "build", "ceil_to_multiple", "count_flops", "known_modules",
+__all__ = ["KINDS", "DetectionModel", "build", "ceil_to_multiple", "count_flops", "fused_op_calls",
+           "known_modules",
            "load_config", "parse_model", "register", "shipped_configs"]

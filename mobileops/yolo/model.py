@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from mobileops import backend
 from mobileops.nn import Detect, fuse_modules
 from mobileops.yolo.parse import load_config, parse_model
 
@@ -136,3 +137,16 @@ def count_flops(model: nn.Module, input_shape) -> int:
         dtype = next(meta.parameters(), torch.empty(0)).dtype
         meta(torch.zeros(input_shape, device="meta", dtype=dtype))
     return int(counter.get_total_flops())
+
+
+def fused_op_calls(model: nn.Module, input_shape, training: bool = False) -> List[dict]:
+    """The fused-op calls one forward of ``model`` on ``input_shape`` makes, in order (see
+    :func:`mobileops.backend.record_calls`): the real layer shapes for tests and benchmarks.
+
+    Runs on a meta-device copy with the torch backend, so nothing is computed or changed.
+    """
+    meta = copy.deepcopy(model).to("meta").train(training)
+    dtype = next(meta.parameters(), torch.empty(0)).dtype
+    with backend.use_backend("torch"), backend.record_calls() as calls, torch.no_grad():
+        meta(torch.zeros(input_shape, device="meta", dtype=dtype))
+    return calls
