@@ -22,10 +22,12 @@ The conv output z is never stored: backward recomputes it from x and the saved p
 mean / rstd. Only dz round-trips through memory (in x's dtype), because the transposed conv
 needs dz at neighbouring positions owned by other programs.
 
-Launch helpers at the bottom allocate outputs with torch and pick block sizes: a fixed small
+Launch helpers at the bottom allocate scratch with torch and pick block sizes: a fixed small
 configuration under ``TRITON_INTERPRET=1`` (no autotuning there), otherwise ``triton.autotune``
-keyed on the shape, except that reductions use one fixed configuration when
-``torch.are_deterministic_algorithms_enabled()`` so results cannot depend on a tuning race.
+keyed on the shape (the first call per shape benchmarks the candidates: warm up before
+capturing a CUDA graph), except that reductions use one fixed configuration when
+``torch.are_deterministic_algorithms_enabled()`` so results cannot depend on which
+configuration won the tuning, and everything does when ``MOBILEOPS_AUTOTUNE=0``.
 """
 
 from __future__ import annotations
@@ -493,8 +495,13 @@ def _launch(kernel, tuned, grid_of, args: dict, meta: Optional[dict]) -> None:
         tuned[grid_of](**args)
 
 
+def autotune_enabled() -> bool:
+    """False when the environment variable ``MOBILEOPS_AUTOTUNE=0`` turns autotuning off."""
+    return os.environ.get("MOBILEOPS_AUTOTUNE", "1") != "0"
+
+
 def _fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> Optional[dict]:
-    if interpreter_on() or (reduction and torch.are_deterministic_algorithms_enabled()):
+    if interpreter_on() or not autotune_enabled() or (reduction and torch.are_deterministic_algorithms_enabled()):
         return _default_meta(x, taps)
     return None
 

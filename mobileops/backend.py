@@ -80,6 +80,9 @@ def _cuda_extension_status() -> Optional[str]:
     return None
 
 
+# torch.compile evaluates this once while tracing and keeps the answer (it imports modules and
+# asks the CUDA runtime, which cannot be traced).
+@torch.compiler.assume_constant_result
 def _backend_problem(backend: str, device: Optional[torch.device]) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` (None: on any device here), or None."""
     if backend == "torch":

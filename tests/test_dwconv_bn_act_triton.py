@@ -1,0 +1,310 @@
+"""The triton backend of dwconv_bn_act beyond the backend-generic parity tests of test_ops.py:
+block/chunk boundaries, custom-op registration, torch.compile, determinism, gradients of
+unusual layouts, poisoned outputs, and (with a GPU) the detectors' real layer shapes in
+fp16/bf16/fp32 and CUDA-graph capture. Without a GPU the kernels run in Triton's CPU
+interpreter; tests that need a GPU skip with the reason."""
+
+import collections
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import mobileops
+from mobileops import ops, yolo
+
+from helpers import FLOORS, assert_within_bound
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+interpreter_only = pytest.mark.skipif(CUDA, reason="checks the CPU interpreter's block configuration")
+
+
+def _kernels():
+    from mobileops.kernels import dwconv_bn_act as kernels
+
+    return kernels
+
+
+def _inputs(shape, k, *, dtype=torch.float64, device=DEVICE, layout=torch.contiguous_format, seed=0):
+    """x, weight, bn weight, bn bias, running mean, running var (BN tensors in float32, or
+    float64 with float64 x)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    bn_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype).contiguous(memory_format=layout)
+    weight = (torch.randn(c, 1, k, k, generator=g, dtype=torch.float64) / k).to(device, dtype)
+    bn = [1 + 0.3 * torch.randn(c, generator=g), 0.2 * torch.randn(c, generator=g),
+          0.2 * torch.randn(c, generator=g), 0.5 + torch.rand(c, generator=g)]
+    return [x, weight] + [t.to(device, bn_dtype) for t in bn]
+
+
+def _fwd_bwd(backend_name, inputs, dy=None, *, leaves=(0, 1, 2, 3), **kwargs):
+    """Run ops.dwconv_bn_act forward and backward on fresh copies of ``inputs`` (running stats
+    included); returns outputs, gradients and the updated running statistics by name."""
+    tensors = [t.detach().clone(memory_format=torch.preserve_format) for t in inputs]
+    for i in leaves:
+        tensors[i].requires_grad_(True)
+    with mobileops.use_backend(backend_name):
+        y = ops.dwconv_bn_act(*tensors, **kwargs)
+    if dy is None:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(y)
+    y.backward(dy)
+    names = ("dx", "dweight", "dgamma", "dbeta")
+    out = {"y": y.detach(), "running_mean": tensors[4], "running_var": tensors[5]}
+    out.update({names[i]: tensors[i].grad for i in leaves})
+    return out
+
+
+def _assert_same(ours, ref, rtol=1e-9, atol=1e-10):
+    for name, value in ref.items():
+        torch.testing.assert_close(ours[name], value, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---- block, tile and chunk boundaries ------------------------------------------------------
+
+@interpreter_only
+@pytest.mark.parametrize("shape,k,stride,layout", [
+    ((2, 6, 4, 9), 3, 1, torch.channels_last), ((2, 6, 4, 9), 3, 1, torch.contiguous_format),
+    ((1, 6, 9, 8), 5, 2, torch.contiguous_format)], ids=["k3-nhwc", "k3-nchw", "k5-stride2-nchw"])
+def test_small_blocks_cover_every_boundary(monkeypatch, shape, k, stride, layout):
+    """Blocks of 8 positions x 4 channels and chunks of 20 positions: several channel blocks
+    (the last partial), several tiles per chunk (the last partial) and several chunks per
+    sample, in every kernel."""
+    monkeypatch.setattr(_kernels(), "_INTERPRETER_META", dict(BLOCK_P=8, BLOCK_C=4))
+    monkeypatch.setattr(_kernels(), "_INTERPRETER_CHUNK", 20)
+    inputs = _inputs(shape, k, layout=layout)
+    for training in (True, False):
+        kwargs = dict(stride=stride, activation="hswish", training=training, momentum=0.3, eps=1e-3)
+        _assert_same(_fwd_bwd("triton", inputs, **kwargs), _fwd_bwd("torch", inputs, **kwargs))
+
+
+# ---- registration, compile, determinism ----------------------------------------------------
+
+def _opcheck_cases():
+    x, w, gamma, beta, rm, rv = _inputs((2, 5, 6, 7), 3)
+    mean, rstd = torch.ops.mobileops.dwconv_bn_stats_triton(x, w, None, None, 1, 1, 0.1, 1e-5)
+    fwd = torch.ops.mobileops.dwconv_bn_act_triton.default
+    x, w, gamma = (t.requires_grad_(True) for t in (x, w, gamma))
+    return [
+        (torch.ops.mobileops.dwconv_bn_stats_triton.default, (x.detach(), w.detach(), rm, rv, 1, 1, 0.1, 1e-5)),
+        (fwd, (x, w, gamma, beta, mean, rstd, 1, 1, "relu6", "batch", 1e-5)),
+        (fwd, (x, w, None, beta, rm, rv, 2, 1, "silu", "running", 1e-3)),
+        (fwd, (x, w, None, None, None, None, 1, 1, "hswish", "none", 0.0)),
+        (torch.ops.mobileops.dwconv_bn_act_triton_backward.default,
+         (torch.randn(2, 5, 6, 7, dtype=x.dtype, device=x.device), x.detach(), w.detach(), gamma.detach(),
+          beta, mean, rstd, 1, 1, "hsigmoid", "batch", 1e-5, True)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_custom_ops_pass_opcheck(case):
+    """Schema (mutations declared), fake implementations, autograd registration and AOT
+    dispatch agree with the real kernels."""
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def _dw_stack():
+    torch.manual_seed(0)
+    model = nn.Sequential(mobileops.nn.Conv(8, 8, 3, 1, g=8), mobileops.nn.Conv(8, 8, 5, 2, g=8)).double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return model.to(DEVICE)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_fullgraph(training):
+    """fullgraph=True fails on any graph break; outputs, gradients and running statistics of
+    the compiled module match eager."""
+    import copy
+
+    eager = _dw_stack().train(training)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    x = torch.randn(2, 8, 11, 9, dtype=torch.float64, device=DEVICE)
+    with mobileops.use_backend("triton"):
+        results = []
+        for model in (eager, compiled):
+            xi = x.clone().requires_grad_(True)
+            y = model(xi)
+            y.square().sum().backward()
+            results.append((y.detach(), xi.grad, [p.grad for p in model.parameters()], list(model.buffers())))
+    (y0, dx0, grads0, bufs0), (y1, dx1, grads1, bufs1) = results
+    torch.testing.assert_close(y1, y0, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-9, atol=1e-10)
+    for a, b in zip(grads1 + bufs1, grads0 + bufs0):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_deterministic_mode_gives_bit_identical_results():
+    dtype = torch.float32 if CUDA else torch.float64
+    shape = (4, 24, 40, 40) if CUDA else (2, 6, 9, 9)
+    inputs = _inputs(shape, 3, dtype=dtype)
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_fwd_bwd("triton", inputs, stride=1, activation="relu6", training=True) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+# ---- gradients and outputs of unusual layouts ------------------------------------------------
+
+def test_frozen_weights_and_unusual_output_gradients():
+    """No weight gradient when the conv weight is frozen; an expanded (stride 0) and a
+    transposed output gradient are read correctly."""
+    inputs = _inputs((2, 7, 8, 6), 3, layout=torch.channels_last)
+    kwargs = dict(stride=1, activation="silu", training=True, momentum=0.1, eps=1e-5)
+    frozen = _fwd_bwd("triton", inputs, leaves=(0, 2, 3), **kwargs)
+    _assert_same(frozen, _fwd_bwd("torch", inputs, leaves=(0, 2, 3), **kwargs))
+    expanded = torch.ones(1, 1, 1, 1, dtype=torch.float64, device=DEVICE).expand(2, 7, 8, 6)
+    transposed = torch.randn(2, 7, 6, 8, dtype=torch.float64, device=DEVICE).transpose(2, 3)
+    for dy in (expanded, transposed):
+        _assert_same(_fwd_bwd("triton", inputs, dy, **kwargs), _fwd_bwd("torch", inputs, dy, **kwargs))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_forward_writes_every_output_element(layout):
+    """Poisoned (NaN) output buffers are fully overwritten."""
+    x, w, gamma, beta, rm, rv = _inputs((3, 13, 7, 9), 5, layout=layout)
+    out = torch.full((3, 13, 4, 5), float("nan"), dtype=x.dtype, device=x.device).contiguous(memory_format=layout)
+    _kernels().forward(x, w, gamma, beta, rm, rv, out=out, stride=2, padding=2, activation="relu",
+                       norm="running", eps=1e-5)
+    with mobileops.use_backend("torch"):
+        expected = ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, stride=2, activation="relu")
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+
+
+def test_batch_statistics_need_two_values_per_channel():
+    x, w, gamma, beta, rm, rv = _inputs((1, 4, 1, 1), 3)
+    for backend_name in ("torch", "triton"):
+        with mobileops.use_backend(backend_name), pytest.raises(ValueError, match="more than one value per channel"):
+            ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, training=True)
+    with mobileops.use_backend("triton"):  # eval with running statistics is fine
+        assert ops.dwconv_bn_act(x, w, gamma, beta, rm, rv).shape == (1, 4, 1, 1)
+
+
+def test_kernels_refuse_the_wrong_device_for_how_they_were_defined(monkeypatch):
+    kernels = _kernels()
+    x, w, *_ = _inputs((1, 2, 4, 4), 3, device="cpu")
+    out = torch.empty_like(x)
+    monkeypatch.setattr(kernels, "_COMPILED_FOR_INTERPRETER", False)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before"):
+        kernels.forward(x, w, None, None, None, None, out=out, stride=1, padding=1, activation="none",
+                        norm="none", eps=0.0)
+    if CUDA:
+        monkeypatch.setattr(kernels, "_COMPILED_FOR_INTERPRETER", True)
+        with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+            kernels.forward(x.cuda(), w.cuda(), None, None, None, None, out=out.cuda(), stride=1, padding=1,
+                            activation="none", norm="none", eps=0.0)
+
+
+# ---- GPU: the detectors' real layer shapes, low precision, CUDA graphs -----------------------
+
+@functools.lru_cache(maxsize=None)
+def _detector_layers():
+    """Unique (C, H, W, K, stride, activation) of every dwconv_bn_act of both detectors at 640."""
+    layers = collections.OrderedDict()
+    for cfg in ("yolov5n-c3uib", "yolov5-mobilenetv3"):
+        for call in yolo.fused_op_calls(yolo.build(cfg), (1, 3, 640, 640)):
+            if call["op"] == "dwconv_bn_act":
+                (_, c, h, w), _ = call["inputs"][0]
+                k = call["inputs"][1][0][-1]
+                layers[(c, h, w, k, call["options"]["stride"], call["options"]["activation"])] = None
+    return list(layers)
+
+
+def test_detector_layer_list_covers_the_spec():
+    layers = _detector_layers()
+    assert {k for _, _, _, k, _, _ in layers} == {3, 5}
+    assert {s for *_, s, _ in layers} == {1, 2}
+    assert {c for c, *_ in layers} >= {16, 960}
+    assert {a for *_, a in layers} >= {"none", "relu6", "relu", "hswish"}
+
+
+def _relative_norm_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layer", _detector_layers() if CUDA else [None], ids=str)
+def test_real_layer_shapes_within_the_error_bound(monkeypatch, layer, dtype, layout):
+    """Forward and every gradient in train and eval, against float64, within twice the torch
+    backend's own error in the same dtype (weight/BN grads: relative to their norm)."""
+    monkeypatch.setenv("MOBILEOPS_AUTOTUNE", "0")  # tuning every shape would take minutes
+    c, h, w, k, stride, activation = layer
+    batch = 2 if h * w >= 160 * 160 else 8
+    inputs = _inputs((batch, c, h, w), k, dtype=dtype, layout=layout)
+    inputs64 = [t.double() for t in inputs]
+    for training in (True, False):
+        kwargs = dict(stride=stride, activation=activation, training=training, momentum=0.03, eps=1e-3)
+        out_hw = [(s + 2 * ((k - 1) // 2) - k) // stride + 1 for s in (h, w)]
+        dy = torch.randn(batch, c, *out_hw, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE,
+                         dtype=torch.float64)
+        ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
+        base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
+        ours = _fwd_bwd("triton", inputs, dy.to(dtype), **kwargs)
+        assert ours["y"].is_contiguous(memory_format=layout)
+        assert_within_bound(ours["y"], ref["y"], base["y"], f"y {layer} {dtype} train={training}")
+        assert_within_bound(ours["dx"], ref["dx"], base["dx"], f"dx {layer} {dtype} train={training}")
+        for name in ("dweight", "dgamma", "dbeta", "running_mean", "running_var"):
+            err, base_err = _relative_norm_error(ours[name], ref[name]), _relative_norm_error(base[name], ref[name])
+            assert err <= 2 * base_err + FLOORS[dtype], f"{name}: relative error {err:.3g} vs torch {base_err:.3g}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_graph_capture(training):
+    """No host synchronisation: forward (and running-stat update) replays from a CUDA graph."""
+    x, w, gamma, beta, rm, rv = _inputs((8, 64, 40, 40), 3, dtype=torch.float16, layout=torch.channels_last)
+    static_x = x.clone()
+    with mobileops.use_backend("triton"):
+        for _ in range(2):  # warm up: autotuning benchmarks outside the capture
+            ops.dwconv_bn_act(static_x, w, gamma, beta, rm.clone(), rv.clone(), training=training, activation="relu6")
+        rm_graph, rv_graph = rm.clone(), rv.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = ops.dwconv_bn_act(static_x, w, gamma, beta, rm_graph, rv_graph, training=training,
+                                         activation="relu6")
+        rm_graph.copy_(rm)
+        rv_graph.copy_(rv)
+        static_x.copy_(torch.randn_like(x))
+        graph.replay()
+        rm_eager, rv_eager = rm.clone(), rv.clone()
+        expected = ops.dwconv_bn_act(static_x, w, gamma, beta, rm_eager, rv_eager, training=training,
+                                     activation="relu6")
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_y, expected)
+    torch.testing.assert_close(rm_graph, rm_eager)
+    torch.testing.assert_close(rv_graph, rv_eager)
+
+
+@needs_cuda
+def test_every_autotune_configuration_is_correct():
+    """Whichever configuration the tuner picks gives the same results."""
+    kernels = _kernels()
+    x, w, gamma, beta, rm, rv = _inputs((2, 37, 23, 19), 5, dtype=torch.float32, layout=torch.channels_last)
+    with mobileops.use_backend("torch"):
+        expected = ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, stride=2, activation="hswish")
+    for config in kernels._forward_tuned.configs:
+        out = torch.full_like(expected, float("nan"))
+        meta = dict(config.kwargs, num_warps=config.num_warps)
+        args = dict(x_ptr=x, w_ptr=w, gamma_ptr=gamma, beta_ptr=beta, mean_ptr=rm, var_ptr=rv, y_ptr=out,
+                    C=37, H=23, W=19, HO=12, WO=10, **kernels._strides("sx", x), **kernels._strides("sy", out),
+                    eps_hi=1e-5, eps_lo=0.0, K=5, STRIDE=2, PAD=2, ACT=3, NORM=1, HAS_GAMMA=True,
+                    HAS_BETA=True, INDEX64=False, ACC=kernels.tl.float32)
+        kernels._launch(kernels._forward_kernel, None,
+                        lambda m: (2 * kernels.triton.cdiv(120, m["BLOCK_P"]), kernels.triton.cdiv(37, m["BLOCK_C"])),
+                        args, meta)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=lambda m, c=config: f"{c}: {m}")
