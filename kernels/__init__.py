@@ -1,7 +1,14 @@
 """Triton kernels of mobileops, shipped as ``mobileops.kernels``.
 
-One module per fused op (the kernel and its launch helper); the autograd and custom-op wiring
-lives in :mod:`mobileops.ops`, which registers each implementation with
-:func:`mobileops.backend.register_impl`. No Triton kernel exists yet, so the ``triton``
-backend reports "no fused op is implemented by this backend yet".
+One module per fused op (the kernels and their launch helpers); the autograd and custom-op
+wiring lives in :mod:`mobileops.ops`, which registers each implementation with
+:func:`mobileops.backend.register_impl` and imports these modules on first use (Triton decides
+when a kernel is defined whether ``TRITON_INTERPRET=1`` makes it run in the CPU interpreter).
+
+=================  =============================================================
+module             ops
+=================  =============================================================
+dwconv_bn_act      ``dwconv_bn_act`` and ``dwconv_act``: forward, batch
+                   statistics, backward
+=================  =============================================================
 """

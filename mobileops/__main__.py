@@ -28,6 +28,7 @@ def _check(args) -> int:
     import torch
 
     import mobileops
+    from mobileops import backend
 
     print(f"mobileops {mobileops.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     try:
@@ -51,7 +52,8 @@ def _check(args) -> int:
         print(f"CUDA extension: not built ({exc})")
     print(f"selected backend: {mobileops.get_backend()}")
     for name, problem in mobileops.backend_status().items():
-        print(f"  {name:<7} {'available' if problem is None else 'unavailable: ' + problem}")
+        ops = ", ".join(backend.implemented_ops(name)) or "none"
+        print(f"  {name:<7} {'available' if problem is None else 'unavailable: ' + problem}; implements: {ops}")
     return 0
 
 

@@ -112,6 +112,12 @@ def backend_status() -> Dict[str, Optional[str]]:
     return {name: _backend_problem(name, None) for name in BACKENDS}
 
 
+def implemented_ops(backend: str) -> List[str]:
+    """Names of the fused ops that ``backend`` implements (available here or not)."""
+    backend = _check_choice(backend, "implemented_ops")
+    return sorted(op for op, table in _impls.items() if backend in table)
+
+
 def available_backends() -> List[str]:
     """Names of the backends that can run at least one op on this machine."""
     return [name for name, problem in backend_status().items() if problem is None]
