@@ -43,7 +43,7 @@ def test_check_lists_environment_and_backends(capsys):
     for name in ("torch", "triton", "cuda"):
         assert any(line.split()[:1] == [name] and ("available" in line) for line in out.splitlines()), out
     assert "selected backend: auto" in out
-    triton_line = next(line for line in out.splitlines() if line.split()[:1] == ["triton"])
+    triton_line = next(line for line in out.splitlines() if line.startswith("  triton"))
     assert "implements: dwconv_act, dwconv_bn_act" in triton_line
 
 
