@@ -36,6 +36,7 @@ import functools
 import os
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -524,7 +525,7 @@ def _acc_dtype(x: torch.Tensor):
 def _split(value: float) -> Tuple[float, float]:
     """``value`` as an fp32 pair hi + lo (Triton passes Python floats as fp32): float64
     kernels add them back exactly enough for 1e-15 relative precision."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
+    hi = float(np.float32(value))
     return hi, float(value - hi)
 
 

@@ -184,6 +184,26 @@ def test_forward_writes_every_output_element(layout):
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_allocation_is_fully_written(monkeypatch, training):
+    """Every buffer the op allocates (outputs, gradients, partial sums, scratch) starts as NaN:
+    an element a kernel forgets to write shows up in the results."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(make):
+        def allocate(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate
+
+    inputs = _inputs((2, 7, 6, 5), 3, layout=torch.channels_last)
+    kwargs = dict(stride=2, activation="relu6", training=training, momentum=0.1, eps=1e-5)
+    expected = _fwd_bwd("torch", inputs, **kwargs)
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(real_empty_like))
+    _assert_same(_fwd_bwd("triton", inputs, **kwargs), expected)
+
+
 def test_batch_statistics_need_two_values_per_channel():
     x, w, gamma, beta, rm, rv = _inputs((1, 4, 1, 1), 3)
     for backend_name in ("torch", "triton"):
@@ -235,32 +255,43 @@ def _relative_norm_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _check_low_precision(shape, k, stride, activation, dtype, layout):
+    """Forward and every gradient in train and eval, against float64, within twice the torch
+    backend's own error in the same dtype (weight/BN grads and running stats: relative to
+    their norm)."""
+    batch, c, h, w = shape
+    inputs = _inputs(shape, k, dtype=dtype, layout=layout)
+    inputs64 = [t.double() for t in inputs]
+    out_hw = [(s + 2 * ((k - 1) // 2) - k) // stride + 1 for s in (h, w)]
+    dy = torch.randn(batch, c, *out_hw, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    for training in (True, False):
+        what = f"{shape} k{k} s{stride} {activation} {dtype} train={training}"
+        kwargs = dict(stride=stride, activation=activation, training=training, momentum=0.03, eps=1e-3)
+        ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
+        base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
+        ours = _fwd_bwd("triton", inputs, dy.to(dtype), **kwargs)
+        assert ours["y"].dtype == dtype and ours["y"].is_contiguous(memory_format=layout)
+        assert_within_bound(ours["y"], ref["y"], base["y"], f"y {what}")
+        assert_within_bound(ours["dx"], ref["dx"], base["dx"], f"dx {what}")
+        for name in ("dweight", "dgamma", "dbeta", "running_mean", "running_var"):
+            err, base_err = _relative_norm_error(ours[name], ref[name]), _relative_norm_error(base[name], ref[name])
+            assert err <= 2 * base_err + FLOORS[dtype], f"{name} {what}: relative error {err:.3g}, torch's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float16, torch.channels_last), (torch.bfloat16, torch.contiguous_format),
+                                          (torch.float32, torch.channels_last)], ids=["fp16-nhwc", "bf16-nchw", "fp32-nhwc"])
+def test_low_precision_within_the_error_bound(dtype, layout):
+    _check_low_precision((2, 12, 9, 9), 3, 2, "hswish", dtype, layout)
+
+
 @needs_cuda
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layer", _detector_layers() if CUDA else [None], ids=str)
 def test_real_layer_shapes_within_the_error_bound(monkeypatch, layer, dtype, layout):
-    """Forward and every gradient in train and eval, against float64, within twice the torch
-    backend's own error in the same dtype (weight/BN grads: relative to their norm)."""
     monkeypatch.setenv("MOBILEOPS_AUTOTUNE", "0")  # tuning every shape would take minutes
     c, h, w, k, stride, activation = layer
-    batch = 2 if h * w >= 160 * 160 else 8
-    inputs = _inputs((batch, c, h, w), k, dtype=dtype, layout=layout)
-    inputs64 = [t.double() for t in inputs]
-    for training in (True, False):
-        kwargs = dict(stride=stride, activation=activation, training=training, momentum=0.03, eps=1e-3)
-        out_hw = [(s + 2 * ((k - 1) // 2) - k) // stride + 1 for s in (h, w)]
-        dy = torch.randn(batch, c, *out_hw, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE,
-                         dtype=torch.float64)
-        ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
-        base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
-        ours = _fwd_bwd("triton", inputs, dy.to(dtype), **kwargs)
-        assert ours["y"].is_contiguous(memory_format=layout)
-        assert_within_bound(ours["y"], ref["y"], base["y"], f"y {layer} {dtype} train={training}")
-        assert_within_bound(ours["dx"], ref["dx"], base["dx"], f"dx {layer} {dtype} train={training}")
-        for name in ("dweight", "dgamma", "dbeta", "running_mean", "running_var"):
-            err, base_err = _relative_norm_error(ours[name], ref[name]), _relative_norm_error(base[name], ref[name])
-            assert err <= 2 * base_err + FLOORS[dtype], f"{name}: relative error {err:.3g} vs torch {base_err:.3g}"
+    _check_low_precision((2 if h * w >= 160 * 160 else 8, c, h, w), k, stride, activation, dtype, layout)
 
 
 @needs_cuda
