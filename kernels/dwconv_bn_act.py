@@ -49,21 +49,19 @@ ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "hswish": 3, "silu": 4, "h
 NORM_NONE, NORM_RUNNING, NORM_BATCH = 0, 1, 2
 NORM_CODES = {"none": NORM_NONE, "running": NORM_RUNNING, "batch": NORM_BATCH}
 
-_NAN_ALL = tl.PropagateNan.ALL
-
 
 @triton.jit
 def _activation(u, ACT: tl.constexpr):
     if ACT == 1:
-        u = tl.maximum(u, 0.0, propagate_nan=_NAN_ALL)
+        u = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
-        u = tl.clamp(u, 0.0, 6.0, propagate_nan=_NAN_ALL)
+        u = tl.clamp(u, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 3:
-        u = u * (tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=_NAN_ALL) / 6.0)
+        u = u * (tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0)
     elif ACT == 4:
         u = u / (1.0 + tl.exp(-u))
     elif ACT == 5:
-        u = tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=_NAN_ALL) / 6.0
+        u = tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0
     return u
 
 
@@ -132,8 +130,7 @@ def _channel_params(gamma_ptr, beta_ptr, mean_ptr, var_ptr, c, cmask, eps,
 
 
 @triton.jit
-def _tile_coords(pid, tiles_per_sample, C, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
-                 INDEX64: tl.constexpr):
+def _tile_coords(pid, tiles_per_sample, C, BLOCK, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
     """(sample, first position of this program's tile/chunk, channel offsets, channel mask)."""
     n = pid // tiles_per_sample
     tile = pid % tiles_per_sample
@@ -451,8 +448,8 @@ def _grad_input_tuned(taps: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _default_meta(x: torch.Tensor, taps: int = 1) -> dict:
@@ -477,7 +474,7 @@ def _chunk(x: torch.Tensor, positions: int) -> int:
     if interpreter_on():
         return _INTERPRETER_CHUNK
     n, c = x.shape[0], x.shape[1]
-    programs_wanted = 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    programs_wanted = 4 * _sm_count(x.device)
     channel_blocks = triton.cdiv(c, 32)
     per_sample = max(1, programs_wanted // max(1, n * channel_blocks))
     chunk = triton.next_power_of_2(triton.cdiv(positions, per_sample))
@@ -550,7 +547,8 @@ def _sum_rows(parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     rows, m = parts.shape
     out = torch.empty(m, device=parts.device, dtype=out_dtype)
     acc = tl.float64 if parts.dtype == torch.float64 else tl.float32
-    _sum_rows_kernel[(triton.cdiv(m, _REDUCE_META["BLOCK_M"]),)](parts, out, rows, m, ACC=acc, **_REDUCE_META)
+    _launch(_sum_rows_kernel, None, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
+            dict(in_ptr=parts, out_ptr=out, ROWS=rows, M=m, ACC=acc), _REDUCE_META)
     return out
 
 
@@ -625,10 +623,11 @@ def batch_stats(x: torch.Tensor, weight: torch.Tensor, running_mean: Optional[to
     eps_hi, eps_lo = _split(eps)
     mom_hi, mom_lo = _split(momentum)
     update = running_mean is not None
-    _stats_finalize_kernel[(triton.cdiv(c, _FINALIZE_META["BLOCK_C"]),)](
-        part_mean, part_m2, mean, rstd, _absent(running_mean, mean), _absent(running_var, rstd),
-        c, rows, per_sample, chunk, positions, eps_hi, eps_lo, mom_hi, mom_lo,
-        UPDATE_RUNNING=update, ACC=acc, **_FINALIZE_META)
+    args = dict(part_mean_ptr=part_mean, part_m2_ptr=part_m2, mean_ptr=mean, rstd_ptr=rstd,
+                run_mean_ptr=_absent(running_mean, mean), run_var_ptr=_absent(running_var, rstd),
+                C=c, ROWS=rows, chunks_per_sample=per_sample, CHUNK=chunk, P=positions,
+                eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo, UPDATE_RUNNING=update, ACC=acc)
+    _launch(_stats_finalize_kernel, None, lambda m: (triton.cdiv(c, m["BLOCK_C"]),), args, _FINALIZE_META)
     return mean, rstd
 
 
