@@ -246,7 +246,8 @@ def main(argv=None) -> int:
         row = bench_case(layer, cfg, b, d, lay, m, device, copy_bps, args.compile_mode if use_compile else None,
                          timer)
         rows.append(row)
-        ratios = " ".join(f"{k.replace('_speedup_vs_', ' vs ')}={v:.2f}x" for k, v in row.items() if "_speedup_vs_" in k)
+        ratios = " ".join(f"{k.replace('_speedup_vs_', ' vs ')}={v:.2f}x"
+                          for k, v in row.items() if "_speedup_vs_" in k)
         print(f"[{i}/{len(cases)}] {m} b{b} {layer} {d} {lay}: "
               + " ".join(f"{k}={v:.3f}ms" for k, v in row["times_ms"].items()) + f"  {ratios}", flush=True)
     env = environment(device)

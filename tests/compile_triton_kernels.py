@@ -85,7 +85,8 @@ def main(archs, cases):
     for kernel, args, meta in capture_launches(cases):
         sig, constants = signature(kernel, args, meta)
         warps = meta.get("num_warps", 4)
-        key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in constants.items())), warps)
+        key = (kernel.__name__, tuple(sorted(sig.items())),
+               tuple(sorted((k, str(v)) for k, v in constants.items())), warps)
         if key in seen:
             continue
         seen.add(key)
