@@ -537,6 +537,18 @@ def _index64(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+_IDENTITY_WEIGHTS: dict = {}
+
+
+def _identity_weight(x: torch.Tensor) -> torch.Tensor:
+    """A cached (C, 1, 1, 1) ones kernel: with it the kernels compute BatchNorm + activation
+    alone (``bn_act``); multiplying by 1 is exact, so results equal an unfused BN."""
+    key = (x.device, x.dtype, x.shape[1])
+    if key not in _IDENTITY_WEIGHTS:
+        _IDENTITY_WEIGHTS[key] = torch.ones(x.shape[1], 1, 1, 1, device=x.device, dtype=x.dtype)
+    return _IDENTITY_WEIGHTS[key]
+
+
 def _common(x, weight, stride, padding):
     n, c, h, w = x.shape
     k = weight.shape[-1]
@@ -566,7 +578,7 @@ def _strides(prefix: str, t: torch.Tensor) -> dict:
     return {f"{prefix}{d}": s for d, s in zip("nchw", t.stride())}
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, gamma: Optional[torch.Tensor],
+def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
             beta: Optional[torch.Tensor], mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
             *, out: torch.Tensor, stride: int, padding: int, activation: str, norm: str,
             eps: float) -> torch.Tensor:
@@ -575,8 +587,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, gamma: Optional[torch.Tensor]
 
     ``norm``: ``"none"`` (mean 0, rstd 1: ``beta`` is the conv bias), ``"running"`` (rstd from
     ``var`` and ``eps``) or ``"batch"`` (``var`` already holds rstd, from :func:`batch_stats`).
+    ``weight=None`` means no convolution (BatchNorm + activation; stride 1, padding 0); the
+    other launch helpers accept it too.
     """
     _check_device(x)
+    weight = _identity_weight(x) if weight is None else weight
     n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
     y = out
     if y.numel() == 0:
@@ -596,13 +611,14 @@ def forward(x: torch.Tensor, weight: torch.Tensor, gamma: Optional[torch.Tensor]
     return y
 
 
-def batch_stats(x: torch.Tensor, weight: torch.Tensor, running_mean: Optional[torch.Tensor],
+def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], *, stride: int, padding: int, momentum: float,
                 eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and rstd = 1/sqrt(biased var + eps) of conv(x), in float32
     (float64 for float64 input). Updates ``running_mean``/``running_var`` in place when given.
     Needs at least two values per channel (the caller checks)."""
     _check_device(x)
+    weight = _identity_weight(x) if weight is None else weight
     n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
     acc, acc_t = _acc_dtype(x)
     positions = ho * wo
@@ -631,7 +647,7 @@ def batch_stats(x: torch.Tensor, weight: torch.Tensor, running_mean: Optional[to
     return mean, rstd
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: Optional[torch.Tensor],
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
              beta: Optional[torch.Tensor], mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
              *, stride: int, padding: int, activation: str, norm: str, eps: float,
              weight_grad: bool, memory_format: torch.memory_format):
@@ -640,9 +656,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: Opt
 
     Returns ``(dx, dweight or None, sum_du, sum_du_xhat)``: dx in ``memory_format``; the last
     two, per channel in the accumulation dtype, are the BN bias and weight gradients (the
-    conv-bias gradient for ``norm="none"``).
+    conv-bias gradient for ``norm="none"``). Without a conv (``weight=None``) dL/dz is dx:
+    the main pass writes it there and the transposed-conv pass is skipped.
     """
     _check_device(x)
+    identity = weight is None
+    if identity:
+        weight, weight_grad = _identity_weight(x), False
     n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
     acc, acc_t = _acc_dtype(x)
     fmt = memory_format
@@ -675,7 +695,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: Opt
     else:
         part_du = torch.empty((rows, c), device=x.device, dtype=acc_t)
         part_dux = torch.empty_like(part_du)
-    dz = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=fmt)
+    dz = dx if identity else torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     part_dw = torch.empty((rows, c * taps) if weight_grad else (1,), device=x.device, dtype=acc_t)
     eps_hi, eps_lo = _split(eps)
     inv_hi, inv_lo = _split(1.0 / (n * positions))
@@ -693,6 +713,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gamma: Opt
     if sums is None:
         sums = (_sum_rows(part_du, acc_t), _sum_rows(part_dux, acc_t))
     dw = _sum_rows(part_dw, acc_t).view(c, 1, k, k).to(weight.dtype) if weight_grad else None
+    if identity:
+        return dx, None, sums[0], sums[1]
     args = dict(dz_ptr=dz, w_ptr=weight, dx_ptr=dx, **_strides("sz", dz), **_strides("sx", dx), **shape_args)
     _launch(_dx_kernel, _dx_tuned, lambda m: (n * triton.cdiv(h * w, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"])),
             args, _fixed_meta(x, reduction=False))

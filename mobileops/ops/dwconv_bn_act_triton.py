@@ -1,4 +1,5 @@
-"""The ``triton`` backend of :func:`~mobileops.ops.dwconv_bn_act` and :func:`~mobileops.ops.dwconv_act`.
+"""The ``triton`` backend of :func:`~mobileops.ops.dwconv_bn_act`, :func:`~mobileops.ops.dwconv_act`
+and :func:`~mobileops.ops.bn_act` (the same kernels without the convolution: ``weight=None``).
 
 Three ``torch.library`` custom ops, each with a fake (meta) implementation so
 ``torch.compile(fullgraph=True)`` traces them without graph breaks:
@@ -35,14 +36,14 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _out_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> Tuple[int, int, int, int]:
-    k = weight.shape[-1]
+def _out_shape(x: Tensor, weight: Optional[Tensor], stride: int, padding: int) -> Tuple[int, int, int, int]:
+    k = weight.shape[-1] if weight is not None else 1
     n, c, h, w = x.shape
     return n, c, _checks.conv_output_size(h, k, stride, padding), _checks.conv_output_size(w, k, stride, padding)
 
 
 @torch.library.custom_op("mobileops::dwconv_bn_stats_triton", mutates_args=("running_mean", "running_var"))
-def _batch_stats(x: Tensor, weight: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+def _batch_stats(x: Tensor, weight: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                  stride: int, padding: int, momentum: float, eps: float) -> Tuple[Tensor, Tensor]:
     return _kernels().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
                                   momentum=momentum, eps=eps)
@@ -55,7 +56,7 @@ def _batch_stats_fake(x, weight, running_mean, running_var, stride, padding, mom
 
 
 @torch.library.custom_op("mobileops::dwconv_bn_act_triton", mutates_args=())
-def _forward(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+def _forward(x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
              mean: Optional[Tensor], var: Optional[Tensor], stride: int, padding: int, activation: str,
              norm: str, eps: float) -> Tensor:
     out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
@@ -71,7 +72,7 @@ def _forward_fake(x, weight, bn_weight, bn_bias, mean, var, stride, padding, act
 
 
 @torch.library.custom_op("mobileops::dwconv_bn_act_triton_backward", mutates_args=())
-def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tensor],
+def _backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor],
                  bn_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], stride: int,
                  padding: int, activation: str, norm: str, eps: float,
                  weight_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -81,7 +82,7 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, bn_weight: Optional[Tens
         memory_format=_checks.suggest_memory_format(x))
     d_bn_weight = sum_dux.to(bn_weight.dtype) if bn_weight is not None else sum_dux
     d_bn_bias = sum_du.to(bn_bias.dtype) if bn_bias is not None else sum_du
-    return dx, dw if dw is not None else weight.new_empty(0), d_bn_weight, d_bn_bias
+    return dx, dw if dw is not None else x.new_empty(0), d_bn_weight, d_bn_bias
 
 
 @_backward_op.register_fake
@@ -89,7 +90,8 @@ def _backward_fake(dy, x, weight, bn_weight, bn_bias, mean, var, stride, padding
                    weight_grad):
     c, acc = x.shape[1], _acc_dtype(x)
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_checks.suggest_memory_format(x))
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty(0)
+    has_dw = weight_grad and weight is not None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if has_dw else x.new_empty(0)
     return (dx, dw, x.new_empty(c, dtype=bn_weight.dtype if bn_weight is not None else acc),
             x.new_empty(c, dtype=bn_bias.dtype if bn_bias is not None else acc))
 
@@ -104,8 +106,8 @@ def _autograd_backward(ctx, dy):
     x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, dw, d_bn_weight, d_bn_bias = _backward_op(dy, x, weight, bn_weight, bn_bias, mean, var, *ctx.config,
-                                                  needs[1])
-    return (dx if needs[0] else None, dw if needs[1] else None,
+                                                  weight is not None and needs[1])
+    return (dx if needs[0] else None, dw if weight is not None and needs[1] else None,
             d_bn_weight if bn_weight is not None and needs[2] else None,
             d_bn_bias if bn_bias is not None and needs[3] else None) + (None,) * 7
 
@@ -124,25 +126,40 @@ def _autocast(x: Tensor, *tensors: Optional[Tensor]):
         return t.to(dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
 
     x, *tensors = (cast(t) for t in (x,) + tensors)
-    if tensors[0].dtype != x.dtype:
+    if tensors and tensors[0] is not None and tensors[0].dtype != x.dtype:
         raise TypeError(f"weight has dtype {tensors[0].dtype} but x has {x.dtype} under autocast")
     return (x, *tensors)
+
+
+def _conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
+                 training, momentum, eps):
+    """Batch statistics (updating the running ones) then normalise, or running statistics."""
+    if training or running_mean is None:
+        update = training and running_mean is not None
+        mean, rstd = _batch_stats(x.detach(), weight.detach() if weight is not None else None,
+                                  running_mean if update else None, running_var if update else None,
+                                  stride, padding, momentum, eps)
+        return _forward(x, weight, bn_weight, bn_bias, mean, rstd, stride, padding, activation, "batch", eps)
+    return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
+                    "running", eps)
 
 
 @backend.register_impl("dwconv_bn_act", "triton")
 def _dwconv_bn_act_triton(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, padding,
                           activation, training, momentum, eps):
     x, weight = _autocast(x, weight)
-    if training or running_mean is None:
-        update = training and running_mean is not None
-        mean, rstd = _batch_stats(x.detach(), weight.detach(), running_mean if update else None,
-                                  running_var if update else None, stride, padding, momentum, eps)
-        return _forward(x, weight, bn_weight, bn_bias, mean, rstd, stride, padding, activation, "batch", eps)
-    return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
-                    "running", eps)
+    return _conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
+                        training, momentum, eps)
 
 
 @backend.register_impl("dwconv_act", "triton")
 def _dwconv_act_triton(x, weight, bias, *, stride, padding, activation):
     x, weight, bias = _autocast(x, weight, bias)
     return _forward(x, weight, None, bias, None, None, stride, padding, activation, "none", 0.0)
+
+
+@backend.register_impl("bn_act", "triton")
+def _bn_act_triton(x, bn_weight, bn_bias, running_mean, running_var, *, activation, training, momentum, eps):
+    # Under autocast BatchNorm runs in its input's dtype, so nothing is cast here.
+    return _conv_bn_act(x, None, bn_weight, bn_bias, running_mean, running_var, 1, 0, activation, training,
+                        momentum, eps)
