@@ -57,6 +57,10 @@ def capture_launches(cases):
         for norm, act in (("batch", "relu6"), ("running", "hsigmoid"), ("none", "relu")):
             kernels.backward(y, x, w, stat, stat, stat, stat, activation=act, norm=norm, weight_grad=True,
                              memory_format=layout, **common)
+        # bn_act: the same kernels without the convolution
+        kernels.batch_stats(x, None, stat, stat, momentum=0.1, stride=1, padding=0, eps=1e-5)
+        kernels.backward(x, x, None, stat, stat, stat, stat, activation="silu", norm="batch", weight_grad=False,
+                         memory_format=layout, stride=1, padding=0, eps=1e-5)
     return launches
 
 

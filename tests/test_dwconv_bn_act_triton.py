@@ -98,10 +98,16 @@ def _opcheck_cases():
         (torch.ops.mobileops.dwconv_bn_act_triton_backward.default,
          (torch.randn(2, 5, 6, 7, dtype=x.dtype, device=x.device), x.detach(), w.detach(), gamma.detach(),
           beta, mean, rstd, 1, 1, "hsigmoid", "batch", 1e-5, True)),
+        # bn_act: no convolution
+        (torch.ops.mobileops.dwconv_bn_stats_triton.default, (x.detach(), None, rm, rv, 1, 0, 0.1, 1e-5)),
+        (fwd, (x, None, gamma, beta, rm, rv, 1, 0, "silu", "running", 1e-3)),
+        (torch.ops.mobileops.dwconv_bn_act_triton_backward.default,
+         (torch.randn(2, 5, 6, 7, dtype=x.dtype, device=x.device), x.detach(), None, gamma.detach(),
+          beta, mean, rstd, 1, 0, "relu", "batch", 1e-5, False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(8))
 def test_custom_ops_pass_opcheck(case):
     """Schema (mutations declared), fake implementations, autograd registration and AOT
     dispatch agree with the real kernels."""
@@ -359,3 +365,41 @@ def test_kernels_compile_for_sm80_and_sm90():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"compiled \d+ kernel variants for sm_80, sm_90", proc.stdout), proc.stdout
+
+
+# ---- bn_act: the same kernels without the convolution ---------------------------------------
+
+@pytest.mark.parametrize("dtype,layout", [
+    (torch.float16, torch.channels_last), (torch.bfloat16, torch.contiguous_format)], ids=["fp16-nhwc", "bf16-nchw"])
+def test_bn_act_low_precision_within_the_error_bound(monkeypatch, dtype, layout):
+    """bn_act forward, input and BN gradients and running stats against float64, in train and
+    eval; every allocation poisoned."""
+    _, _, gamma, beta, rm, rv = _inputs((1, 6, 1, 1), 1, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, 7, 5, generator=g, dtype=torch.float64).to(DEVICE)
+    dy = torch.randn(3, 6, 7, 5, generator=g, dtype=torch.float64).to(DEVICE)
+    real_empty = torch.empty
+
+    def run(backend_name, xin, params, grad, training, poison=False):
+        leaves = [xin.detach().to(memory_format=layout).requires_grad_(True)]
+        leaves += [p.detach().clone().requires_grad_(True) for p in params[:2]]
+        stats = [p.clone() for p in params[2:]]
+        with mobileops.use_backend(backend_name):
+            if poison:
+                monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+            y = ops.bn_act(leaves[0], *leaves[1:], *stats, activation="hswish", training=training, momentum=0.1)
+            y.backward(grad)
+            monkeypatch.setattr(torch, "empty", real_empty)
+        return [y.detach()] + [t.grad for t in leaves] + stats
+
+    params = [gamma, beta, rm, rv]
+    for training in (True, False):
+        ref = run("torch", x, [p.double() for p in params], dy, training)
+        base = run("torch", x.to(dtype), params, dy.to(dtype), training)
+        ours = run("triton", x.to(dtype), params, dy.to(dtype), training, poison=True)
+        assert ours[0].dtype == dtype and ours[0].is_contiguous(memory_format=layout)
+        for name, o, r, b in zip(("y", "dx"), ours, ref, base):
+            assert_within_bound(o, r, b, f"bn_act {name} {dtype} train={training}")
+        for name, o, r, b in zip(("dgamma", "dbeta", "running_mean", "running_var"), ours[2:], ref[2:], base[2:]):
+            err, base_err = _relative_norm_error(o, r), _relative_norm_error(b, r)
+            assert err <= 2 * base_err + FLOORS[dtype], f"bn_act {name}: error {err:.3g}, torch's {base_err:.3g}"
