@@ -15,7 +15,7 @@ training forward       ``_stats_kernel`` (conv in registers -> per-chunk mean/M2
 backward               ``_grad_sums_kernel`` (training only: partial sums of du, du * xhat),
                        ``_grad_input_kernel`` (recomputes the conv; dz, weight-grad partials,
                        eval-mode du sums), ``_dx_kernel`` (transposed depthwise conv of dz),
-                       ``_sum_rows_kernel`` for each partial buffer.
+                       ``sum_rows_kernel`` (in _common) for each partial buffer.
 =====================  =====================================================================
 
 The conv output z is never stored: backward recomputes it from x and the saved per-channel
@@ -33,53 +33,20 @@ configuration won the tuning, and everything does when ``MOBILEOPS_AUTOTUNE=0``.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "hswish": 3, "silu": 4, "hsigmoid": 5}
+from mobileops.kernels import _common as common
+from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, tile_coords
 
 # How the kernel normalises: no BN (``dwconv_act``: beta is the conv bias), BN from the given
 # running mean/var, or BN from batch statistics (mean and rstd given, and the backward
 # includes their dependence on x).
 NORM_NONE, NORM_RUNNING, NORM_BATCH = 0, 1, 2
 NORM_CODES = {"none": NORM_NONE, "running": NORM_RUNNING, "batch": NORM_BATCH}
-
-
-@triton.jit
-def _activation(u, ACT: tl.constexpr):
-    if ACT == 1:
-        u = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    elif ACT == 2:
-        u = tl.clamp(u, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-    elif ACT == 3:
-        u = u * (tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0)
-    elif ACT == 4:
-        u = u / (1.0 + tl.exp(-u))
-    elif ACT == 5:
-        u = tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0
-    return u
-
-
-@triton.jit
-def _activation_grad(u, g, ACT: tl.constexpr):
-    """``g * act'(u)`` with PyTorch's conventions at the kinks (derivative 0 there)."""
-    if ACT == 1:
-        g = tl.where(u > 0.0, g, 0.0)
-    elif ACT == 2:
-        g = tl.where((u > 0.0) & (u < 6.0), g, 0.0)
-    elif ACT == 3:
-        g = g * (tl.clamp(u + 3.0, 0.0, 6.0) / 6.0) + tl.where((u > -3.0) & (u < 3.0), g * u / 6.0, 0.0)
-    elif ACT == 4:
-        s = 1.0 / (1.0 + tl.exp(-u))
-        g = g * s * (1.0 + u * (1.0 - s))
-    elif ACT == 5:
-        g = tl.where((u > -3.0) & (u < 3.0), g / 6.0, 0.0)
-    return g
 
 
 @triton.jit
@@ -130,19 +97,6 @@ def _channel_params(gamma_ptr, beta_ptr, mean_ptr, var_ptr, c, cmask, eps,
 
 
 @triton.jit
-def _tile_coords(pid, tiles_per_sample, C, BLOCK, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
-    """(sample, first position of this program's tile/chunk, channel offsets, channel mask)."""
-    n = pid // tiles_per_sample
-    tile = pid % tiles_per_sample
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if INDEX64:
-        n = n.to(tl.int64)
-        tile = tile.to(tl.int64)
-        c = c.to(tl.int64)
-    return n, tile * BLOCK, c, c < C
-
-
-@triton.jit
 def _forward_kernel(x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, y_ptr,
                     C, H, W, HO, WO,
                     sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps_hi, eps_lo,
@@ -150,7 +104,7 @@ def _forward_kernel(x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, y_ptr,
                     NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                     INDEX64: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    n, p0, c, cmask = _tile_coords(tl.program_id(0), tl.cdiv(HO * WO, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
+    n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(HO * WO, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     pmask = p < HO * WO
     oh = p // WO
@@ -161,7 +115,7 @@ def _forward_kernel(x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, y_ptr,
     z = _conv_tile(x_ptr + n * sxn, w_ptr, c, cmask, oh, ow, pmask, H, W, sxc, sxh, sxw,
                    K, STRIDE, PAD, ACC, BLOCK_P, BLOCK_C)
     u = (z - mean[None, :]) * rstd[None, :] * gamma[None, :] + beta[None, :]
-    y = _activation(u, ACT)
+    y = activation(u, ACT)
     offs = n * syn + (oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
@@ -179,7 +133,7 @@ def _stats_kernel(x_ptr, w_ptr, part_mean_ptr, part_m2_ptr,
     the running (count, mean, M2) with Chan's formula, so no sum-of-squares cancellation.
     """
     pid = tl.program_id(0)
-    n, start, c, cmask = _tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
+    n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
     count = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
@@ -258,7 +212,7 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
     """Training backward, first pass: per-chunk sums of du and du * xhat (du = dL/du, the
     gradient at the BN output), recomputing the conv."""
     pid = tl.program_id(0)
-    n, start, c, cmask = _tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
+    n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
     mean, rstd, gamma, beta = _channel_params(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, c, cmask, 0.0,
                                               2, HAS_GAMMA, HAS_BETA, ACC, BLOCK_C)
@@ -275,7 +229,7 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
         m = pmask[:, None] & cmask[None, :]
         g = tl.load(dy_ptr + n * sdn + (oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :],
                     mask=m, other=0.0).to(ACC)
-        du = tl.where(m, _activation_grad(xhat * gamma[None, :] + beta[None, :], g, ACT), 0.0)
+        du = tl.where(m, activation_grad(xhat * gamma[None, :] + beta[None, :], g, ACT), 0.0)
         sum_du += tl.sum(du, axis=0)
         sum_dux += tl.sum(du * xhat, axis=0)
     row = pid.to(tl.int64) * C
@@ -296,7 +250,7 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
     weight-gradient partials sum_p dz[p] * x[p + tap] for all K*K taps at once (a
     [BLOCK_P, TAPS, BLOCK_C] gather). Outside batch-stats mode also the sums of du, du * xhat."""
     pid = tl.program_id(0)
-    n, start, c, cmask = _tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
+    n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     mean, rstd, gamma, beta = _channel_params(gamma_ptr, beta_ptr, mean_ptr, var_ptr, c, cmask, eps,
@@ -324,7 +278,7 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
         m = pmask[:, None] & cmask[None, :]
         g = tl.load(dy_ptr + n * sdn + (oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :],
                     mask=m, other=0.0).to(ACC)
-        du = tl.where(m, _activation_grad(xhat * gamma[None, :] + beta[None, :], g, ACT), 0.0)
+        du = tl.where(m, activation_grad(xhat * gamma[None, :] + beta[None, :], g, ACT), 0.0)
         if NORM == 2:
             dz = (du - mean_du[None, :] - xhat * mean_dux[None, :]) * (gamma * rstd)[None, :]
             dz = tl.where(m, dz, 0.0)
@@ -357,7 +311,7 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
                INDEX64: tl.constexpr, ACC: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = the transposed depthwise conv of dz, over input positions (gather, no atomics)."""
-    n, p0, c, cmask = _tile_coords(tl.program_id(0), tl.cdiv(H * W, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
+    n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(H * W, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     pmask = p < H * W
     ih = p // W
@@ -387,154 +341,26 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
-@triton.jit
-def _sum_rows_kernel(in_ptr, out_ptr, ROWS, M, ACC: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    """out[m] = sum_r in[r, m], rows added in a fixed order (deterministic)."""
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < M
-    acc = tl.zeros([BLOCK_M], dtype=ACC)
-    for r0 in range(0, ROWS, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        v = tl.load(in_ptr + r.to(tl.int64)[:, None] * M + m[None, :],
-                    mask=(r < ROWS)[:, None] & mmask[None, :], other=0.0)
-        acc += tl.sum(v.to(ACC), axis=0)
-    tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mmask)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# Kernels compiled for the GPU cannot run on CPU tensors: jit decides at decoration time.
-_COMPILED_FOR_INTERPRETER = interpreter_on()
-
-# Under the interpreter: small blocks so tests cover several channel blocks, several tiles per
-# chunk and several chunks per sample even on tiny shapes.
-_INTERPRETER_META = dict(BLOCK_P=64, BLOCK_C=16)
-_INTERPRETER_CHUNK = 64
-_REDUCE_META = dict(BLOCK_R=32, BLOCK_M=64)
 _FINALIZE_META = dict(BLOCK_R=16, BLOCK_C=32)
 
 
-def _configs(tile_limit: int):
-    """Candidate (BLOCK_P, BLOCK_C, num_warps) covering NCHW (long runs of positions, few
-    channels) and channels_last (many channels); ``tile_limit`` caps BLOCK_P * BLOCK_C."""
-    out = []
-    for block_p, block_c in ((256, 4), (128, 8), (256, 8), (64, 16), (32, 32), (16, 64), (32, 64),
-                             (8, 128), (64, 64), (16, 128)):
-        if block_p * block_c > tile_limit:
-            continue
-        for warps in (4, 8):
-            out.append(triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps))
-    return out
-
-
 _TUNE_KEY = ["C", "H", "W", "HO", "WO", "sxc", "sxw", "K", "STRIDE", "ACT"]
-_forward_tuned = triton.autotune(_configs(4096), key=_TUNE_KEY + ["NORM"])(_forward_kernel)
-_stats_tuned = triton.autotune(_configs(4096), key=_TUNE_KEY[:-1] + ["CHUNK"])(_stats_kernel)
-_grad_sums_tuned = triton.autotune(_configs(4096), key=_TUNE_KEY + ["CHUNK"])(_grad_sums_kernel)
-_dx_tuned = triton.autotune(_configs(4096), key=["C", "H", "W", "HO", "WO", "szc", "sxc", "K", "STRIDE"])(_dx_kernel)
+_forward_tuned = triton.autotune(common.configs(4096), key=_TUNE_KEY + ["NORM"])(_forward_kernel)
+_stats_tuned = triton.autotune(common.configs(4096), key=_TUNE_KEY[:-1] + ["CHUNK"])(_stats_kernel)
+_grad_sums_tuned = triton.autotune(common.configs(4096), key=_TUNE_KEY + ["CHUNK"])(_grad_sums_kernel)
+_dx_tuned = triton.autotune(common.configs(4096),
+                            key=["C", "H", "W", "HO", "WO", "szc", "sxc", "K", "STRIDE"])(_dx_kernel)
 
 
 @functools.lru_cache(maxsize=None)
 def _grad_input_tuned(taps: int):
     # The weight-gradient gather holds a [BLOCK_P, TAPS, BLOCK_C] tile: keep it small.
-    return triton.autotune(_configs(max(128, 8192 // taps)), key=_TUNE_KEY + ["NORM", "CHUNK"])(_grad_input_kernel)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _default_meta(x: torch.Tensor, taps: int = 1) -> dict:
-    """The fixed configuration: used by the interpreter and in deterministic mode."""
-    if interpreter_on():
-        return dict(_INTERPRETER_META)
-    c = x.shape[1]
-    if x.stride(1) == 1:  # channels innermost: vectorise over channels
-        block_c = min(64, triton.next_power_of_2(c))
-        block_p = max(8, 2048 // block_c)
-    else:
-        block_c, block_p = 4, 256
-    while block_p > 8 and block_p * block_c * taps > 8192:
-        block_p //= 2
-    return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
-
-
-def _chunk(x: torch.Tensor, positions: int) -> int:
-    """Output positions per program in the chunked (reducing) kernels: enough programs to fill
-    the GPU, few enough partial rows that reducing them is cheap. Depends only on the shape and
-    the device, so it never changes the summation order between runs."""
-    if interpreter_on():
-        return _INTERPRETER_CHUNK
-    n, c = x.shape[0], x.shape[1]
-    programs_wanted = 4 * _sm_count(x.device)
-    channel_blocks = triton.cdiv(c, 32)
-    per_sample = max(1, programs_wanted // max(1, n * channel_blocks))
-    chunk = triton.next_power_of_2(triton.cdiv(positions, per_sample))
-    return int(min(max(chunk, 256), 8192))
-
-
-def _launch(kernel, tuned, grid_of, args: dict, meta: Optional[dict]) -> None:
-    """Run ``kernel`` with the fixed ``meta`` (interpreter, deterministic mode) or autotuned.
-
-    ``grid_of(meta)`` maps the block sizes to the launch grid."""
-    if meta is not None:
-        meta = dict(meta)
-        warps = meta.pop("num_warps", 4)
-        kernel[grid_of(meta)](**args, **meta, num_warps=warps)
-    else:
-        tuned[grid_of](**args)
-
-
-def autotune_enabled() -> bool:
-    """False when the environment variable ``MOBILEOPS_AUTOTUNE=0`` turns autotuning off."""
-    return os.environ.get("MOBILEOPS_AUTOTUNE", "1") != "0"
-
-
-def _fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> Optional[dict]:
-    if interpreter_on() or not autotune_enabled() or (reduction and torch.are_deterministic_algorithms_enabled()):
-        return _default_meta(x, taps)
-    return None
-
-
-def _check_device(x: torch.Tensor) -> None:
-    on_cpu = x.device.type == "cpu"
-    if on_cpu and not _COMPILED_FOR_INTERPRETER:
-        raise RuntimeError("mobileops' Triton kernels were loaded without TRITON_INTERPRET=1 and "
-                           "cannot run on CPU tensors; set TRITON_INTERPRET=1 before the first "
-                           "Triton op of the process")
-    if not on_cpu and _COMPILED_FOR_INTERPRETER:
-        raise RuntimeError("mobileops' Triton kernels were loaded with TRITON_INTERPRET=1 and only "
-                           "run on CPU tensors; unset TRITON_INTERPRET to run them on the GPU")
-
-
-def _acc_dtype(x: torch.Tensor):
-    return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _split(value: float) -> Tuple[float, float]:
-    """``value`` as an fp32 pair hi + lo (Triton passes Python floats as fp32): float64
-    kernels add them back exactly enough for 1e-15 relative precision."""
-    hi = float(np.float32(value))
-    return hi, float(value - hi)
-
-
-def _index64(*tensors: torch.Tensor) -> bool:
-    """Whether offsets may pass 2**31 and need 64-bit arithmetic. Always under the interpreter:
-    it checks every 32-bit integer op for overflow, which makes it several times slower, and
-    the CPU tests then cover the 64-bit path."""
-    if interpreter_on():
-        return True
-    limit = 2 ** 31 - 1
-    return any(t.numel() > 0 and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) >= limit
-               for t in tensors)
+    return triton.autotune(common.configs(max(128, 8192 // taps)),
+                           key=_TUNE_KEY + ["NORM", "CHUNK"])(_grad_input_kernel)
 
 
 _IDENTITY_WEIGHTS: dict = {}
@@ -555,27 +381,9 @@ def _common(x, weight, stride, padding):
     return n, c, h, w, k, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
 
 
-def _sum_rows(parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    rows, m = parts.shape
-    out = torch.empty(m, device=parts.device, dtype=out_dtype)
-    acc = tl.float64 if parts.dtype == torch.float64 else tl.float32
-    _launch(_sum_rows_kernel, None, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
-            dict(in_ptr=parts, out_ptr=out, ROWS=rows, M=m, ACC=acc), _REDUCE_META)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch helpers (arguments are validated by mobileops.ops before they get here)
 # ----------------------------------------------------------------------------------------------
-
-
-def _absent(t: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
-    # Triton needs a pointer for every argument; a HAS_*/NORM flag keeps the stand-in unread.
-    return t if t is not None else stand_in
-
-
-def _strides(prefix: str, t: torch.Tensor) -> dict:
-    return {f"{prefix}{d}": s for d, s in zip("nchw", t.stride())}
 
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
@@ -590,24 +398,24 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[tor
     ``weight=None`` means no convolution (BatchNorm + activation; stride 1, padding 0); the
     other launch helpers accept it too.
     """
-    _check_device(x)
+    common.check_device(x)
     weight = _identity_weight(x) if weight is None else weight
     n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
     y = out
     if y.numel() == 0:
         return y
-    acc, _ = _acc_dtype(x)
+    acc, _ = common.acc_dtype(x)
     weight = weight.contiguous()
-    eps_hi, eps_lo = _split(eps)
-    args = dict(x_ptr=x, w_ptr=weight, gamma_ptr=_absent(gamma, weight), beta_ptr=_absent(beta, weight),
-                mean_ptr=_absent(mean, weight), var_ptr=_absent(var, weight), y_ptr=y,
-                C=c, H=h, W=w, HO=ho, WO=wo, **_strides("sx", x), **_strides("sy", y),
+    eps_hi, eps_lo = common.split_float(eps)
+    args = dict(x_ptr=x, w_ptr=weight, gamma_ptr=common.absent(gamma, weight), beta_ptr=common.absent(beta, weight),
+                mean_ptr=common.absent(mean, weight), var_ptr=common.absent(var, weight), y_ptr=y,
+                C=c, H=h, W=w, HO=ho, WO=wo, **common.strides("sx", x), **common.strides("sy", y),
                 eps_hi=eps_hi, eps_lo=eps_lo, K=k, STRIDE=stride, PAD=padding,
                 ACT=ACTIVATION_CODES[activation], NORM=NORM_CODES[norm], HAS_GAMMA=gamma is not None,
-                HAS_BETA=beta is not None, INDEX64=_index64(x, y), ACC=acc)
-    _launch(_forward_kernel, _forward_tuned,
-            lambda m: (n * triton.cdiv(ho * wo, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"])),
-            args, _fixed_meta(x, reduction=False))
+                HAS_BETA=beta is not None, INDEX64=common.index64(x, y), ACC=acc)
+    common.launch(_forward_kernel, _forward_tuned,
+                  lambda m: (n * triton.cdiv(ho * wo, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"])),
+                  args, common.fixed_meta(x, reduction=False))
     return y
 
 
@@ -617,12 +425,12 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     """Per-channel batch mean and rstd = 1/sqrt(biased var + eps) of conv(x), in float32
     (float64 for float64 input). Updates ``running_mean``/``running_var`` in place when given.
     Needs at least two values per channel (the caller checks)."""
-    _check_device(x)
+    common.check_device(x)
     weight = _identity_weight(x) if weight is None else weight
     n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
-    acc, acc_t = _acc_dtype(x)
+    acc, acc_t = common.acc_dtype(x)
     positions = ho * wo
-    chunk = _chunk(x, positions)
+    chunk = common.chunk_size(x, positions)
     per_sample = triton.cdiv(positions, chunk)
     rows = n * per_sample
     part_mean = torch.empty((rows, c), device=x.device, dtype=acc_t)
@@ -632,18 +440,18 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     weight = weight.contiguous()
     args = dict(x_ptr=x, w_ptr=weight, part_mean_ptr=part_mean, part_m2_ptr=part_m2,
                 C=c, H=h, W=w, HO=ho, WO=wo, chunks_per_sample=per_sample, CHUNK=chunk,
-                **_strides("sx", x), K=k, STRIDE=stride, PAD=padding,
-                INDEX64=_index64(x), ACC=acc)
-    _launch(_stats_kernel, _stats_tuned, lambda m: (rows, triton.cdiv(c, m["BLOCK_C"])),
-            args, _fixed_meta(x, reduction=True))
-    eps_hi, eps_lo = _split(eps)
-    mom_hi, mom_lo = _split(momentum)
+                **common.strides("sx", x), K=k, STRIDE=stride, PAD=padding,
+                INDEX64=common.index64(x), ACC=acc)
+    common.launch(_stats_kernel, _stats_tuned, lambda m: (rows, triton.cdiv(c, m["BLOCK_C"])),
+                  args, common.fixed_meta(x, reduction=True))
+    eps_hi, eps_lo = common.split_float(eps)
+    mom_hi, mom_lo = common.split_float(momentum)
     update = running_mean is not None
     args = dict(part_mean_ptr=part_mean, part_m2_ptr=part_m2, mean_ptr=mean, rstd_ptr=rstd,
-                run_mean_ptr=_absent(running_mean, mean), run_var_ptr=_absent(running_var, rstd),
+                run_mean_ptr=common.absent(running_mean, mean), run_var_ptr=common.absent(running_var, rstd),
                 C=c, ROWS=rows, chunks_per_sample=per_sample, CHUNK=chunk, P=positions,
                 eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo, UPDATE_RUNNING=update, ACC=acc)
-    _launch(_stats_finalize_kernel, None, lambda m: (triton.cdiv(c, m["BLOCK_C"]),), args, _FINALIZE_META)
+    common.launch(_stats_finalize_kernel, None, lambda m: (triton.cdiv(c, m["BLOCK_C"]),), args, _FINALIZE_META)
     return mean, rstd
 
 
@@ -659,12 +467,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     conv-bias gradient for ``norm="none"``). Without a conv (``weight=None``) dL/dz is dx:
     the main pass writes it there and the transposed-conv pass is skipped.
     """
-    _check_device(x)
+    common.check_device(x)
     identity = weight is None
     if identity:
         weight, weight_grad = _identity_weight(x), False
     n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
-    acc, acc_t = _acc_dtype(x)
+    acc, acc_t = common.acc_dtype(x)
     fmt = memory_format
     norm = NORM_CODES[norm]
     dx = torch.empty((n, c, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
@@ -674,12 +482,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         dw = torch.zeros_like(weight) if weight_grad else None
         return dx.zero_(), dw, zeros, zeros.clone()
     weight = weight.contiguous()
-    chunk = _chunk(x, positions)
+    chunk = common.chunk_size(x, positions)
     per_sample = triton.cdiv(positions, chunk)
     rows = n * per_sample
-    index64 = _index64(x, dy)
+    index64 = common.index64(x, dy)
     shape_args = dict(C=c, H=h, W=w, HO=ho, WO=wo, K=k, STRIDE=stride, PAD=padding, INDEX64=index64, ACC=acc)
-    param_args = dict(gamma_ptr=_absent(gamma, weight), beta_ptr=_absent(beta, weight),
+    param_args = dict(gamma_ptr=common.absent(gamma, weight), beta_ptr=common.absent(beta, weight),
                       HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
     chunk_grid = lambda m: (rows, triton.cdiv(c, m["BLOCK_C"]))  # noqa: E731
     sums = None
@@ -688,34 +496,38 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         part_dux = torch.empty_like(part_du)
         args = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, mean_ptr=mean, rstd_ptr=var,
                     part_du_ptr=part_du, part_dux_ptr=part_dux, chunks_per_sample=per_sample, CHUNK=chunk,
-                    **_strides("sx", x), **_strides("sd", dy), ACT=ACTIVATION_CODES[activation],
+                    **common.strides("sx", x), **common.strides("sd", dy), ACT=ACTIVATION_CODES[activation],
                     **shape_args, **param_args)
-        _launch(_grad_sums_kernel, _grad_sums_tuned, chunk_grid, args, _fixed_meta(x, reduction=True))
-        sums = (_sum_rows(part_du, acc_t), _sum_rows(part_dux, acc_t))
+        common.launch(_grad_sums_kernel, _grad_sums_tuned, chunk_grid, args, common.fixed_meta(x, reduction=True))
+        sums = (common.sum_rows(part_du, acc_t), common.sum_rows(part_dux, acc_t))
     else:
         part_du = torch.empty((rows, c), device=x.device, dtype=acc_t)
         part_dux = torch.empty_like(part_du)
     dz = dx if identity else torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=fmt)
     part_dw = torch.empty((rows, c * taps) if weight_grad else (1,), device=x.device, dtype=acc_t)
-    eps_hi, eps_lo = _split(eps)
-    inv_hi, inv_lo = _split(1.0 / (n * positions))
+    eps_hi, eps_lo = common.split_float(eps)
+    inv_hi, inv_lo = common.split_float(1.0 / (n * positions))
     stand_in = sums[0] if sums is not None else part_du
     padded_taps = triton.next_power_of_2(taps)
-    args = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, mean_ptr=_absent(mean, weight), var_ptr=_absent(var, weight),
+    args = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, mean_ptr=common.absent(mean, weight),
+                var_ptr=common.absent(var, weight),
                 sum_du_ptr=stand_in, sum_dux_ptr=sums[1] if sums is not None else part_dux,
                 dz_ptr=dz, part_dw_ptr=part_dw, part_du_ptr=part_du, part_dux_ptr=part_dux,
                 chunks_per_sample=per_sample, CHUNK=chunk, inv_count_hi=inv_hi, inv_count_lo=inv_lo,
-                eps_hi=eps_hi, eps_lo=eps_lo, **_strides("sx", x), **_strides("sd", dy), **_strides("sz", dz),
+                eps_hi=eps_hi, eps_lo=eps_lo, **common.strides("sx", x), **common.strides("sd", dy),
+                **common.strides("sz", dz),
                 ACT=ACTIVATION_CODES[activation], NORM=norm, WEIGHT_GRAD=weight_grad, TAPS=padded_taps,
                 **shape_args, **param_args)
-    _launch(_grad_input_kernel, _grad_input_tuned(padded_taps), chunk_grid, args,
-            _fixed_meta(x, reduction=True, taps=padded_taps))
+    common.launch(_grad_input_kernel, _grad_input_tuned(padded_taps), chunk_grid, args,
+                  common.fixed_meta(x, reduction=True, taps=padded_taps))
     if sums is None:
-        sums = (_sum_rows(part_du, acc_t), _sum_rows(part_dux, acc_t))
-    dw = _sum_rows(part_dw, acc_t).view(c, 1, k, k).to(weight.dtype) if weight_grad else None
+        sums = (common.sum_rows(part_du, acc_t), common.sum_rows(part_dux, acc_t))
+    dw = common.sum_rows(part_dw, acc_t).view(c, 1, k, k).to(weight.dtype) if weight_grad else None
     if identity:
         return dx, None, sums[0], sums[1]
-    args = dict(dz_ptr=dz, w_ptr=weight, dx_ptr=dx, **_strides("sz", dz), **_strides("sx", dx), **shape_args)
-    _launch(_dx_kernel, _dx_tuned, lambda m: (n * triton.cdiv(h * w, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"])),
-            args, _fixed_meta(x, reduction=False))
+    args = dict(dz_ptr=dz, w_ptr=weight, dx_ptr=dx, **common.strides("sz", dz), **common.strides("sx", dx),
+                **shape_args)
+    common.launch(_dx_kernel, _dx_tuned,
+                  lambda m: (n * triton.cdiv(h * w, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"])),
+                  args, common.fixed_meta(x, reduction=False))
     return dx, dw, sums[0], sums[1]

@@ -26,6 +26,7 @@ from triton import compile as triton_compile  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from mobileops.kernels import _common as common  # noqa: E402
 from mobileops.kernels import dwconv_bn_act as kernels  # noqa: E402
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
@@ -39,9 +40,9 @@ QUICK = [(torch.float16, 3, 2, torch.channels_last)]
 
 def capture_launches(cases):
     launches = []
-    kernels._check_device = lambda x: None
-    kernels._sm_count = lambda device: 132
-    kernels._launch = lambda kernel, tuned, grid_of, args, meta: launches.append((kernel, args, dict(meta)))
+    common.check_device = lambda x: None
+    common.sm_count = lambda device: 132
+    common.launch = lambda kernel, tuned, grid_of, args, meta: launches.append((kernel, args, dict(meta)))
     for dtype, k, stride, layout in cases:
         c = 24
         x = torch.zeros(2, c, 20, 20, dtype=dtype).contiguous(memory_format=layout)
@@ -50,13 +51,13 @@ def capture_launches(cases):
         pad = (k - 1) // 2
         ho = (20 + 2 * pad - k) // stride + 1
         y = torch.zeros(2, c, ho, ho, dtype=dtype).contiguous(memory_format=layout)
-        common = dict(stride=stride, padding=pad, eps=1e-5)
-        kernels.forward(x, w, stat, stat, stat, stat, out=y, activation="hswish", norm="running", **common)
-        kernels.forward(x, w, None, stat, None, None, out=y, activation="silu", norm="none", **common)
-        kernels.batch_stats(x, w, stat, stat, momentum=0.1, **common)
+        conv = dict(stride=stride, padding=pad, eps=1e-5)
+        kernels.forward(x, w, stat, stat, stat, stat, out=y, activation="hswish", norm="running", **conv)
+        kernels.forward(x, w, None, stat, None, None, out=y, activation="silu", norm="none", **conv)
+        kernels.batch_stats(x, w, stat, stat, momentum=0.1, **conv)
         for norm, act in (("batch", "relu6"), ("running", "hsigmoid"), ("none", "relu")):
             kernels.backward(y, x, w, stat, stat, stat, stat, activation=act, norm=norm, weight_grad=True,
-                             memory_format=layout, **common)
+                             memory_format=layout, **conv)
         # bn_act: the same kernels without the convolution
         kernels.batch_stats(x, None, stat, stat, momentum=0.1, stride=1, padding=0, eps=1e-5)
         kernels.backward(x, x, None, stat, stat, stat, stat, activation="silu", norm="batch", weight_grad=False,

@@ -30,6 +30,12 @@ def _kernels():
     return kernels
 
 
+def _common():
+    from mobileops.kernels import _common as common
+
+    return common
+
+
 def _inputs(shape, k, *, dtype=torch.float64, device=DEVICE, layout=torch.contiguous_format, seed=0):
     """x, weight, bn weight, bn bias, running mean, running var (BN tensors in float32, or
     float64 with float64 x)."""
@@ -75,8 +81,8 @@ def test_small_blocks_cover_every_boundary(monkeypatch, shape, k, stride, layout
     """Blocks of 8 positions x 4 channels and chunks of 20 positions: several channel blocks
     (the last partial), several tiles per chunk (the last partial) and several chunks per
     sample, in every kernel."""
-    monkeypatch.setattr(_kernels(), "_INTERPRETER_META", dict(BLOCK_P=8, BLOCK_C=4))
-    monkeypatch.setattr(_kernels(), "_INTERPRETER_CHUNK", 20)
+    monkeypatch.setattr(_common(), "INTERPRETER_META", dict(BLOCK_P=8, BLOCK_C=4))
+    monkeypatch.setattr(_common(), "INTERPRETER_CHUNK", 20)
     inputs = _inputs(shape, k, layout=layout)
     for training in (True, False):
         kwargs = dict(stride=stride, activation="hswish", training=training, momentum=0.3, eps=1e-3)
@@ -223,12 +229,12 @@ def test_kernels_refuse_the_wrong_device_for_how_they_were_defined(monkeypatch):
     kernels = _kernels()
     x, w, *_ = _inputs((1, 2, 4, 4), 3, device="cpu")
     out = torch.empty_like(x)
-    monkeypatch.setattr(kernels, "_COMPILED_FOR_INTERPRETER", False)
+    monkeypatch.setattr(_common(), "COMPILED_FOR_INTERPRETER", False)
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before"):
         kernels.forward(x, w, None, None, None, None, out=out, stride=1, padding=1, activation="none",
                         norm="none", eps=0.0)
     if CUDA:
-        monkeypatch.setattr(kernels, "_COMPILED_FOR_INTERPRETER", True)
+        monkeypatch.setattr(_common(), "COMPILED_FOR_INTERPRETER", True)
         with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
             kernels.forward(x.cuda(), w.cuda(), None, None, None, None, out=out.cuda(), stride=1, padding=1,
                             activation="none", norm="none", eps=0.0)
@@ -340,12 +346,12 @@ def test_every_autotune_configuration_is_correct():
         out = torch.full_like(expected, float("nan"))
         meta = dict(config.kwargs, num_warps=config.num_warps)
         args = dict(x_ptr=x, w_ptr=w, gamma_ptr=gamma, beta_ptr=beta, mean_ptr=rm, var_ptr=rv, y_ptr=out,
-                    C=37, H=23, W=19, HO=12, WO=10, **kernels._strides("sx", x), **kernels._strides("sy", out),
+                    C=37, H=23, W=19, HO=12, WO=10, **_common().strides("sx", x), **_common().strides("sy", out),
                     eps_hi=1e-5, eps_lo=0.0, K=5, STRIDE=2, PAD=2, ACT=3, NORM=1, HAS_GAMMA=True,
                     HAS_BETA=True, INDEX64=False, ACC=kernels.tl.float32)
-        kernels._launch(kernels._forward_kernel, None,
-                        lambda m: (2 * kernels.triton.cdiv(120, m["BLOCK_P"]), kernels.triton.cdiv(37, m["BLOCK_C"])),
-                        args, meta)
+        _common().launch(kernels._forward_kernel, None,
+                         lambda m: (2 * kernels.triton.cdiv(120, m["BLOCK_P"]), kernels.triton.cdiv(37, m["BLOCK_C"])),
+                         args, meta)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=lambda m, c=config: f"{c}: {m}")
 
 

@@ -1,0 +1,220 @@
+"""Plumbing shared by the Triton kernels: activations, tile coordinates, the deterministic
+row-sum reduction, block-size configuration and launching (autotuned, or one fixed
+configuration under the interpreter, in deterministic mode and with ``MOBILEOPS_AUTOTUNE=0``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "hswish": 3, "silu": 4, "hsigmoid": 5}
+
+
+@triton.jit
+def activation(u, ACT: tl.constexpr):
+    if ACT == 1:
+        u = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == 2:
+        u = tl.clamp(u, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACT == 3:
+        u = u * (tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0)
+    elif ACT == 4:
+        u = u / (1.0 + tl.exp(-u))
+    elif ACT == 5:
+        u = tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0
+    return u
+
+
+@triton.jit
+def activation_grad(u, g, ACT: tl.constexpr):
+    """``g * act'(u)`` with PyTorch's conventions at the kinks (derivative 0 there)."""
+    if ACT == 1:
+        g = tl.where(u > 0.0, g, 0.0)
+    elif ACT == 2:
+        g = tl.where((u > 0.0) & (u < 6.0), g, 0.0)
+    elif ACT == 3:
+        g = g * (tl.clamp(u + 3.0, 0.0, 6.0) / 6.0) + tl.where((u > -3.0) & (u < 3.0), g * u / 6.0, 0.0)
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        g = g * s * (1.0 + u * (1.0 - s))
+    elif ACT == 5:
+        g = tl.where((u > -3.0) & (u < 3.0), g / 6.0, 0.0)
+    return g
+
+
+
+@triton.jit
+def tile_coords(pid, tiles_per_sample, C, BLOCK, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
+    """(sample, first position of this program's tile/chunk, channel offsets, channel mask)."""
+    n = pid // tiles_per_sample
+    tile = pid % tiles_per_sample
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INDEX64:
+        n = n.to(tl.int64)
+        tile = tile.to(tl.int64)
+        c = c.to(tl.int64)
+    return n, tile * BLOCK, c, c < C
+
+
+
+@triton.jit
+def sum_rows_kernel(in_ptr, out_ptr, ROWS, M, ACC: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[m] = sum_r in[r, m], rows added in a fixed order (deterministic)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    acc = tl.zeros([BLOCK_M], dtype=ACC)
+    for r0 in range(0, ROWS, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        v = tl.load(in_ptr + r.to(tl.int64)[:, None] * M + m[None, :],
+                    mask=(r < ROWS)[:, None] & mmask[None, :], other=0.0)
+        acc += tl.sum(v.to(ACC), axis=0)
+    tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mmask)
+
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Kernels compiled for the GPU cannot run on CPU tensors: jit decides at decoration time.
+COMPILED_FOR_INTERPRETER = interpreter_on()
+
+# Under the interpreter: small blocks so tests cover several channel blocks, several tiles per
+# chunk and several chunks per sample even on tiny shapes.
+INTERPRETER_META = dict(BLOCK_P=64, BLOCK_C=16)
+INTERPRETER_CHUNK = 64
+
+REDUCE_META = dict(BLOCK_R=32, BLOCK_M=64)
+
+def configs(tile_limit: int):
+    """Candidate (BLOCK_P, BLOCK_C, num_warps) covering NCHW (long runs of positions, few
+    channels) and channels_last (many channels); ``tile_limit`` caps BLOCK_P * BLOCK_C."""
+    out = []
+    for block_p, block_c in ((256, 4), (128, 8), (256, 8), (64, 16), (32, 32), (16, 64), (32, 64),
+                             (8, 128), (64, 64), (16, 128)):
+        if block_p * block_c > tile_limit:
+            continue
+        for warps in (4, 8):
+            out.append(triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps))
+    return out
+
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_meta(x: torch.Tensor, taps: int = 1) -> dict:
+    """The fixed configuration: used by the interpreter and in deterministic mode."""
+    if interpreter_on():
+        return dict(INTERPRETER_META)
+    c = x.shape[1]
+    if x.stride(1) == 1:  # channels innermost: vectorise over channels
+        block_c = min(64, triton.next_power_of_2(c))
+        block_p = max(8, 2048 // block_c)
+    else:
+        block_c, block_p = 4, 256
+    while block_p > 8 and block_p * block_c * taps > 8192:
+        block_p //= 2
+    return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+
+
+def chunk_size(x: torch.Tensor, positions: int) -> int:
+    """Output positions per program in the chunked (reducing) kernels: enough programs to fill
+    the GPU, few enough partial rows that reducing them is cheap. Depends only on the shape and
+    the device, so it never changes the summation order between runs."""
+    if interpreter_on():
+        return INTERPRETER_CHUNK
+    n, c = x.shape[0], x.shape[1]
+    programs_wanted = 4 * sm_count(x.device)
+    channel_blocks = triton.cdiv(c, 32)
+    per_sample = max(1, programs_wanted // max(1, n * channel_blocks))
+    chunk = triton.next_power_of_2(triton.cdiv(positions, per_sample))
+    return int(min(max(chunk, 256), 8192))
+
+
+def launch(kernel, tuned, grid_of, args: dict, meta: Optional[dict]) -> None:
+    """Run ``kernel`` with the fixed ``meta`` (interpreter, deterministic mode) or autotuned.
+
+    ``grid_of(meta)`` maps the block sizes to the launch grid."""
+    if meta is not None:
+        meta = dict(meta)
+        warps = meta.pop("num_warps", 4)
+        kernel[grid_of(meta)](**args, **meta, num_warps=warps)
+    else:
+        tuned[grid_of](**args)
+
+
+def autotune_enabled() -> bool:
+    """False when the environment variable ``MOBILEOPS_AUTOTUNE=0`` turns autotuning off."""
+    return os.environ.get("MOBILEOPS_AUTOTUNE", "1") != "0"
+
+
+def fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> Optional[dict]:
+    if interpreter_on() or not autotune_enabled() or (reduction and torch.are_deterministic_algorithms_enabled()):
+        return default_meta(x, taps)
+    return None
+
+
+def check_device(x: torch.Tensor) -> None:
+    on_cpu = x.device.type == "cpu"
+    if on_cpu and not COMPILED_FOR_INTERPRETER:
+        raise RuntimeError("mobileops' Triton kernels were loaded without TRITON_INTERPRET=1 and "
+                           "cannot run on CPU tensors; set TRITON_INTERPRET=1 before the first "
+                           "Triton op of the process")
+    if not on_cpu and COMPILED_FOR_INTERPRETER:
+        raise RuntimeError("mobileops' Triton kernels were loaded with TRITON_INTERPRET=1 and only "
+                           "run on CPU tensors; unset TRITON_INTERPRET to run them on the GPU")
+
+
+def acc_dtype(x: torch.Tensor):
+    return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def split_float(value: float) -> Tuple[float, float]:
+    """``value`` as an fp32 pair hi + lo (Triton passes Python floats as fp32): float64
+    kernels add them back exactly enough for 1e-15 relative precision."""
+    hi = float(np.float32(value))
+    return hi, float(value - hi)
+
+
+def index64(*tensors: torch.Tensor) -> bool:
+    """Whether offsets may pass 2**31 and need 64-bit arithmetic. Always under the interpreter:
+    it checks every 32-bit integer op for overflow, which makes it several times slower, and
+    the CPU tests then cover the 64-bit path."""
+    if interpreter_on():
+        return True
+    limit = 2 ** 31 - 1
+    return any(t.numel() > 0 and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) >= limit
+               for t in tensors)
+
+
+
+def sum_rows(parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    rows, m = parts.shape
+    out = torch.empty(m, device=parts.device, dtype=out_dtype)
+    acc = tl.float64 if parts.dtype == torch.float64 else tl.float32
+    launch(sum_rows_kernel, None, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),),
+            dict(in_ptr=parts, out_ptr=out, ROWS=rows, M=m, ACC=acc), REDUCE_META)
+    return out
+
+
+
+def absent(t: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
+    # Triton needs a pointer for every argument; a HAS_*/NORM flag keeps the stand-in unread.
+    return t if t is not None else stand_in
+
+
+def strides(prefix: str, t: torch.Tensor) -> dict:
+    return {f"{prefix}{d}": s for d, s in zip("nchw", t.stride())}
+
+
