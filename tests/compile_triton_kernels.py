@@ -1,4 +1,4 @@
-"""Compile every Triton kernel launch of the dwconv ops for real GPUs, without a GPU.
+"""Compile every Triton kernel launch of the fused ops for real GPUs, without a GPU.
 
 Triton's CPU interpreter accepts code the compiler rejects (non-constexpr globals, runtime
 values passed as constexpr...). This script runs the ops' launch helpers on CPU tensors with
@@ -28,6 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from mobileops.kernels import _common as common  # noqa: E402
 from mobileops.kernels import dwconv_bn_act as kernels  # noqa: E402
+from mobileops.kernels import squeeze_excite as se_kernels  # noqa: E402
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 
@@ -62,6 +63,13 @@ def capture_launches(cases):
         kernels.batch_stats(x, None, stat, stat, momentum=0.1, stride=1, padding=0, eps=1e-5)
         kernels.backward(x, x, None, stat, stat, stat, stat, activation="silu", norm="batch", weight_grad=False,
                          memory_format=layout, stride=1, padding=0, eps=1e-5)
+        # squeeze_excite (one variant per dtype and layout)
+        w1, w2 = torch.zeros(6, c, dtype=dtype), torch.zeros(c, 6, dtype=dtype)
+        b1, b2 = torch.zeros(6, dtype=dtype), torch.zeros(c, dtype=dtype)
+        _, pooled, gates = se_kernels.forward(x, w1, b1, w2, b2, out=torch.empty_like(x), gate="hsigmoid",
+                                              post_act="hswish")
+        se_kernels.backward(x, x, w1, b1, w2, b2, pooled, gates, gate="sigmoid", post_act="relu",
+                            memory_format=layout)
     return launches
 
 

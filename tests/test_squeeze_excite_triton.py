@@ -1,0 +1,122 @@
+"""The triton backend of squeeze_excite beyond the generic parity tests of test_ops.py: several
+MLP channel blocks and pooling chunks, strided inputs, custom-op registration, torch.compile,
+low precision with poisoned allocations, determinism. CPU interpreter without a GPU."""
+
+import pytest
+import torch
+
+import mobileops
+from mobileops import ops
+
+from helpers import FLOORS, assert_within_bound
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(n, c, h, w, reduced, *, dtype=torch.float64, layout=torch.contiguous_format, seed=0, biases=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
+
+    x = rand(n, c, h, w).contiguous(memory_format=layout)
+    return [x, rand(reduced, c, scale=c ** -0.5), rand(reduced) if biases else None,
+            rand(c, reduced, scale=reduced ** -0.5), rand(c) if biases else None]
+
+
+def _fwd_bwd(backend_name, inputs, dy, **kwargs):
+    leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_(True) if t is not None else None
+              for t in inputs]
+    with mobileops.use_backend(backend_name):
+        y = ops.squeeze_excite(*leaves, **kwargs)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+NAMES = ("y", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias")
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("gate,post_act,biases", [("hsigmoid", "hswish", True), ("sigmoid", "none", False)])
+def test_many_channel_blocks_and_chunks(layout, gate, post_act, biases):
+    """C = 72 spans three MLP channel blocks and H x W = 99 two pooling chunks (interpreter)."""
+    inputs = _inputs(2, 72, 9, 11, 18, layout=layout, biases=biases)
+    dy = torch.randn(2, 72, 9, 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    ours = _fwd_bwd("triton", inputs, dy, gate=gate, post_act=post_act)
+    ref = _fwd_bwd("torch", inputs, dy, gate=gate, post_act=post_act)
+    assert ours[0].is_contiguous(memory_format=layout)
+    for name, o, r in zip(NAMES, ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_strided_input_and_output_gradient():
+    big = torch.randn(3, 40, 10, 12, dtype=torch.float64, device=DEVICE)
+    x = big[:, 5:29, 1:9, ::2]
+    assert not x.is_contiguous()
+    _, w1, b1, w2, b2 = _inputs(1, 24, 1, 1, 6)
+    dy = torch.randn(3, 24, 6, 8, dtype=torch.float64, device=DEVICE).transpose(2, 3)
+    inputs = [x, w1, b1, w2, b2]
+    ours, ref = (_fwd_bwd(b, inputs, dy, gate="hsigmoid", post_act="relu") for b in ("triton", "torch"))
+    for name, o, r in zip(NAMES, ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_custom_ops_pass_opcheck():
+    x, w1, b1, w2, b2 = (t.requires_grad_(True) for t in _inputs(2, 12, 5, 6, 3))
+    torch.library.opcheck(torch.ops.mobileops.squeeze_excite_triton.default, (x, w1, b1, w2, b2, "hsigmoid", "hswish"))
+    torch.library.opcheck(torch.ops.mobileops.squeeze_excite_triton.default, (x, w1, None, w2, None, "sigmoid", "none"))
+    _, pooled, gates = torch.ops.mobileops.squeeze_excite_triton(x, w1, b1, w2, b2, "hsigmoid", "relu6")
+    dy = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.mobileops.squeeze_excite_triton_backward.default,
+                          (dy, x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), pooled.detach(), gates.detach(),
+                           "hsigmoid", "relu6"))
+
+
+def test_torch_compile_fullgraph():
+    se = mobileops.nn.SELayer(16).double().to(DEVICE)
+    compiled = torch.compile(se, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    x = torch.randn(2, 16, 7, 5, dtype=torch.float64, device=DEVICE)
+    with mobileops.use_backend("triton"):
+        results = []
+        for model in (se, compiled):
+            xi = x.clone().requires_grad_(True)
+            model.zero_grad()
+            y = model(xi)
+            y.square().sum().backward()
+            results.append([y.detach(), xi.grad] + [p.grad.clone() for p in se.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,layout", [(torch.float16, torch.channels_last), (torch.bfloat16, torch.contiguous_format),
+                                          (torch.float32, torch.channels_last)], ids=["fp16-nhwc", "bf16-nchw", "fp32-nhwc"])
+def test_low_precision_within_the_error_bound(monkeypatch, dtype, layout):
+    """Output and input gradient within twice the torch backend's error (weight gradients:
+    relative to their norm), with every allocation of the triton run poisoned."""
+    inputs64 = _inputs(3, 40, 9, 7, 10, layout=layout)
+    inputs = [t.to(dtype) for t in inputs64]
+    dy = torch.randn(3, 40, 9, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    kwargs = dict(gate="hsigmoid", post_act="hswish")
+    ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
+    base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    ours = _fwd_bwd("triton", inputs, dy.to(dtype), **kwargs)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert ours[0].dtype == dtype and ours[0].is_contiguous(memory_format=layout)
+    for name, o, r, b in zip(NAMES[:2], ours, ref, base):
+        assert_within_bound(o, r, b, f"squeeze_excite {name} {dtype}")
+    for name, o, r, b in zip(NAMES[2:], ours[2:], ref[2:], base[2:]):
+        err = ((o.double() - r).norm() / r.norm()).item()
+        base_err = ((b.double() - r).norm() / r.norm()).item()
+        assert err <= 2 * base_err + FLOORS[dtype], f"{name}: error {err:.3g}, torch's {base_err:.3g}"
+
+
+def test_deterministic_results():
+    inputs = _inputs(4, 24, 6, 6, 6, dtype=torch.float32)
+    dy = torch.randn(4, 24, 6, 6, device=DEVICE)
+    runs = [_fwd_bwd("triton", inputs, dy, gate="sigmoid", post_act="none") for _ in range(2)]
+    for name, a, b in zip(NAMES, *runs):
+        assert torch.equal(a, b), name
