@@ -1,0 +1,68 @@
+"""Whole detectors on the triton backend: forward and backward parity with the torch backend
+(outputs, input and parameter gradients, BN running statistics), in float64. Without a GPU
+the kernels run in Triton's slow CPU interpreter, so the detectors are width-reduced copies
+of the shipped configs (same blocks, kernel sizes, strides, SE and activations) at 32x32, in
+training mode only (eval mode is covered op by op)."""
+
+import copy
+
+import pytest
+import torch
+
+import mobileops
+from mobileops import backend, yolo
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _narrow(cfg: str) -> dict:
+    """The shipped config with every channel count divided by 8 (MobileNetv3 rows are verbatim
+    channels; the others scale through width_multiple)."""
+    data = yolo.load_config(cfg)
+    data["width_multiple"] = data["width_multiple"] / 8
+    for row in data["backbone"] + data["head"]:
+        if row[2] in ("MobileNetv3", "Conv3BN"):
+            row[3] = [max(8, a // 8) if i < (2 if row[2] == "MobileNetv3" else 1) else a for i, a in enumerate(row[3])]
+    return data
+
+
+def _relative_error(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("cfg", ["yolov5n-c3uib", "yolov5-mobilenetv3"])
+@pytest.mark.parametrize("training", [True, False] if DEVICE == "cuda" else [True], ids=lambda t: "train" if t else "eval")
+def test_detector_parity_between_backends(cfg, training):
+    torch.manual_seed(0)
+    model = yolo.build(_narrow(cfg) if DEVICE == "cpu" else cfg).double().to(DEVICE).train(training)
+    size = 32 if DEVICE == "cpu" else 320
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, device=DEVICE)
+    results = []
+    for backend_name in ("torch", "triton"):
+        net = copy.deepcopy(model)
+        xi = x.clone().requires_grad_(True)
+        with mobileops.use_backend(backend_name), backend.record_calls() as calls:
+            out = net(xi)
+            outputs = out if training else [out[0]] + list(out[1])
+            sum((o * o).mean() for o in outputs).backward()
+        assert {c["backend"] for c in calls} == {backend_name}
+        results.append((outputs, xi.grad, dict(net.named_parameters()), dict(net.named_buffers())))
+    (out0, dx0, params0, bufs0), (out1, dx1, params1, bufs1) = results
+    ops_used = {c["op"] for c in calls}
+    assert {"dwconv_bn_act", "bn_act"} <= ops_used and ("squeeze_excite" in ops_used) == ("mobilenetv3" in cfg)
+    for a, b in zip(out1, out0):
+        assert _relative_error(a, b) < 1e-9
+    # At 32x32 the deepest BatchNorms normalise over 2 values per channel; their backward
+    # amplifies float64 rounding, hence the looser bound on gradients.
+    # Some gradients are exactly zero in exact arithmetic (the bias of a BatchNorm whose output
+    # feeds another training-mode BatchNorm), so an absolute floor relative to the largest
+    # gradient of the model applies too.
+    assert _relative_error(dx1, dx0) < 1e-7
+    scale = max(p.grad.abs().max().item() for p in params0.values())
+    for name, p in params0.items():
+        err = (params1[name].grad - p.grad).abs().max().item()
+        assert err <= 1e-7 * p.grad.abs().max().item() + 1e-10 * scale, f"{name}: {err:.3g}"
+    for name, b in bufs0.items():
+        torch.testing.assert_close(bufs1[name], b, rtol=1e-7, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
