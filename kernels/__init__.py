@@ -8,7 +8,9 @@ when a kernel is defined whether ``TRITON_INTERPRET=1`` makes it run in the CPU 
 =================  =============================================================
 module             ops
 =================  =============================================================
-dwconv_bn_act      ``dwconv_bn_act`` and ``dwconv_act``: forward, batch
-                   statistics, backward
+dwconv_bn_act      ``dwconv_bn_act``, ``dwconv_act`` and (without the conv)
+                   ``bn_act``: forward, batch statistics, backward
+squeeze_excite     ``squeeze_excite``: pool, per-sample MLP, rescale; backward
+_common            activations, tile coordinates, row sums, launch plumbing
 =================  =============================================================
 """

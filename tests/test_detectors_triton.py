@@ -33,7 +33,8 @@ def _relative_error(a, b):
 
 
 @pytest.mark.parametrize("cfg", ["yolov5n-c3uib", "yolov5-mobilenetv3"])
-@pytest.mark.parametrize("training", [True, False] if DEVICE == "cuda" else [True], ids=lambda t: "train" if t else "eval")
+@pytest.mark.parametrize("training", [True, False] if DEVICE == "cuda" else [True],
+                         ids=lambda t: "train" if t else "eval")
 def test_detector_parity_between_backends(cfg, training):
     torch.manual_seed(0)
     model = yolo.build(_narrow(cfg) if DEVICE == "cpu" else cfg).double().to(DEVICE).train(training)
@@ -66,3 +67,31 @@ def test_detector_parity_between_backends(cfg, training):
         assert err <= 1e-7 * p.grad.abs().max().item() + 1e-10 * scale, f"{name}: {err:.3g}"
     for name, b in bufs0.items():
         torch.testing.assert_close(bufs1[name], b, rtol=1e-7, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("cfg", ["yolov5n-c3uib", "yolov5-mobilenetv3"])
+def test_detector_compiles_without_graph_breaks(cfg):
+    """torch.compile(fullgraph=True) of a whole detector on the triton backend matches the
+    eager torch backend: a training step on a GPU (inductor); on CPU an eval forward through
+    aot_eager (the interpreter is slow)."""
+    torch.manual_seed(0)
+    cuda = DEVICE == "cuda"
+    model = yolo.build(cfg if cuda else _narrow(cfg)).double().to(DEVICE).train(cuda)
+    x = torch.randn(2, 3, 320 if cuda else 32, 320 if cuda else 32, dtype=torch.float64, device=DEVICE)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if cuda else "aot_eager")
+    with torch.set_grad_enabled(cuda):
+        with mobileops.use_backend("torch"):  # the reference runs eagerly, quickly
+            expected = eager(x)
+        with mobileops.use_backend("triton"):
+            got = compiled(x)
+        expected = expected if cuda else expected[0]
+        got = got if cuda else got[0]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+        if cuda:
+            sum((o * o).mean() for o in expected).backward()
+            with mobileops.use_backend("triton"):
+                sum((o * o).mean() for o in got).backward()
+            for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mobileops
-from mobileops import ops
+from mobileops import ops, yolo
 
 from helpers import FLOORS, assert_within_bound
 
@@ -70,7 +70,8 @@ def test_custom_ops_pass_opcheck():
     _, pooled, gates = torch.ops.mobileops.squeeze_excite_triton(x, w1, b1, w2, b2, "hsigmoid", "relu6")
     dy = torch.randn_like(x)
     torch.library.opcheck(torch.ops.mobileops.squeeze_excite_triton_backward.default,
-                          (dy, x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), pooled.detach(), gates.detach(),
+                          (dy, x.detach(), w1.detach(), b1.detach(), w2.detach(), b2.detach(), pooled.detach(),
+                           gates.detach(),
                            "hsigmoid", "relu6"))
 
 
@@ -90,14 +91,33 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype,layout", [(torch.float16, torch.channels_last), (torch.bfloat16, torch.contiguous_format),
-                                          (torch.float32, torch.channels_last)], ids=["fp16-nhwc", "bf16-nchw", "fp32-nhwc"])
+@pytest.mark.parametrize("dtype,layout", [
+    (torch.float16, torch.channels_last), (torch.bfloat16, torch.contiguous_format),
+    (torch.float32, torch.channels_last)], ids=["fp16-nhwc", "bf16-nchw", "fp32-nhwc"])
 def test_low_precision_within_the_error_bound(monkeypatch, dtype, layout):
+    _check_low_precision(monkeypatch, (3, 40, 9, 7), 10, dtype, layout)
+
+
+def _se_layers():
+    """(C, H, W, reduced) of every squeeze_excite call of yolov5-mobilenetv3 at 640."""
+    calls = yolo.fused_op_calls(yolo.build("yolov5-mobilenetv3"), (1, 3, 640, 640))
+    return sorted({c["inputs"][0][0][1:] + (c["inputs"][1][0][0],) for c in calls if c["op"] == "squeeze_excite"})
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layer", _se_layers() if DEVICE == "cuda" else [None], ids=str)
+def test_real_layer_shapes_within_the_error_bound(monkeypatch, layer, dtype):
+    c, h, w, reduced = layer
+    _check_low_precision(monkeypatch, (16, c, h, w), reduced, dtype, torch.channels_last)
+
+
+def _check_low_precision(monkeypatch, shape, reduced, dtype, layout):
     """Output and input gradient within twice the torch backend's error (weight gradients:
     relative to their norm), with every allocation of the triton run poisoned."""
-    inputs64 = _inputs(3, 40, 9, 7, 10, layout=layout)
+    inputs64 = _inputs(*shape, reduced, layout=layout)
     inputs = [t.to(dtype) for t in inputs64]
-    dy = torch.randn(3, 40, 9, 7, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    dy = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
     kwargs = dict(gate="hsigmoid", post_act="hswish")
     ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
     base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
