@@ -2,7 +2,7 @@ import os
 import sys
 from pathlib import Path
 
-# tests import their helpers (reference.py, helpers.py) as top-level modules.
+# tests import their helpers (helpers.py) as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

@@ -1,4 +1,4 @@
-"""Drop-in parity: mobileops blocks vs the independent seed blocks in tests/reference.py."""
+"""Drop-in parity: mobileops blocks vs the independent seed blocks in mobileops/reference.py."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 import mobileops
 from mobileops import nn as mnn
 
-import reference as ref_blocks
+from mobileops import reference as ref_blocks
 from helpers import assert_modules_match, count_bn, load_from, randomize_bn
 
 UIB_CONFIGS = [

@@ -8,7 +8,7 @@ from torch import nn
 import mobileops
 from mobileops import ops
 
-import reference as ref_blocks
+from mobileops import reference as ref_blocks
 from conftest import backend_params
 from helpers import assert_within_bound
 

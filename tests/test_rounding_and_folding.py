@@ -9,7 +9,7 @@ from torch import nn
 from mobileops.nn import fold_bn_into_conv, make_divisible
 from mobileops.yolo import ceil_to_multiple
 
-import reference as ref_blocks
+from mobileops import reference as ref_blocks
 
 
 @given(st.floats(min_value=0.5, max_value=5000, allow_nan=False), st.sampled_from([1, 4, 8, 16]))

@@ -9,7 +9,7 @@ from torch import nn
 from mobileops import yolo
 from mobileops.nn import Detect
 
-import reference as ref_blocks
+from mobileops import reference as ref_blocks
 from helpers import count_bn, randomize_bn
 
 CONFIGS = ["yolov5n", "yolov5s", "yolov5n-c3uib", "yolov5-mobilenetv3"]
@@ -256,3 +256,22 @@ def test_detect_validates_its_arguments():
         Detect(80, [[10, 13, 16]], (8,))
     with pytest.raises(ValueError, match="3 anchor levels but 2 input levels"):
         Detect(80, [[10, 13]] * 3, (8, 16))
+
+
+@pytest.mark.parametrize("cfg", ["yolov5n-c3uib", "yolov5-mobilenetv3"])
+def test_plain_twin_has_the_same_keys_and_outputs(cfg):
+    """blocks="plain" builds the detector from the seed blocks (the benchmarks' eager baseline);
+    a mobileops detector's state_dict loads into it strictly and both compute the same thing."""
+    torch.manual_seed(0)
+    fused, plain = yolo.build(cfg), yolo.build(cfg, blocks="plain")
+    assert yolo.fused_op_calls(fused, (1, 3, 64, 64)) and not yolo.fused_op_calls(plain, (1, 3, 64, 64))
+    plain.load_state_dict(fused.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (True, False):
+        a, b = fused.train(mode)(x), plain.train(mode)(x)
+        a, b = (a, b) if mode else (a[1], b[1])
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v)
+    torch.testing.assert_close(fused.state_dict(), plain.state_dict())
+    with pytest.raises(ValueError, match="blocks must be"):
+        yolo.build(cfg, blocks="fast")

@@ -15,7 +15,8 @@ from mobileops.yolo.parse import ceil_to_multiple, load_config, parse_model, shi
 from mobileops.yolo.registry import KINDS, known_modules, register
 
 
-def build(cfg: Union[str, Path, Dict[str, Any]], nc: Optional[int] = None, ch: int = 3) -> DetectionModel:
+def build(cfg: Union[str, Path, Dict[str, Any]], nc: Optional[int] = None, ch: int = 3,
+          blocks: str = "mobileops") -> DetectionModel:
     """Build a :class:`DetectionModel` from a shipped config name, a yaml path or a dict.
 
     Args:
@@ -23,8 +24,10 @@ def build(cfg: Union[str, Path, Dict[str, Any]], nc: Optional[int] = None, ch: i
             or ``"path/to/model.yaml"``.
         nc: number of classes, overriding the config's.
         ch: input channels.
+        blocks: ``"mobileops"`` (fused drop-in blocks) or ``"plain"`` (the plain-PyTorch seed
+            blocks, same ``state_dict`` keys).
     """
-    return DetectionModel(cfg, ch=ch, nc=nc)
+    return DetectionModel(cfg, ch=ch, nc=nc, blocks=blocks)
 
 
 __all__ = ["KINDS", "DetectionModel", "build", "ceil_to_multiple", "count_flops", "fused_op_calls",

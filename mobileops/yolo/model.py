@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mobileops import backend
 from mobileops.nn import Detect, fuse_modules
+from mobileops.reference import PLAIN_BLOCKS
 from mobileops.yolo.parse import load_config, parse_model
 
 #: BatchNorm settings YOLOv5 applies to every BatchNorm2d of a detector.
@@ -28,6 +29,9 @@ class DetectionModel(nn.Module):
             YOLOv5-style yaml file, or the parsed dict.
         ch: input image channels.
         nc: number of classes, overriding the config's ``nc``.
+        blocks: ``"mobileops"`` (the drop-in blocks, running the fused ops) or ``"plain"``
+            (the plain-PyTorch seed blocks of :mod:`mobileops.reference`: the eager baseline
+            and the model users already have). Both have the same ``state_dict`` keys.
 
     ``state_dict`` keys are YOLOv5's (``model.<i>.<...>``). At construction the strides are
     measured with a 256x256 forward in eval mode (unlike YOLOv5, which runs it in training
@@ -37,8 +41,10 @@ class DetectionModel(nn.Module):
     """
 
     def __init__(self, cfg: Union[str, Path, Dict[str, Any]] = "yolov5n", ch: int = 3,
-                 nc: Optional[int] = None):
+                 nc: Optional[int] = None, blocks: str = "mobileops"):
         super().__init__()
+        if blocks not in ("mobileops", "plain"):
+            raise ValueError(f"blocks must be 'mobileops' or 'plain', got {blocks!r}")
         self.yaml = load_config(cfg)
         if nc is not None:
             if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
@@ -46,7 +52,8 @@ class DetectionModel(nn.Module):
             self.yaml["nc"] = nc
         if not isinstance(ch, int) or isinstance(ch, bool) or ch < 1:
             raise ValueError(f"ch must be a positive integer, got {ch!r}")
-        self.model, self.save = parse_model(self.yaml, ch)
+        self.model, self.save = parse_model(self.yaml, ch, PLAIN_BLOCKS if blocks == "plain" else None)
+        self.blocks = blocks
         self.names = [str(i) for i in range(self.yaml["nc"])]
         self.ch = ch
         for m in self.modules():

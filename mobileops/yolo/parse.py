@@ -6,7 +6,7 @@ import copy
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import yaml
 from torch import nn
@@ -78,8 +78,12 @@ def _resolve_arg(value, nc, anchors):
     return value
 
 
-def parse_model(cfg: Dict[str, Any], ch: int) -> Tuple[nn.Sequential, List[int]]:
+def parse_model(cfg: Dict[str, Any], ch: int,
+                classes: Optional[Mapping[str, type]] = None) -> Tuple[nn.Sequential, List[int]]:
     """Build the layers of a validated config (see :func:`load_config`) for ``ch`` input channels.
+
+    ``classes`` maps module names to classes that replace the registered ones (same kind), e.g.
+    :data:`mobileops.reference.PLAIN_BLOCKS` for a plain-PyTorch twin.
 
     Returns ``(layers, save)``: an ``nn.Sequential`` whose children carry ``i`` (index),
     ``f`` (from), ``type``, ``n``, ``args`` and ``np`` (parameter count), and the sorted
@@ -120,6 +124,7 @@ def parse_model(cfg: Dict[str, Any], ch: int) -> Tuple[nn.Sequential, List[int]]
             cls, kind = lookup(module_name)
         except KeyError as exc:
             raise ValueError(f"{where}: {exc.args[0]}") from None
+        cls = (classes or {}).get(module_name, cls)
         if kind == "detect" and i != len(rows) - 1:
             raise ValueError(f"{where}: the detection head must be the last layer")
 

@@ -1,7 +1,9 @@
-"""Independent plain-PyTorch versions of the seed blocks, written from SPEC.md.
+"""Plain-PyTorch versions of the seed blocks, written from SPEC.md: the blocks users have.
 
-Nothing here imports mobileops: these are what users' checkpoints come from, and what the
-drop-in modules are compared against.
+Nothing here imports the rest of mobileops. These modules are what users' checkpoints come
+from, the oracle the drop-in modules are tested against, and the eager baseline the
+benchmarks time (``yolo.build(cfg, blocks="plain")`` assembles a detector from them). Their
+``state_dict`` keys are the drop-in modules' keys.
 """
 
 import torch
@@ -175,3 +177,9 @@ class RefMobileNetv3(nn.Module):
 
     def forward(self, x):
         return x + self.conv(x) if self.identity else self.conv(x)
+
+
+#: yaml module name -> plain block, for the names whose mobileops version runs fused ops.
+PLAIN_BLOCKS = {"Conv": RefConv, "Bottleneck": RefBottleneck, "C3": RefC3, "C3_UIB": RefC3UIB, "SPPF": RefSPPF,
+                "Conv3BN": RefConv3BN, "MobileNetv3": RefMobileNetv3,
+                "UniversalInvertedBottleneckBlock": RefUIB}
