@@ -1,0 +1,157 @@
+"""Measure cases side by side and collect the rows of a results file."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional
+
+import torch
+
+from mobileops.bench import cases as case_lib
+from mobileops.bench import timing
+
+#: Largest relative difference (max |a - b| / max |b|) allowed between an implementation's
+#: outputs and eager's before its time is reported: a benchmark of a wrong result is void.
+#: Wide enough for one rounding of the dtype through a deep network, far below a real bug.
+AGREEMENT = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
+
+#: The order in which baselines are compared against (ratios are baseline_time / impl_time).
+BASELINES = ("eager", "eager_folded", "compile")
+
+
+def _relative_difference(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, want):
+        if a.shape != b.shape:
+            return float("inf")
+        scale = b.double().abs().max().clamp_min(1e-30)
+        worst = max(worst, ((a.double() - b.double()).abs().max() / scale).item())
+    return worst
+
+
+def _launch_bound(case: case_lib.Case) -> bool:
+    """Batch-1 inference is dominated by launches: time it as CUDA-graph replays."""
+    return case.batch == 1 and case.mode in ("inference", "forward")
+
+
+def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
+            compile_mode: Optional[str] = None) -> dict:
+    """Time every implementation of ``case`` on ``device`` and return one results row.
+
+    The row holds the case's fields, ``times_ms`` (median per implementation), ``timer``,
+    ``agreement`` (each implementation's relative difference from eager), ``errors`` (an
+    implementation that failed or disagreed, with the reason; it gets no time), the ratios
+    ``<impl>_speedup_vs_<baseline>``, ``min_bytes`` and ``<impl>_fraction_of_copy`` where the
+    mode has a byte floor, and ``peak_memory_bytes`` per implementation for training modes on
+    a GPU.
+    """
+    env = case_lib.setup(case, device, compile_mode)
+    row = case.describe()
+    row.update(times_ms={}, agreement={}, errors={}, min_bytes=env.min_bytes,
+               timer=("cuda_graph" if _launch_bound(case) else "cuda_events") if device.type == "cuda"
+               else "perf_counter")
+    reference = case_lib.first_output(case, env, "eager")
+    for name in env.impls:
+        try:
+            if name != "eager":
+                diff = _relative_difference(case_lib.first_output(case, env, name), reference)
+                row["agreement"][name] = diff
+                if not diff <= AGREEMENT[case.dtype]:
+                    row["errors"][name] = f"output differs from eager by {diff:.3g} (bound {AGREEMENT[case.dtype]})"
+                    continue
+            fn = case_lib.timed_function(case, env, name)
+            if device.type == "cuda" and case.mode in ("backward", "forward_backward", "train_step"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                fn()
+                torch.cuda.synchronize()
+                row.setdefault("peak_memory_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
+            row["times_ms"][name] = timing.time_ms(fn, device, graph=_launch_bound(case))
+        except Exception as exc:  # noqa: BLE001 - recorded in the row; one failure must not end the run
+            row["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
+    times = row["times_ms"]
+    for name, ms in times.items():
+        if not name.startswith("mobileops"):
+            continue
+        if env.min_bytes:
+            row[f"{name}_fraction_of_copy"] = env.min_bytes / (ms * 1e-3) / copy_bytes_per_s
+        for base in BASELINES:
+            if base in times:
+                row[f"{name}_speedup_vs_{base}"] = times[base] / ms
+    return row
+
+
+class Progress:
+    """A one-line progress bar on a stream (stderr by default); plain lines when not a tty."""
+
+    def __init__(self, total: int, stream=None, width: int = 28):
+        self.total, self.done, self.width = total, 0, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = time.perf_counter()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        filled = self.width * self.done // max(1, self.total)
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} "
+                f"{elapsed:5.0f}s elapsed, ~{eta:4.0f}s left  {label}")
+        if self.tty:
+            self.stream.write("\r\033[K" + line[:150] + ("\n" if self.done == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def run_cases(selected: Iterable[case_lib.Case], device: torch.device, compile_mode: Optional[str] = None,
+              progress: bool = True, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+    """Measure ``selected`` on ``device``; returns ``{environment, copy_bytes_per_s,
+    compile_mode, rows}`` ready for :func:`write_results`."""
+    selected = list(selected)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    copy_bps = timing.copy_bandwidth(device)
+    bar = Progress(len(selected)) if progress else None
+    rows = []
+    for case in selected:
+        row = measure(case, device, copy_bps, compile_mode)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        if bar is not None:
+            bar.step(f"{case.group} {case.name}")
+    return results_document(device, copy_bps, compile_mode, rows)
+
+
+def results_document(device: torch.device, copy_bytes_per_s: float, compile_mode: Optional[str],
+                     rows: List[dict]) -> dict:
+    """The JSON document of one run: environment header plus rows."""
+    return dict(environment=timing.environment(device), copy_bytes_per_s=copy_bytes_per_s,
+                compile_mode=compile_mode, rows=rows)
+
+
+def results_path(folder: Path, document: dict) -> Path:
+    """``<folder>/<device>-<date>.json``; a numbered suffix keeps earlier runs of the day."""
+    env = document["environment"]
+    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower() or "device"
+    path = Path(folder) / f"{slug}-{env['date'][:10]}.json"
+    index = 2
+    while path.exists():
+        path = Path(folder) / f"{slug}-{env['date'][:10]}-{index}.json"
+        index += 1
+    return path
+
+
+def write_results(document: dict, folder: Path) -> Path:
+    """Write ``document`` under ``folder`` (see :func:`results_path`) and return the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = results_path(folder, document)
+    path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    return path
