@@ -1,10 +1,11 @@
-"""Command line: ``python -m mobileops {info,check} ...``."""
+"""Command line: ``python -m mobileops {info,check,bench} ...``."""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -57,6 +58,37 @@ def _check(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import torch
+
+    from mobileops.bench import cases, run
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    scope = args.scope or ("quick" if cuda else "cpu")
+    if not cuda:
+        print("No CUDA device: timing the CPU subset (the torch backend against eager PyTorch and eager "
+              "with BatchNorm folded, and the detectors' inference latency). The triton and cuda kernels "
+              "need a CUDA device.")
+        if scope != "cpu":
+            raise ValueError(f"scope {scope!r} needs a CUDA device; on a CPU only 'cpu' runs")
+    selected = [c for c in cases.all_cases(scope)
+                if c.kind in args.kinds and all(part in f"{c.group} {c.name}" for part in args.filter)]
+    if not selected:
+        raise ValueError(f"no benchmark case matches scope {scope!r}, kinds {args.kinds} and filter {args.filter}")
+    compile_mode = None if (args.no_compile or not cuda) else args.compile_mode
+    print(f"{len(selected)} cases, scope {scope!r}, device {device.type}"
+          f"{', torch.compile mode ' + compile_mode if compile_mode else ''}", flush=True)
+    document = run.run_cases(selected, device, compile_mode, progress=not args.quiet)
+    print(run.summary_table(document["rows"]))
+    if args.out is not None:
+        print(f"wrote {run.write_results(document, args.out)}")
+    failed = [r for r in document["rows"] if any(n.startswith("mobileops") for n in r["errors"])]
+    for row in failed:
+        print(f"FAILED {row['group']} {row['name']}: {row['errors']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m mobileops`` and the ``mobileops`` script."""
     parser = argparse.ArgumentParser(prog="python -m mobileops", description=__doc__)
@@ -70,6 +102,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(run=_info)
     p = sub.add_parser("check", help="environment and backend availability")
     p.set_defaults(run=_check)
+    p = sub.add_parser("bench", help="time the fused ops, blocks and detectors against eager and torch.compile",
+                       description="Time mobileops against eager PyTorch, eager with BatchNorm folded and "
+                                   "torch.compile at the detectors' real shapes, print the ratios and write "
+                                   "a results JSON. Exit status 1 if a mobileops implementation failed or "
+                                   "disagreed with eager.")
+    p.add_argument("--scope", choices=("cpu", "quick", "default", "full"), default=None,
+                   help="which grid: 'quick' (default on a GPU, a few minutes), 'default', 'full'; "
+                        "'cpu' (default without CUDA)")
+    p.add_argument("--kinds", nargs="+", choices=("op", "block", "detector"), default=["op", "block", "detector"])
+    p.add_argument("--filter", nargs="*", default=[], help="keep cases whose group and name contain every word")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                   help="folder for <device>-<date>.json (default benchmarks/results)")
+    p.add_argument("--no-save", dest="out", action="store_const", const=None, help="write no results file")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -40,7 +40,7 @@ def _launch_bound(case: case_lib.Case) -> bool:
 
 
 def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
-            compile_mode: Optional[str] = None) -> dict:
+            compile_mode: Optional[str] = None, env: Optional[case_lib.Setup] = None) -> dict:
     """Time every implementation of ``case`` on ``device`` and return one results row.
 
     The row holds the case's fields, ``times_ms`` (median per implementation), ``timer``,
@@ -48,14 +48,15 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     implementation that failed or disagreed, with the reason; it gets no time), the ratios
     ``<impl>_speedup_vs_<baseline>``, ``min_bytes`` and ``<impl>_fraction_of_copy`` where the
     mode has a byte floor, and ``peak_memory_bytes`` per implementation for training modes on
-    a GPU.
+    a GPU. ``env`` reuses implementations already built with :func:`cases.setup`.
     """
-    env = case_lib.setup(case, device, compile_mode)
+    env = env if env is not None else case_lib.setup(case, device, compile_mode)
     row = case.describe()
     row.update(times_ms={}, agreement={}, errors={}, min_bytes=env.min_bytes,
                timer=("cuda_graph" if _launch_bound(case) else "cuda_events") if device.type == "cuda"
-               else "perf_counter")
+               else "perf_counter_interleaved")
     reference = case_lib.first_output(case, env, "eager")
+    ready = {}
     for name in env.impls:
         try:
             if name != "eager":
@@ -65,15 +66,21 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
                     row["errors"][name] = f"output differs from eager by {diff:.3g} (bound {AGREEMENT[case.dtype]})"
                     continue
             fn = case_lib.timed_function(case, env, name)
-            if device.type == "cuda" and case.mode in ("backward", "forward_backward", "train_step"):
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
-                fn()
-                torch.cuda.synchronize()
-                row.setdefault("peak_memory_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
-            row["times_ms"][name] = timing.time_ms(fn, device, graph=_launch_bound(case))
+            if device.type == "cuda":
+                if case.mode in ("backward", "forward_backward", "train_step"):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats(device)
+                    fn()
+                    torch.cuda.synchronize()
+                    row.setdefault("peak_memory_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
+                row["times_ms"][name] = timing.cuda_time_ms(fn, graph=_launch_bound(case))
+            else:
+                fn()  # fail here, per implementation, rather than inside the interleaved timing
+                ready[name] = fn
         except Exception as exc:  # noqa: BLE001 - recorded in the row; one failure must not end the run
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
+    if ready:
+        row["times_ms"].update(timing.interleaved_cpu_ms(ready))
     times = row["times_ms"]
     for name, ms in times.items():
         if not name.startswith("mobileops"):
@@ -155,3 +162,14 @@ def write_results(document: dict, folder: Path) -> Path:
     path = results_path(folder, document)
     path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
     return path
+
+
+def summary_table(rows: List[dict]) -> str:
+    """A plain-text table of rows: times of every implementation and mobileops's ratios."""
+    lines = []
+    for row in rows:
+        times = " ".join(f"{name}={ms:.3f}" for name, ms in row["times_ms"].items())
+        ratios = " ".join(f"{key.replace('mobileops_', '').replace('_speedup_vs_', ' vs ')}={value:.2f}x"
+                          for key, value in row.items() if "_speedup_vs_" in key)
+        lines.append(f"{row['group']:<38} {row['name']:<60} {times}  {ratios}")
+    return "\n".join(lines)

@@ -13,7 +13,7 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -44,6 +44,27 @@ def cpu_time_ms(fn: Callable[[], object], repeat: int = 15, budget_s: float = 2.
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_cpu_ms(fns: Dict[str, Callable[[], object]], rounds: int = 15,
+                       budget_s: float = 4.0) -> Dict[str, float]:
+    """Median milliseconds of each function, timed in turn round after round, so that a
+    shared machine's slow spells hit every implementation alike (side-by-side ratios stay
+    meaningful on a CPU where absolute times drift). At least 3 rounds, fewer than
+    ``rounds`` when one round would exceed ``budget_s / rounds``."""
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+    rounds = max(3, min(rounds, int(budget_s / max(sum(first.values()), 1e-9))))
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = False) -> float:

@@ -1,0 +1,138 @@
+"""The benchmark machinery (mobileops.bench): the cases cover what the benchmarks issue asks
+for at the detectors' real shapes, rows carry times and ratios, an implementation that
+computes something else is never timed, and the report is computed from the rows."""
+
+import json
+
+import pytest
+import torch
+
+from mobileops import ops
+from mobileops.__main__ import main
+from mobileops.bench import cases, report, run
+
+CPU = torch.device("cpu")
+
+
+def _tiny(mode="inference", target="dwconv_bn_act"):
+    opts = (("kernel", 3), ("stride", 2), ("activation", "relu6")) if target == "dwconv_bn_act" else \
+        (("activation", "hswish"),)
+    return cases.Case("op", target, mode, "fp32", "nchw", 2, (8, 7, 7), opts, "", needs_cuda=False)
+
+
+def test_cases_come_from_the_detectors_and_cover_every_group():
+    shapes = cases.op_shapes()
+    assert len(shapes["dwconv_bn_act"]) == 21  # the distinct depthwise layers of both detectors
+    assert shapes["squeeze_excite"] and shapes["bn_act"]
+    assert all(cases.block_shapes()[label] for label in ("UIB", "C3_UIB", "MobileNetv3", "MobileNetv3-SE"))
+    groups = {c.group for c in cases.all_cases("default")}
+    for op, modes in (("dwconv_bn_act", ("inference", "train_forward", "backward")),
+                      ("bn_act", ("inference", "train_forward", "backward")),
+                      ("squeeze_excite", ("forward", "forward_backward"))):
+        assert {f"op:{op}:{m}" for m in modes} <= groups
+    for label in ("UIB", "C3_UIB", "MobileNetv3", "MobileNetv3-SE"):
+        assert {f"block:{label}:inference", f"block:{label}:forward_backward"} <= groups
+    detector = [(c.target, c.mode, c.batch) for c in cases.detector_cases("default")]
+    for cfg in cases.DETECTORS:
+        assert {(cfg, "inference", 1), (cfg, "inference", 32), (cfg, "train_step", 32)} <= set(detector)
+    full = cases.all_cases("full")
+    assert {c.dtype for c in full} == {"fp32", "fp16", "bf16"} and {c.layout for c in full} == {"nchw", "nhwc"}
+    assert len({c.name + c.group for c in full}) == len(full), "case ids must be unique"
+    assert all(not c.needs_cuda for c in cases.all_cases("cpu"))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        cases.all_cases("huge")
+
+
+@pytest.mark.parametrize("mode", ["inference", "train_forward", "backward"])
+def test_measure_times_every_implementation_and_reports_ratios(mode):
+    row = run.measure(_tiny(mode), CPU, copy_bytes_per_s=1e10)
+    expected = {"eager", "mobileops_torch"} | ({"eager_folded"} if mode == "inference" else set())
+    assert set(row["times_ms"]) == expected and not row["errors"]
+    assert all(t > 0 for t in row["times_ms"].values())
+    assert row["mobileops_torch_speedup_vs_eager"] == pytest.approx(
+        row["times_ms"]["eager"] / row["times_ms"]["mobileops_torch"])
+    x_bytes, y_bytes = 2 * 8 * 7 * 7 * 4, 2 * 8 * 4 * 4 * 4
+    assert row["min_bytes"] == {"inference": x_bytes + y_bytes, "train_forward": 2 * x_bytes + y_bytes,
+                                "backward": 3 * x_bytes + 2 * y_bytes}[mode]
+    assert row["agreement"]["mobileops_torch"] < 1e-6
+
+
+def test_an_implementation_that_disagrees_with_eager_is_not_timed(monkeypatch):
+    real = ops.bn_act
+    monkeypatch.setattr(ops, "bn_act", lambda x, *a, **k: real(x, *a, **k) * 1.01)
+    row = run.measure(_tiny(target="bn_act"), CPU, copy_bytes_per_s=1e10)
+    assert "mobileops_torch" not in row["times_ms"] and "eager" in row["times_ms"]
+    assert "differs from eager" in row["errors"]["mobileops_torch"]
+    assert not any("speedup" in key for key in row)
+
+
+def test_blocks_and_detectors_agree_across_implementations():
+    block = next(c for c in cases.all_cases("cpu") if c.kind == "block" and c.target == "MobileNetv3-SE")
+    small = cases.Case("block", block.target, "forward_backward", "fp32", "nhwc", 2, block.shape, block.options,
+                       block.detector, needs_cuda=False)
+    row = run.measure(small, CPU, 1e10)
+    assert set(row["times_ms"]) == {"eager", "mobileops_torch"} and not row["errors"]
+    env = cases.setup(cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64),
+                                 (), "yolov5n-c3uib", needs_cuda=False), CPU)
+    before = [p.detach().clone() for p in env.parameters["mobileops_torch"]]
+    cases.timed_function(cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64)),
+                         env, "mobileops_torch")()
+    assert any(not torch.equal(a, b) for a, b in zip(before, env.parameters["mobileops_torch"])), \
+        "a train step must move the parameters"
+    assert all(torch.equal(a, b) for a, b in zip(before, env.parameters["eager"])), \
+        "each implementation trains its own copy"
+
+
+def test_gpu_cases_refuse_a_cpu():
+    gpu_case = cases.op_cases("quick")[0]
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        cases.setup(gpu_case, CPU)
+
+
+def _fake_gpu_document():
+    rows = []
+    for i, (eager, fused) in enumerate([(2.0, 0.8), (3.0, 1.0), (1.0, 1.25)]):
+        rows.append(dict(kind="op", group="op:dwconv_bn_act:inference", name=f"case{i}", min_bytes=10 ** 6,
+                         times_ms={"eager": eager, "compile": eager / 2, "mobileops_triton": fused},
+                         errors={"mobileops_cuda": "RuntimeError: boom"} if i == 2 else {},
+                         mobileops_triton_speedup_vs_eager=eager / fused,
+                         mobileops_triton_speedup_vs_compile=eager / 2 / fused,
+                         mobileops_triton_fraction_of_copy=0.5))
+    env = dict(date="2026-11-22T00:00:00+00:00", device="NVIDIA H100", device_type="cuda", python="3.12",
+               torch="2.11", cuda="13.0", mobileops="0.1.0", cpu_threads=16, triton="3.6")
+    return dict(environment=env, copy_bytes_per_s=3e12, compile_mode="max-autotune-no-cudagraphs", rows=rows)
+
+
+def test_report_is_computed_from_the_rows(tmp_path):
+    document = _fake_gpu_document()
+    path = tmp_path / "results" / "nvidia-h100-2026-11-22.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(document))
+    written = report.render([path], tmp_path / "RESULTS.md")
+    text = (tmp_path / "RESULTS.md").read_text()
+    # ratios vs eager 2.5, 3.0, 0.8: median 2.5 >= 2.0; vs compile 1.25, 1.5, 0.4: median 1.25 < 1.5
+    assert "| op:dwconv_bn_act:inference | mobileops_triton | eager | 2.50x (0.80, 3.00; 3) | >= 2.0x | yes |" in text
+    assert "| op:dwconv_bn_act:inference | mobileops_triton | compile | 1.25x (0.40, 1.50; 3) | >= 1.5x | no |" in text
+    assert "| case1 | 3 | 1.5 | - | 1 | - | - | - | 3.00x | 1.50x | 50% |" in text
+    assert "case2, mobileops_cuda: RuntimeError: boom" in text
+    svg = path.with_suffix(".svg").read_text()
+    assert svg.count("<rect") == 3 and "0.80x" in svg and path.with_suffix(".svg") in written
+
+
+def test_results_files_never_overwrite(tmp_path):
+    document = _fake_gpu_document()
+    first, second = run.write_results(document, tmp_path), run.write_results(document, tmp_path)
+    assert first.name == "nvidia-h100-2026-11-22.json" and second.name == "nvidia-h100-2026-11-22-2.json"
+    assert json.loads(second.read_text())["rows"] == document["rows"]
+
+
+def test_bench_command_on_cpu(capsys, tmp_path):
+    assert main(["bench", "--kinds", "op", "--filter", "128x20x20", "dwconv", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "need a CUDA device" in out and "op:dwconv_bn_act:inference" in out and "torch vs eager=" in out
+    (written,) = tmp_path.glob("*.json")
+    rows = json.loads(written.read_text())["rows"]
+    assert [r["group"] for r in rows] == ["op:dwconv_bn_act:inference"]
+    assert main(["bench", "--scope", "quick", "--no-save"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert main(["bench", "--filter", "no-such-case", "--no-save"]) == 2
