@@ -15,20 +15,6 @@ if not torch.cuda.is_available():
 
 from mobileops import backend  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def runnable_backends(op: str, device: str):
-    """Backends that implement ``op`` and can run it on ``device`` in this environment."""
-    return [name for name in backend.BACKENDS
-            if name in backend._impls.get(op, {}) and backend._backend_problem(name, torch.device(device)) is None]
-
-
-def backend_params(op: str):
-    """pytest params (device, backend) for every backend that can run ``op`` here."""
-    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable_backends(op, d)]
-
-
 @pytest.fixture(autouse=True)
 def _reset_backend_selection(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)

@@ -1,7 +1,23 @@
 """Shared test utilities: BN randomisation and module parity checks (float64)."""
 
+import pytest
 import torch
 from torch import nn
+
+from mobileops import backend
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def runnable_backends(op: str, device: str):
+    """Backends that implement ``op`` and can run it on ``device`` in this environment."""
+    return [name for name in backend.BACKENDS
+            if name in backend._impls.get(op, {}) and backend._backend_problem(name, torch.device(device)) is None]
+
+
+def backend_params(op: str):
+    """pytest params (device, backend) for every backend that can run ``op`` here."""
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable_backends(op, d)]
 
 
 def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:

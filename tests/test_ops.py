@@ -9,7 +9,7 @@ import mobileops
 from mobileops import ops
 
 from mobileops import reference as ref_blocks
-from conftest import backend_params
+from helpers import backend_params
 from helpers import assert_within_bound
 
 ACT_MODULES = {
