@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -19,7 +20,8 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
-PACKAGES = ["mobileops", "mobileops.ops", "mobileops.nn", "mobileops.yolo", "mobileops.kernels"]
+PACKAGES = ["mobileops", "mobileops.ops", "mobileops.nn", "mobileops.yolo", "mobileops.kernels", "mobileops.bench",
+            "mobileops.cuda"]
 
 
 def _find_nvcc():
@@ -80,14 +82,17 @@ class NvccBuildExt(build_ext):
         tmp.mkdir(parents=True, exist_ok=True)
         includes = [f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}", f"-I{CSRC}"]
         common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"]
-        objects = []
+        commands, objects = [], []
         for src in ext.sources:
             obj = tmp / (Path(src).name + ".o")
-            cmd = [nvcc, "-c", str(ROOT / src), "-o", str(obj), *common, *includes, *_gencode_flags(),
-                   "--expt-relaxed-constexpr"]
-            print(" ".join(cmd))
-            subprocess.run(cmd, check=True)
+            commands.append([nvcc, "-c", str(ROOT / src), "-o", str(obj), *common, *includes, *_gencode_flags(),
+                             "--expt-relaxed-constexpr", "--threads", "2"])
             objects.append(str(obj))
+        # One nvcc per source file, side by side: the kernel files dominate the install time.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
+            for cmd in commands:
+                print(" ".join(cmd))
+            list(pool.map(lambda cmd: subprocess.run(cmd, check=True), commands))
         link = [nvcc, "-shared", *objects, "-o", str(out), *_gencode_flags(), "-cudart", "static"]
         print(" ".join(link))
         subprocess.run(link, check=True)

@@ -3,7 +3,8 @@
 Selection, from strongest to weakest: :func:`use_backend` (a context manager),
 :func:`set_backend`, the environment variable ``MOBILEOPS_BACKEND``, then ``"auto"``.
 ``auto`` picks, per op and per tensor device, the fastest backend that is available and
-implements the op (CUDA tensors: cuda, then triton, then torch; anything else: torch) and
+implements the op (CUDA tensors: triton, then torch, with cuda first for the ops listed in
+:data:`AUTO_PREFERS_CUDA`; anything else: torch) and
 never fails.  An explicitly requested backend that cannot run raises
 :class:`BackendUnavailableError` saying why; it never falls back silently.
 
@@ -22,6 +23,11 @@ import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
+
+#: Ops for which ``auto`` tries the CUDA extension before Triton on CUDA tensors. It stays empty
+#: until a GPU benchmark (``pytest benchmarks``) has shown the extension faster; the entry then
+#: names the device it was measured on. An explicit ``set_backend("cuda")`` works regardless.
+AUTO_PREFERS_CUDA: Dict[str, str] = {}
 ENV_VAR = "MOBILEOPS_BACKEND"
 
 _impls: Dict[str, Dict[str, Callable]] = {}
@@ -77,6 +83,8 @@ def _cuda_extension_status() -> Optional[str]:
         return f"the CUDA runtime reports no usable device ({message})"
     if count == 0:
         return "no CUDA device"
+    if not _C.implemented_ops():
+        return "the CUDA extension was built without kernels (rebuild it: python -m mobileops build)"
     return None
 
 
@@ -204,7 +212,10 @@ def _resolve(op: str, device: torch.device):
     table = _impls.get(op, {})
     name = get_backend()
     if name == "auto":
-        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+        # cuda joins this order only where measured data says it is faster (see AUTO_PREFERS_CUDA).
+        order = ("triton", "torch") if device.type == "cuda" else ("torch",)
+        if device.type == "cuda" and op in AUTO_PREFERS_CUDA:
+            order = ("cuda",) + order
         for backend in order:
             if backend in table and _backend_problem(backend, device) is None:
                 return backend, table[backend]

@@ -267,7 +267,7 @@ def _relative_norm_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _check_low_precision(shape, k, stride, activation, dtype, layout):
+def _check_low_precision(shape, k, stride, activation, dtype, layout, backend_name="triton"):
     """Forward and every gradient in train and eval, against float64, within twice the torch
     backend's own error in the same dtype (weight/BN grads and running stats: relative to
     their norm)."""
@@ -281,7 +281,7 @@ def _check_low_precision(shape, k, stride, activation, dtype, layout):
         kwargs = dict(stride=stride, activation=activation, training=training, momentum=0.03, eps=1e-3)
         ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
         base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
-        ours = _fwd_bwd("triton", inputs, dy.to(dtype), **kwargs)
+        ours = _fwd_bwd(backend_name, inputs, dy.to(dtype), **kwargs)
         assert ours["y"].dtype == dtype and ours["y"].is_contiguous(memory_format=layout)
         assert_within_bound(ours["y"], ref["y"], base["y"], f"y {what}")
         assert_within_bound(ours["dx"], ref["dx"], base["dx"], f"dx {what}")
@@ -299,22 +299,26 @@ def test_low_precision_within_the_error_bound(dtype, layout):
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layer", _detector_layers() if CUDA else [None], ids=str)
-def test_real_layer_shapes_within_the_error_bound(monkeypatch, layer, dtype, layout):
+def test_real_layer_shapes_within_the_error_bound(monkeypatch, layer, dtype, layout, backend_name):
+    """Both GPU backends (the CUDA extension shares this test with the Triton kernels)."""
     monkeypatch.setenv("MOBILEOPS_AUTOTUNE", "0")  # tuning every shape would take minutes
     c, h, w, k, stride, activation = layer
-    _check_low_precision((2 if h * w >= 160 * 160 else 8, c, h, w), k, stride, activation, dtype, layout)
+    _check_low_precision((2 if h * w >= 160 * 160 else 8, c, h, w), k, stride, activation, dtype, layout,
+                         backend_name)
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_cuda_graph_capture(training):
+def test_cuda_graph_capture(training, backend_name):
     """No host synchronisation: forward (and running-stat update) replays from a CUDA graph."""
     x, w, gamma, beta, rm, rv = _inputs((8, 64, 40, 40), 3, dtype=torch.float16, layout=torch.channels_last)
     static_x = x.clone()
-    with mobileops.use_backend("triton"):
+    with mobileops.use_backend(backend_name):
         for _ in range(2):  # warm up: autotuning benchmarks outside the capture
             ops.dwconv_bn_act(static_x, w, gamma, beta, rm.clone(), rv.clone(), training=training, activation="relu6")
         rm_graph, rv_graph = rm.clone(), rv.clone()

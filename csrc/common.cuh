@@ -1,0 +1,185 @@
+// Shared pieces of the mobileops CUDA kernels: dtype traits, activations, strided 4-D
+// indexing, deterministic block reductions and the compile-time dispatch switches.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "ops.h"
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace mobileops {
+
+// Accumulation and BN-parameter type: double for double tensors, float otherwise.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename A, typename T> __device__ __forceinline__ A load_as(const T* p) { return static_cast<A>(*p); }
+template <> __device__ __forceinline__ float load_as<float, __half>(const __half* p) { return __half2float(*p); }
+template <> __device__ __forceinline__ float load_as<float, __nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+
+template <typename T, typename A> __device__ __forceinline__ T store_as(A v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half store_as<__half, float>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// NaN passes through every activation as in PyTorch (fmin/fmax would drop it).
+template <typename A> __device__ __forceinline__ A clamp_nan(A v, A lo, A hi) {
+  return v != v ? v : (v < lo ? lo : (v > hi ? hi : v));
+}
+
+template <typename A> __device__ __forceinline__ A sigmoid(A z) { return A(1) / (A(1) + exp(-z)); }
+
+template <int ACT, typename A> __device__ __forceinline__ A activate(A z) {
+  if constexpr (ACT == kRelu) return z != z ? z : (z > A(0) ? z : A(0));
+  else if constexpr (ACT == kRelu6) return clamp_nan(z, A(0), A(6));
+  else if constexpr (ACT == kHswish) return z * (clamp_nan(z + A(3), A(0), A(6)) / A(6));
+  else if constexpr (ACT == kSilu) return z / (A(1) + exp(-z));
+  else if constexpr (ACT == kHsigmoid) return clamp_nan(z + A(3), A(0), A(6)) / A(6);
+  else if constexpr (ACT == kSigmoid) return sigmoid(z);
+  else return z;
+}
+
+// d act(z) / dz with PyTorch's conventions at the kinks (as the Triton kernels: hardswish'
+// is 0 at -3 and 1 at 3, relu' and relu6' are 0 at the kinks).
+template <int ACT, typename A> __device__ __forceinline__ A activate_grad(A z) {
+  if constexpr (ACT == kRelu) return z > A(0) ? A(1) : A(0);
+  else if constexpr (ACT == kRelu6) return (z > A(0) && z < A(6)) ? A(1) : A(0);
+  else if constexpr (ACT == kHswish)
+    return clamp_nan(z + A(3), A(0), A(6)) / A(6) + ((z > A(-3) && z < A(3)) ? z / A(6) : A(0));
+  else if constexpr (ACT == kSilu) {
+    A s = sigmoid(z);
+    return s * (A(1) + z * (A(1) - s));
+  } else if constexpr (ACT == kHsigmoid) return (z > A(-3) && z < A(3)) ? A(1) / A(6) : A(0);
+  else if constexpr (ACT == kSigmoid) {
+    A s = sigmoid(z);
+    return s * (A(1) - s);
+  } else return A(1);
+}
+
+// activate_grad with the activation chosen at run time: the backward kernels use it (a
+// uniform branch per element) so that they are not instantiated once per activation.
+template <typename A> __device__ __forceinline__ A activate_grad_rt(int act, A z) {
+  switch (act) {
+    case kRelu: return activate_grad<kRelu>(z);
+    case kRelu6: return activate_grad<kRelu6>(z);
+    case kHswish: return activate_grad<kHswish>(z);
+    case kSilu: return activate_grad<kSilu>(z);
+    case kHsigmoid: return activate_grad<kHsigmoid>(z);
+    case kSigmoid: return activate_grad<kSigmoid>(z);
+    default: return A(1);
+  }
+}
+
+struct Strides4 {
+  int64_t n, c, h, w;
+  Strides4() = default;
+  explicit Strides4(const Strides& s) : n(s[0]), c(s[1]), h(s[2]), w(s[3]) {}
+  __device__ __forceinline__ int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
+    return in * n + ic * c + ih * h + iw * w;
+  }
+};
+
+// Splits a linear index into (n, c, h, w), walking channels fastest when channels_last so
+// that neighbouring threads touch neighbouring addresses in that layout.
+__device__ __forceinline__ void split_index(int64_t i, int C, int H, int W, bool channels_last, int64_t& n,
+                                            int64_t& c, int64_t& h, int64_t& w) {
+  if (channels_last) {
+    c = i % C; i /= C;
+    w = i % W; i /= W;
+    h = i % H; n = i / H;
+  } else {
+    w = i % W; i /= W;
+    h = i % H; i /= H;
+    c = i % C; n = i / C;
+  }
+}
+
+// Block-wide sum in a fixed order (a tree over shared memory): deterministic for a given
+// blockDim, unlike atomics. `buf` holds blockDim.x values; blockDim.x is a power of two.
+template <typename A> __device__ __forceinline__ A block_sum(A v, A* buf) {
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+    __syncthreads();
+  }
+  A out = buf[0];
+  __syncthreads();
+  return out;
+}
+
+// Merge of (count, mean, M2) Welford triples (Chan et al.): no sum-of-squares cancellation.
+template <typename A> __device__ __forceinline__ void welford_merge(A& n, A& mean, A& m2, A nb, A meanb, A m2b) {
+  if (nb == A(0)) return;
+  A total = n + nb;
+  A delta = meanb - mean;
+  A frac = nb / total;
+  mean += delta * frac;
+  m2 += m2b + delta * delta * n * frac;
+  n = total;
+}
+
+inline void check_launch(const char* op) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string(op) + ": CUDA error " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+inline int blocks_for(int64_t total, int threads) {
+  int64_t blocks = (total + threads - 1) / threads;
+  return static_cast<int>(blocks < 65535 * 16 ? blocks : 65535 * 16);  // grid-stride loops cover the rest
+}
+
+template <typename T> inline const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+template <typename T> inline T* mptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// Compile-time switches: a runtime code becomes a template argument.
+#define MOBILEOPS_DISPATCH_DTYPE(code, T, ...)                                               \
+  switch (code) {                                                                            \
+    case kFloat32: { using T = float; __VA_ARGS__; break; }                                  \
+    case kFloat16: { using T = __half; __VA_ARGS__; break; }                                 \
+    case kBFloat16: { using T = __nv_bfloat16; __VA_ARGS__; break; }                         \
+    case kFloat64: { using T = double; __VA_ARGS__; break; }                                 \
+    default: throw std::invalid_argument("unsupported dtype code " + std::to_string(code));  \
+  }
+
+#define MOBILEOPS_DISPATCH_ACT(code, ACT, ...)                                                   \
+  switch (code) {                                                                                \
+    case kNone: { constexpr int ACT = kNone; __VA_ARGS__; break; }                               \
+    case kRelu: { constexpr int ACT = kRelu; __VA_ARGS__; break; }                               \
+    case kRelu6: { constexpr int ACT = kRelu6; __VA_ARGS__; break; }                             \
+    case kHswish: { constexpr int ACT = kHswish; __VA_ARGS__; break; }                           \
+    case kSilu: { constexpr int ACT = kSilu; __VA_ARGS__; break; }                               \
+    case kHsigmoid: { constexpr int ACT = kHsigmoid; __VA_ARGS__; break; }                       \
+    default: throw std::invalid_argument("unsupported activation code " + std::to_string(code)); \
+  }
+
+#define MOBILEOPS_DISPATCH_GATE(code, GATE, ...)                                           \
+  switch (code) {                                                                          \
+    case kHsigmoid: { constexpr int GATE = kHsigmoid; __VA_ARGS__; break; }                \
+    case kSigmoid: { constexpr int GATE = kSigmoid; __VA_ARGS__; break; }                  \
+    default: throw std::invalid_argument("unsupported gate code " + std::to_string(code)); \
+  }
+
+// K = 0 is "no convolution" (the BatchNorm + activation op).
+#define MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, ...)                                                              \
+  switch (k) {                                                                                                 \
+    case 0: { constexpr int K = 0; __VA_ARGS__; break; }                                                       \
+    case 3: { constexpr int K = 3; __VA_ARGS__; break; }                                                       \
+    case 5: { constexpr int K = 5; __VA_ARGS__; break; }                                                       \
+    case 7: { constexpr int K = 7; __VA_ARGS__; break; }                                                       \
+    default: throw std::invalid_argument("unsupported kernel size " + std::to_string(k) + " (3, 5 or 7)");    \
+  }
+
+}  // namespace mobileops

@@ -1,0 +1,136 @@
+// Forward of depthwise conv + BatchNorm + activation (and of BN + activation, K = 0):
+// - apply: y = act((conv(x) - mean) * rstd * gamma + beta), one read of x, one write of y;
+// - stats: per-(chunk, channel) Welford partials of conv(x), then a finalize that merges
+//   them in chunk order, gives mean and rstd and updates the running statistics in place.
+// The training forward is stats then apply: the conv is recomputed instead of stored.
+#include "dwconv_bn_act.cuh"
+
+namespace mobileops {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int K, int ACT>
+__global__ void __launch_bounds__(kThreads)
+apply_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, const typename Acc<T>::type* gamma,
+             const typename Acc<T>::type* beta, const typename Acc<T>::type* mean,
+             const typename Acc<T>::type* var, int norm, typename Acc<T>::type eps, T* __restrict__ y, Strides4 sy,
+             DwShape s, bool channels_last) {
+  using A = typename Acc<T>::type;
+  const int64_t total = int64_t(s.N) * s.C * s.HO * s.WO;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t n, c, oh, ow;
+    split_index(i, s.C, s.HO, s.WO, channels_last, n, c, oh, ow);
+    const ChannelParams<A> p(gamma, beta, mean, var, norm, eps, c);
+    const A z = conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow);
+    y[sy.at(n, c, oh, ow)] = store_as<T>(activate<ACT>((z - p.mean) * p.rstd * p.gamma + p.beta));
+  }
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads)
+stats_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, DwShape s, int64_t chunk,
+             typename Acc<T>::type* part_count, typename Acc<T>::type* part_mean, typename Acc<T>::type* part_m2) {
+  using A = typename Acc<T>::type;
+  __shared__ A sh_n[kThreads], sh_mean[kThreads], sh_m2[kThreads];
+  const int64_t c = blockIdx.y;
+  const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
+  const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
+  A n_ = A(0), mean_ = A(0), m2_ = A(0);
+  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+    const int64_t n = p / hw, r = p % hw;
+    const A z = conv_at<T, A, K>(x, w, s, sx, n, c, r / s.WO, r % s.WO);
+    n_ += A(1);
+    const A delta = z - mean_;
+    mean_ += delta / n_;
+    m2_ += delta * (z - mean_);
+  }
+  sh_n[threadIdx.x] = n_;
+  sh_mean[threadIdx.x] = mean_;
+  sh_m2[threadIdx.x] = m2_;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      A a = sh_n[threadIdx.x], m = sh_mean[threadIdx.x], q = sh_m2[threadIdx.x];
+      welford_merge(a, m, q, sh_n[threadIdx.x + stride], sh_mean[threadIdx.x + stride], sh_m2[threadIdx.x + stride]);
+      sh_n[threadIdx.x] = a;
+      sh_mean[threadIdx.x] = m;
+      sh_m2[threadIdx.x] = q;
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const int64_t slot = blockIdx.x * int64_t(s.C) + c;
+    part_count[slot] = sh_n[0];
+    part_mean[slot] = sh_mean[0];
+    part_m2[slot] = sh_m2[0];
+  }
+}
+
+template <typename A>
+__global__ void finalize_kernel(const A* part_count, const A* part_mean, const A* part_m2, int chunks, int C,
+                                A* mean, A* rstd, A* running_mean, A* running_var, A momentum, A eps) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  A n = A(0), m = A(0), q = A(0);
+  for (int j = 0; j < chunks; ++j) {
+    welford_merge(n, m, q, part_count[int64_t(j) * C + c], part_mean[int64_t(j) * C + c],
+                  part_m2[int64_t(j) * C + c]);
+  }
+  const A var = q / n;
+  mean[c] = m;
+  rstd[c] = A(1) / sqrt(var + eps);
+  if (running_mean != nullptr) {
+    // nn.BatchNorm2d: exponential average with the unbiased batch variance.
+    running_mean[c] = (A(1) - momentum) * running_mean[c] + momentum * m;
+    running_var[c] = (A(1) - momentum) * running_var[c] + momentum * (q / (n - A(1)));
+  }
+}
+
+DwShape to_shape(const std::array<int, 8>& v) { return DwShape{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}; }
+
+}  // namespace
+
+void dwconv_bn_act_forward(int dtype, int k, int act, int norm, uintptr_t x, Strides sx, uintptr_t w,
+                           uintptr_t gamma, uintptr_t beta, uintptr_t mean, uintptr_t var, double eps, uintptr_t y,
+                           Strides sy, std::array<int, 8> shape, bool channels_last, uintptr_t stream) {
+  const DwShape s = to_shape(shape);
+  const int64_t total = int64_t(s.N) * s.C * s.HO * s.WO;
+  if (total == 0) return;
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
+    using A = typename Acc<T>::type;
+    MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
+      MOBILEOPS_DISPATCH_ACT(act, ACT, {
+        apply_kernel<T, K, ACT><<<blocks_for(total, kThreads), kThreads, 0, st>>>(
+            cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta), cptr<A>(mean), cptr<A>(var), norm,
+            A(eps), mptr<T>(y), Strides4(sy), s, channels_last);
+      });
+    });
+  });
+  check_launch("dwconv_bn_act forward");
+}
+
+void dwconv_bn_stats(int dtype, int k, uintptr_t x, Strides sx, uintptr_t w, std::array<int, 8> shape,
+                     int64_t chunk, int chunks, uintptr_t part_count, uintptr_t part_mean, uintptr_t part_m2,
+                     uintptr_t mean, uintptr_t rstd, uintptr_t running_mean, uintptr_t running_var, double momentum,
+                     double eps, uintptr_t stream) {
+  const DwShape s = to_shape(shape);
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
+    using A = typename Acc<T>::type;
+    MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
+      stats_kernel<T, K><<<dim3(chunks, s.C), kThreads, 0, st>>>(cptr<T>(x), Strides4(sx), cptr<T>(w), s, chunk,
+                                                                  mptr<A>(part_count), mptr<A>(part_mean),
+                                                                  mptr<A>(part_m2));
+    });
+    check_launch("dwconv_bn_act batch statistics");
+    finalize_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_count), cptr<A>(part_mean), cptr<A>(part_m2),
+                                                          chunks, s.C, mptr<A>(mean), mptr<A>(rstd),
+                                                          mptr<A>(running_mean), mptr<A>(running_var), A(momentum),
+                                                          A(eps));
+  });
+  check_launch("dwconv_bn_act batch statistics (finalize)");
+}
+
+}  // namespace mobileops

@@ -1,0 +1,75 @@
+// SE forward: two passes over x plus one small launch.
+//   1. pool: one block per (sample, channel) sums H*W values in a fixed tree order;
+//   2. MLP: one block per sample, FC1 -> ReLU -> FC2 -> gate, from the pooled means;
+//   3. scale: y = post_act(x * gate), elementwise in x's memory order.
+#include "squeeze_excite.cuh"
+
+namespace mobileops {
+
+namespace {
+
+template <typename A, int GATE>
+__global__ void __launch_bounds__(kSeThreads)
+mlp_kernel(const A* pooled, const A* w1, const A* b1, const A* w2, const A* b2, int C, int R, A* gates) {
+  extern __shared__ unsigned char smem[];
+  A* s = reinterpret_cast<A*>(smem);
+  A* hidden = s + C;
+  const int64_t n = blockIdx.x;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) s[c] = pooled[n * C + c];
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    A h = b1 ? b1[r] : A(0);
+    for (int c = 0; c < C; ++c) h += w1[int64_t(r) * C + c] * s[c];
+    hidden[r] = h > A(0) ? h : A(0);
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    A t = b2 ? b2[c] : A(0);
+    for (int r = 0; r < R; ++r) t += w2[int64_t(c) * R + r] * hidden[r];
+    gates[n * C + c] = activate<GATE>(t);
+  }
+}
+
+template <typename T, int POST>
+__global__ void __launch_bounds__(kSeThreads)
+scale_kernel(const T* __restrict__ x, Strides4 sx, const typename Acc<T>::type* gates, T* __restrict__ y,
+             Strides4 sy, int N, int C, int H, int W, bool channels_last) {
+  using A = typename Acc<T>::type;
+  const int64_t total = int64_t(N) * C * H * W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t n, c, h, w;
+    split_index(i, C, H, W, channels_last, n, c, h, w);
+    const A v = load_as<A>(x + sx.at(n, c, h, w)) * gates[n * C + c];
+    y[sy.at(n, c, h, w)] = store_as<T>(activate<POST>(v));
+  }
+}
+
+}  // namespace
+
+void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Strides sx, std::array<int, 4> shape,
+                            int hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t pooled,
+                            uintptr_t gates, uintptr_t y, Strides sy, bool channels_last, uintptr_t stream) {
+  const int N = shape[0], C = shape[1], H = shape[2], W = shape[3];
+  const int64_t total = int64_t(N) * C * H * W;
+  if (total == 0) return;
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
+    using A = typename Acc<T>::type;
+    se_channel_sum_kernel<T><<<N * C, kSeThreads, 0, st>>>(cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr,
+                                                           kNone, C, H, W, A(int64_t(H) * W), mptr<A>(pooled));
+    check_launch("squeeze_excite forward (pool)");
+    const size_t smem = sizeof(A) * (size_t(C) + hidden);
+    MOBILEOPS_DISPATCH_GATE(gate, GATE, {
+      mlp_kernel<A, GATE><<<N, kSeThreads, smem, st>>>(cptr<A>(pooled), cptr<A>(w1), cptr<A>(b1), cptr<A>(w2),
+                                                       cptr<A>(b2), C, hidden, mptr<A>(gates));
+    });
+    check_launch("squeeze_excite forward (MLP)");
+    MOBILEOPS_DISPATCH_ACT(post_act, POST, {
+      scale_kernel<T, POST><<<blocks_for(total, kSeThreads), kSeThreads, 0, st>>>(
+          cptr<T>(x), Strides4(sx), cptr<A>(gates), mptr<T>(y), Strides4(sy), N, C, H, W, channels_last);
+    });
+  });
+  check_launch("squeeze_excite forward (scale)");
+}
+
+}  // namespace mobileops

@@ -1,0 +1,98 @@
+"""CUDA-extension launchers of Squeeze-and-Excitation, with the signatures of
+:mod:`mobileops.kernels.squeeze_excite`. Kernels: ``csrc/squeeze_excite_{fwd,bwd}.cu``.
+
+The FC weights and biases go to the kernels as contiguous accumulation-dtype copies (float32,
+or float64 for float64 x: they are tiny); their gradients come back in the weights' dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from mobileops.cuda import _extension as ext
+
+_OP = "squeeze_excite"
+
+
+def _check(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+           b2: Optional[torch.Tensor]) -> Tuple[int, int]:
+    code = ext.dtype_code(_OP, x)
+    ext.check_tensor(_OP, "x", x, x.device, dim=4)
+    c = x.shape[1]
+    ext.check_tensor(_OP, "fc1_weight", w1, x.device, dim=2)
+    r = w1.shape[0]
+    ext.check_tensor(_OP, "fc2_weight", w2, x.device, dim=2)
+    ext.check_tensor(_OP, "fc1_bias", b1, x.device, dim=1)
+    ext.check_tensor(_OP, "fc2_bias", b2, x.device, dim=1)
+    if tuple(w1.shape) != (r, c) or tuple(w2.shape) != (c, r) or (b1 is not None and b1.numel() != r) \
+            or (b2 is not None and b2.numel() != c):
+        raise ValueError(f"{_OP} (cuda backend): FC shapes do not match {c} channels: fc1 {tuple(w1.shape)}, "
+                         f"fc2 {tuple(w2.shape)}")
+    limit = 48 * 1024 // (8 if x.dtype == torch.float64 else 4)
+    if 2 * (c + r) > limit:
+        raise ValueError(f"{_OP} (cuda backend): {c} channels + {r} hidden units exceed one block's shared memory")
+    return code, r
+
+
+def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+            b2: Optional[torch.Tensor], *, out: torch.Tensor, gate: str,
+            post_act: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write the SE output into ``out``; returns ``(out, pooled, gates)``, the last two (N, C)
+    in the accumulation dtype, for the backward."""
+    code, r = _check(x, w1, b1, w2, b2)
+    ext.check_tensor(_OP, "out", out, x.device, x.dtype, dim=4)
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"{_OP} (cuda backend): out has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+    acc = ext.acc_dtype(x)
+    n, c = x.shape[:2]
+    pooled = torch.zeros((n, c), device=x.device, dtype=acc)
+    gates = torch.zeros_like(pooled)
+    if x.numel() == 0:
+        return out, pooled, gates
+    stream = ext.prepare(x)
+    ext.extension().squeeze_excite_forward(
+        code, ext.ACTIVATION_CODES[gate], ext.ACTIVATION_CODES[post_act], ext.ptr(x), ext.strides(x),
+        list(x.shape), r, ext.ptr(ext.as_acc(w1, acc)), ext.ptr(ext.as_acc(b1, acc)), ext.ptr(ext.as_acc(w2, acc)),
+        ext.ptr(ext.as_acc(b2, acc)), ext.ptr(pooled), ext.ptr(gates), ext.ptr(out), ext.strides(out),
+        ext.channels_last(out), stream)
+    return out, pooled, gates
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+             b2: Optional[torch.Tensor], pooled: torch.Tensor, gates: torch.Tensor, *, gate: str, post_act: str,
+             memory_format: torch.memory_format):
+    """Gradients of :func:`forward`: ``(dx, dw1, db1 or None, dw2, db2 or None)``."""
+    code, r = _check(x, w1, b1, w2, b2)
+    ext.check_tensor(_OP, "dy", dy, x.device, x.dtype, dim=4)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"{_OP} (cuda backend): dy has shape {tuple(dy.shape)}, expected {tuple(x.shape)}")
+    acc = ext.acc_dtype(x)
+    n, c = x.shape[:2]
+    for name, t in (("pooled", pooled), ("gates", gates)):
+        ext.check_tensor(_OP, name, t, x.device, acc, dim=2)
+        if tuple(t.shape) != (n, c):
+            raise ValueError(f"{_OP} (cuda backend): {name} must be {(n, c)}, got {tuple(t.shape)}")
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format)
+    if x.numel() == 0:
+        return (dx, *[torch.zeros_like(t) if t is not None else None for t in (w1, b1, w2, b2)])
+    per_channel = torch.empty((3, n, c), device=x.device, dtype=acc)  # d_gate, d_pre_gate, d_pooled
+    per_hidden = torch.empty((2, n, r), device=x.device, dtype=acc)  # hidden, d_pre_hidden
+    dw1 = torch.empty((r, c), device=x.device, dtype=acc)
+    dw2 = torch.empty((c, r), device=x.device, dtype=acc)
+    db1 = torch.empty(r, device=x.device, dtype=acc) if b1 is not None else None
+    db2 = torch.empty(c, device=x.device, dtype=acc) if b2 is not None else None
+    stream = ext.prepare(x)
+    ext.extension().squeeze_excite_backward(
+        code, ext.ACTIVATION_CODES[gate], ext.ACTIVATION_CODES[post_act], ext.ptr(dy), ext.strides(dy), ext.ptr(x),
+        ext.strides(x), list(x.shape), r, ext.ptr(ext.as_acc(w1, acc)), ext.ptr(ext.as_acc(b1, acc)),
+        ext.ptr(ext.as_acc(w2, acc)), ext.ptr(ext.as_acc(b2, acc)), ext.ptr(pooled.contiguous()),
+        ext.ptr(gates.contiguous()), ext.ptr(per_channel[0]), ext.ptr(per_channel[1]), ext.ptr(per_hidden[0]),
+        ext.ptr(per_hidden[1]), ext.ptr(per_channel[2]), ext.ptr(dw1), ext.ptr(db1), ext.ptr(dw2), ext.ptr(db2),
+        ext.ptr(dx), ext.strides(dx), ext.channels_last(dx), stream)
+
+    def back(grad, like):
+        return None if grad is None else grad.to(like.dtype)
+
+    return dx, back(dw1, w1), back(db1, b1), back(dw2, w2), back(db2, b2)
