@@ -11,12 +11,22 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "hswish": 3, "silu": 4, "hsigmoid": 5, "sigmoid": 6}
 NORM_CODES = {"none": 0, "running": 1, "batch": 2}
 
+#: Tests only: a CPU build of csrc/ (tests/cuda_emulation) that stands in for mobileops._C and
+#: runs the same kernels on CPU tensors. None in normal use.
+EMULATION = None
+
 
 def extension():
     """The compiled module; ImportError with the reason if it is not built."""
+    if EMULATION is not None:
+        return EMULATION
     from mobileops import _C  # type: ignore[attr-defined]
 
     return _C
+
+
+def _device_type() -> str:
+    return "cpu" if EMULATION is not None else "cuda"
 
 
 def check_tensor(op: str, name: str, t: Optional[torch.Tensor], device: torch.device,
@@ -36,7 +46,7 @@ def dtype_code(op: str, x: torch.Tensor) -> int:
     """The kernels' dtype code of ``x``, which must be a floating CUDA tensor."""
     if x.dtype not in DTYPE_CODES:
         raise TypeError(f"{op} (cuda backend): unsupported dtype {x.dtype} (float32, float16, bfloat16, float64)")
-    if x.device.type != "cuda":
+    if x.device.type != _device_type():
         raise ValueError(f"{op} (cuda backend): tensors must be on a CUDA device, got {x.device}")
     return DTYPE_CODES[x.dtype]
 
@@ -68,5 +78,7 @@ def channels_last(t: torch.Tensor) -> bool:
 
 def prepare(x: torch.Tensor) -> int:
     """Make x's device current for the extension's own runtime; return the stream handle."""
+    if EMULATION is not None:
+        return 0
     extension().set_device(x.device.index if x.device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(x.device).cuda_stream

@@ -132,7 +132,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         return dx.zero_(), torch.zeros_like(weight) if weight_grad else None, zeros, zeros.clone()
     chunk, chunks = _chunking(positions, c)
     parts = torch.empty((2, chunks, c), device=x.device, dtype=acc)
-    sums = torch.empty((2, c), device=x.device, dtype=acc)
+    # separate tensors: the custom op's outputs must not share storage
+    sums = [torch.empty(c, device=x.device, dtype=acc) for _ in range(2)]
     dz = torch.empty((n, c, ho, wo), device=x.device, dtype=acc, memory_format=memory_format) if k else None
     taps = k * k
     part_dw = torch.empty((chunks, c * taps), device=x.device, dtype=acc) if weight_grad else None

@@ -1,0 +1,99 @@
+// Host emulation of the CUDA features the mobileops kernels use, so that csrc/ compiles with a
+// plain C++ compiler and its kernels run on the CPU in tests: every block runs in turn, each of
+// its threads is a std::thread, __syncthreads() is a std::barrier, __shared__ memory is static
+// storage (blocks never overlap). Slow; only for tiny shapes. Launches `k<<<g, b, s, st>>>(args);`
+// become `emu_launcher(g, b, s, st)([&] { k(args); });` (tests/cuda_emulation/build.py).
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline std::barrier<>* emu_barrier = nullptr;
+inline std::vector<unsigned char> emu_dynamic_smem(1 << 16);
+inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(n)
+#define __shared__ static
+
+using std::exp;
+using std::min;
+using std::max;
+using std::sqrt;
+
+// fp16 / bf16 with round-to-nearest-even conversions (what the device intrinsics do).
+struct __half { _Float16 v; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __half2float(__half h) { return static_cast<float>(h.v); }
+inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{uint16_t(u >> 16)};
+}
+
+typedef int cudaError_t;
+typedef void* cudaStream_t;
+constexpr cudaError_t cudaSuccess = 0;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline const char* cudaGetErrorName(cudaError_t) { return "cudaSuccess"; }
+inline const char* cudaGetErrorString(cudaError_t) { return "no error"; }
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* c) { *c = 1; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+
+template <typename F>
+void emu_run(dim3 grid, dim3 block, F body) {
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::barrier<> barrier(block.x * block.y * block.z);
+        emu_barrier = &barrier;
+        std::vector<std::thread> threads;
+        for (unsigned tz = 0; tz < block.z; ++tz)
+          for (unsigned ty = 0; ty < block.y; ++ty)
+            for (unsigned tx = 0; tx < block.x; ++tx)
+              threads.emplace_back([=] {
+                blockIdx = dim3(bx, by, bz);
+                threadIdx = dim3(tx, ty, tz);
+                body();
+              });
+        for (auto& t : threads) t.join();
+      }
+}
+
+
+
+struct EmuLauncher {
+  dim3 grid, block;
+  template <typename F> void operator()(F body) const { emu_run(grid, block, body); }
+};
+inline EmuLauncher emu_launcher(dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
+  return EmuLauncher{grid, block};
+}

@@ -1,0 +1,174 @@
+"""The CUDA backend's kernels (csrc/), compiled for the CPU against tests/cuda_emulation/
+cuda_shim.h and run through the real Python launchers and custom ops, against the torch
+backend in float64. This checks the kernels' arithmetic, indexing, strides, reductions and
+running-statistic updates on machines without a GPU; it says nothing about GPU-specific
+behaviour (warp scheduling, memory model, speed), which test_cuda_backend.py covers on a GPU.
+Every CUDA thread is an OS thread here, so the shapes are tiny."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mobileops
+from mobileops import backend, ops
+from mobileops.cuda import _extension
+
+sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
+import build as emulation_build  # noqa: E402
+from helpers import assert_within_bound  # noqa: E402
+
+F64 = torch.float64
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+ACTIVATIONS = ["none", "relu", "relu6", "hswish", "silu", "hsigmoid"]
+
+
+@pytest.fixture(scope="session")
+def emulated_extension(tmp_path_factory):
+    try:
+        return emulation_build.build(tmp_path_factory.getbasetemp().parent / "mobileops-cuda-emulation")
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"csrc/ does not compile for the CPU emulation:\n{exc.stderr[-3000:]}")
+
+
+@pytest.fixture
+def cuda_on_cpu(emulated_extension, monkeypatch):
+    """Select the cuda backend for CPU tensors, running the emulated kernels."""
+    monkeypatch.setattr(_extension, "EMULATION", emulated_extension)
+    real = backend._backend_problem
+    monkeypatch.setattr(backend, "_backend_problem",
+                        lambda name, device: None if name == "cuda" else real(name, device))
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _dw_inputs(n, c, h, w, k, layout, seed=0):
+    g = _gen(seed)
+    x = torch.randn(n, c, h, w, generator=g, dtype=F64).contiguous(memory_format=layout)
+    weight = torch.randn(c, 1, k, k, generator=g, dtype=F64) / k
+    bn = [1 + 0.3 * torch.randn(c, generator=g, dtype=F64), 0.2 * torch.randn(c, generator=g, dtype=F64),
+          0.2 * torch.randn(c, generator=g, dtype=F64), 0.5 + torch.rand(c, generator=g, dtype=F64)]
+    return [x, weight] + bn
+
+
+def _run(backend_name, fn, inputs, grads, seed=7):
+    """fn(*leaves) on fresh copies; returns output, input gradients and the mutated buffers."""
+    leaves = [t.detach().clone().requires_grad_(i in grads) for i, t in enumerate(inputs)]
+    with mobileops.use_backend(backend_name):
+        y = fn(*leaves)
+    dy = torch.randn(y.shape, generator=_gen(seed), dtype=y.dtype).contiguous(memory_format=torch.channels_last)
+    y.backward(dy)  # a channels_last output gradient whatever y's layout: strides must not matter
+    return [y] + [leaves[i].grad for i in grads] + [t for i, t in enumerate(leaves) if i not in grads]
+
+
+def _assert_same(got, want, rtol=1e-10, atol=1e-12):
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, i=i: f"result {i}: {m}")
+
+
+# (N, C, H, W, K, stride): odd sizes, H or W of 1, stride 2 on odd sizes, every kernel size.
+DW_CASES = [(2, 5, 7, 6, 3, 2), (1, 3, 9, 9, 5, 1), (2, 4, 5, 7, 7, 2), (3, 2, 1, 5, 3, 1)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", range(len(DW_CASES)))
+def test_dwconv_bn_act_matches_torch(cuda_on_cpu, case, training, layout):
+    n, c, h, w, k, stride = DW_CASES[case]
+    activation = ACTIVATIONS[(case * 2 + training) % len(ACTIVATIONS)]
+    inputs = _dw_inputs(n, c, h, w, k, LAYOUTS[layout], seed=case)
+
+    def fn(x, weight, gamma, beta, rm, rv):
+        return ops.dwconv_bn_act(x, weight, gamma, beta, rm, rv, stride=stride, activation=activation,
+                                 training=training, momentum=0.1, eps=1e-3)
+
+    got, want = _run("cuda", fn, inputs, (0, 1, 2, 3)), _run("torch", fn, inputs, (0, 1, 2, 3))
+    assert got[0].is_contiguous(memory_format=LAYOUTS[layout])
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_forward_and_backward(cuda_on_cpu, activation):
+    inputs = _dw_inputs(2, 3, 5, 5, 3, torch.contiguous_format, seed=11)
+    inputs[0] = inputs[0] * 4  # reach both sides of every kink
+
+    def fn(x, weight, gamma, beta, rm, rv):
+        return ops.dwconv_bn_act(x, weight, gamma, beta, rm, rv, activation=activation, training=True)
+
+    _assert_same(_run("cuda", fn, inputs, (0, 1, 2, 3)), _run("torch", fn, inputs, (0, 1, 2, 3)))
+
+
+def test_strided_slices_no_running_stats_and_folded_form(cuda_on_cpu):
+    big = torch.randn(3, 10, 11, 12, generator=_gen(3), dtype=F64)
+    x = big[:, 1:8:2, 1:, ::2]  # non-contiguous in every dimension
+    weight, gamma, beta = (torch.randn(4, 1, 3, 3, generator=_gen(4), dtype=F64),
+                           torch.rand(4, dtype=F64) + 0.5, torch.randn(4, dtype=F64))
+
+    def no_stats(x, weight, gamma, beta):
+        return ops.dwconv_bn_act(x, weight, gamma, beta, None, None, stride=2, activation="relu6")
+
+    _assert_same(_run("cuda", no_stats, [x, weight, gamma, beta], (0, 1, 2, 3)),
+                 _run("torch", no_stats, [x, weight, gamma, beta], (0, 1, 2, 3)))
+
+    def folded(x, weight, bias):
+        return ops.dwconv_act(x, weight, bias, activation="silu")
+
+    _assert_same(_run("cuda", folded, [x, weight, beta], (0, 1, 2)),
+                 _run("torch", folded, [x, weight, beta], (0, 1, 2)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_act_matches_torch(cuda_on_cpu, training, layout):
+    x, _, gamma, beta, rm, rv = _dw_inputs(2, 6, 5, 3, 3, LAYOUTS[layout], seed=5)
+
+    def fn(x, gamma, beta, rm, rv):
+        return ops.bn_act(x, gamma, beta, rm, rv, activation="hswish", training=training, momentum=0.2, eps=1e-3)
+
+    _assert_same(_run("cuda", fn, [x, gamma, beta, rm, rv], (0, 1, 2)),
+                 _run("torch", fn, [x, gamma, beta, rm, rv], (0, 1, 2)))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("gate, post_act, biases", [("hsigmoid", "hswish", True), ("sigmoid", "relu", False),
+                                                   ("hsigmoid", "none", True)])
+def test_squeeze_excite_matches_torch(cuda_on_cpu, layout, gate, post_act, biases):
+    g = _gen(9)
+    x = torch.randn(3, 12, 5, 4, generator=g, dtype=F64).contiguous(memory_format=LAYOUTS[layout])
+    params = [torch.randn(3, 12, generator=g, dtype=F64) / 3, torch.randn(3, generator=g, dtype=F64) / 3,
+              torch.randn(12, 3, generator=g, dtype=F64) / 2, torch.randn(12, generator=g, dtype=F64) / 3]
+    if not biases:
+        params[1] = params[3] = None
+    present = [i for i, t in enumerate([x] + params) if t is not None]
+    inputs = [t for t in [x] + params if t is not None]
+
+    def fn(*leaves):
+        full = [None] * 5
+        for i, t in zip(present, leaves):
+            full[i] = t
+        return ops.squeeze_excite(*full, gate=gate, post_act=post_act)
+
+    grads = tuple(range(len(inputs)))
+    _assert_same(_run("cuda", fn, inputs, grads), _run("torch", fn, inputs, grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_low_precision_paths(cuda_on_cpu, dtype):
+    """fp16/bf16/fp32 storage with float accumulation, within DESIGN's bound: no worse than
+    twice the torch backend's own error in that dtype (the emulated conversions round to
+    nearest even like the device intrinsics)."""
+    inputs = _dw_inputs(2, 4, 6, 6, 3, torch.channels_last, seed=2)
+    low = [inputs[0].to(dtype), inputs[1].to(dtype)] + [t.float() for t in inputs[2:]]
+
+    def fn(x, weight, gamma, beta, rm, rv):
+        return ops.dwconv_bn_act(x, weight, gamma, beta, rm, rv, activation="relu6", training=True)
+
+    ref = _run("torch", fn, [t.double() for t in low], (0, 1, 2, 3))
+    base, got = _run("torch", fn, low, (0, 1, 2, 3)), _run("cuda", fn, low, (0, 1, 2, 3))
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last)
+    for name, a, b, r in zip(("y", "dx", "dweight", "dgamma", "dbeta", "running_mean", "running_var"), got, base, ref):
+        assert_within_bound(a, r, b, f"{name} {dtype}")
