@@ -8,7 +8,7 @@ set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [pytest arguments for the benchmarks]}
 shift
 mkdir -p "$OUT"
-if ! pip install --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1; then
+if ! MOBILEOPS_BUILD_CUDA=1 pip install --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1; then
     echo "install failed:"; tail -40 "$OUT/install.log"; exit 1
 fi
 python -m mobileops check 2>&1 | tee "$OUT/check.txt"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mobileops {info,check,bench} ...``."""
+"""Command line: ``python -m mobileops {info,check,bench,build} ...``."""
 
 from __future__ import annotations
 
@@ -89,6 +89,29 @@ def _bench(args) -> int:
     return 1 if failed else 0
 
 
+def _build(args) -> int:
+    import os
+    import subprocess
+
+    import mobileops
+
+    root = Path(mobileops.__file__).resolve().parent.parent
+    if not (root / "setup.py").is_file() or not (root / "csrc").is_dir():
+        raise ValueError(f"build needs a source checkout installed with 'pip install -e .'; {root} has no "
+                         "setup.py and csrc/")
+    env = dict(os.environ, MOBILEOPS_BUILD_CUDA="1")
+    if args.archs:
+        env["MOBILEOPS_CUDA_ARCHS"] = args.archs
+    print(f"building mobileops._C in {root} (MOBILEOPS_CUDA_ARCHS={env.get('MOBILEOPS_CUDA_ARCHS', '80;90')})",
+          flush=True)
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=root, env=env)
+    if done.returncode != 0:
+        print("error: the CUDA extension did not build (see the nvcc output above)", file=sys.stderr)
+        return 1
+    # A fresh interpreter reports what the new build can do (this one may hold the old module).
+    return subprocess.run([sys.executable, "-m", "mobileops", "check"], cwd=root).returncode
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m mobileops`` and the ``mobileops`` script."""
     parser = argparse.ArgumentParser(prog="python -m mobileops", description=__doc__)
@@ -119,6 +142,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
+    p = sub.add_parser("build", help="(re)build the CUDA extension mobileops._C in place (source checkout)")
+    p.add_argument("--archs", default=None, help="compute capabilities, e.g. '90' or '80;90' (default 80;90)")
+    p.set_defaults(run=_build)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -71,3 +71,11 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = next(line.split("=", 1)[1].strip("'") for line in ci.splitlines() if line.startswith("TEST_COMMAND="))
     assert f"\n{command}\n" in (ROOT / "README.md").read_text()
+
+
+def test_build_needs_a_source_checkout(monkeypatch, tmp_path, capsys):
+    import mobileops
+
+    monkeypatch.setattr(mobileops, "__file__", str(tmp_path / "site-packages" / "mobileops" / "__init__.py"))
+    assert main(["build"]) == 2
+    assert "needs a source checkout" in capsys.readouterr().err
