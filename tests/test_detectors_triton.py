@@ -18,13 +18,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _narrow(cfg: str) -> dict:
-    """The shipped config with every channel count divided by 8 (MobileNetv3 rows are verbatim
-    channels; the others scale through width_multiple)."""
+    """The shipped config with every channel count divided by 16, at least 8 (MobileNetv3 rows
+    are verbatim channels; the others scale through width_multiple)."""
     data = yolo.load_config(cfg)
-    data["width_multiple"] = data["width_multiple"] / 8
+    data["width_multiple"] = data["width_multiple"] / 16
     for row in data["backbone"] + data["head"]:
         if row[2] in ("MobileNetv3", "Conv3BN"):
-            row[3] = [max(8, a // 8) if i < (2 if row[2] == "MobileNetv3" else 1) else a for i, a in enumerate(row[3])]
+            row[3] = [max(8, a // 16) if i < (2 if row[2] == "MobileNetv3" else 1) else a for i, a in enumerate(row[3])]
     return data
 
 

@@ -66,7 +66,7 @@ def build(out_dir: Path):
         compiler = shutil.which("c++") or shutil.which("g++")
         if compiler is None:
             raise FileNotFoundError("no C++ compiler (c++ or g++) on PATH")
-        flags = ["-std=c++20", "-O1", "-fPIC", "-fvisibility=hidden", "-pthread", f"-I{work}",
+        flags = ["-std=c++20", "-O0", "-fPIC", "-fvisibility=hidden", "-pthread", f"-I{work}",
                  f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}"]
 
         def compile_unit(unit):
