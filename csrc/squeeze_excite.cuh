@@ -36,4 +36,27 @@ se_channel_sum_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict_
   if (threadIdx.x == 0) out[blockIdx.x] = acc / scale_div;
 }
 
+// The SE MLP of sample n, in one block: s[C] <- pooled[n], hidden[R] <- fc1(s) before the ReLU,
+// and fc2 of the ReLU'd hidden layer at channel c. Shared by the forward and the backward
+// (which recomputes it instead of saving it).
+template <typename A>
+__device__ __forceinline__ void se_hidden(const A* pooled, const A* w1, const A* b1, int C, int R, int64_t n, A* s,
+                                          A* hidden) {
+  for (int c = threadIdx.x; c < C; c += blockDim.x) s[c] = pooled[n * C + c];
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    A h = b1 ? b1[r] : A(0);
+    for (int c = 0; c < C; ++c) h += w1[int64_t(r) * C + c] * s[c];
+    hidden[r] = h;
+  }
+  __syncthreads();
+}
+
+template <typename A>
+__device__ __forceinline__ A se_pre_gate(const A* w2, const A* b2, int R, int c, const A* hidden) {
+  A t = b2 ? b2[c] : A(0);
+  for (int r = 0; r < R; ++r) t += w2[int64_t(c) * R + r] * (hidden[r] > A(0) ? hidden[r] : A(0));
+  return t;
+}
+
 }  // namespace mobileops

@@ -19,18 +19,9 @@ mlp_backward_kernel(const A* pooled, const A* w1, const A* b1, const A* w2, cons
   A* hidden = dt + C;                   // [R]
   A* dh = hidden + R;                   // [R]
   const int64_t n = blockIdx.x;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) s[c] = pooled[n * C + c];
-  __syncthreads();
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    A h = b1 ? b1[r] : A(0);
-    for (int c = 0; c < C; ++c) h += w1[int64_t(r) * C + c] * s[c];
-    hidden[r] = h;  // pre-ReLU
-  }
-  __syncthreads();
+  se_hidden(pooled, w1, b1, C, R, n, s, hidden);  // hidden before the ReLU
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    A t = b2 ? b2[c] : A(0);
-    for (int r = 0; r < R; ++r) t += w2[int64_t(c) * R + r] * (hidden[r] > A(0) ? hidden[r] : A(0));
-    const A d = d_gate[n * C + c] * activate_grad<GATE>(t);
+    const A d = d_gate[n * C + c] * activate_grad<GATE>(se_pre_gate(w2, b2, R, c, hidden));
     dt[c] = d;
     d_pre_gate[n * C + c] = d;
   }

@@ -15,18 +15,9 @@ mlp_kernel(const A* pooled, const A* w1, const A* b1, const A* w2, const A* b2, 
   A* s = reinterpret_cast<A*>(smem);
   A* hidden = s + C;
   const int64_t n = blockIdx.x;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) s[c] = pooled[n * C + c];
-  __syncthreads();
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    A h = b1 ? b1[r] : A(0);
-    for (int c = 0; c < C; ++c) h += w1[int64_t(r) * C + c] * s[c];
-    hidden[r] = h > A(0) ? h : A(0);
-  }
-  __syncthreads();
+  se_hidden(pooled, w1, b1, C, R, n, s, hidden);
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    A t = b2 ? b2[c] : A(0);
-    for (int r = 0; r < R; ++r) t += w2[int64_t(c) * R + r] * hidden[r];
-    gates[n * C + c] = activate<GATE>(t);
+    gates[n * C + c] = activate<GATE>(se_pre_gate(w2, b2, R, c, hidden));
   }
 }
 

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import importlib
 import os
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -113,6 +113,17 @@ def _backend_problem(backend: str, device: Optional[torch.device]) -> Optional[s
     if not any(backend in table for table in _impls.values()):
         return "no fused op is implemented by this backend yet"
     return None
+
+
+#: Where each kernel backend's per-op launcher modules live (same functions in both).
+_LAUNCHER_PACKAGES = {"triton": "mobileops.kernels", "cuda": "mobileops.cuda"}
+
+
+def launcher_loader(backend: str, op: str) -> Callable[[], Any]:
+    """A function importing the launcher module of ``op`` on ``backend`` on first call (Triton
+    decides at kernel-definition time whether to interpret, so nothing is imported early)."""
+    name = f"{_LAUNCHER_PACKAGES[backend]}.{op}"
+    return lambda: importlib.import_module(name)
 
 
 def backend_status() -> Dict[str, Optional[str]]:

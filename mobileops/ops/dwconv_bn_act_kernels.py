@@ -158,17 +158,5 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
                             momentum, eps)
 
 
-def _triton_kernels():
-    from mobileops.kernels import dwconv_bn_act as kernels
-
-    return kernels
-
-
-def _cuda_kernels():
-    from mobileops.cuda import dwconv_bn_act as kernels
-
-    return kernels
-
-
-define_backend("triton", _triton_kernels)
-define_backend("cuda", _cuda_kernels)
+for _name in ("triton", "cuda"):
+    define_backend(_name, backend.launcher_loader(_name, "dwconv_bn_act"))

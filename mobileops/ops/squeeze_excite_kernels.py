@@ -87,17 +87,5 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
         return _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act)[0]
 
 
-def _triton_kernels():
-    from mobileops.kernels import squeeze_excite as kernels
-
-    return kernels
-
-
-def _cuda_kernels():
-    from mobileops.cuda import squeeze_excite as kernels
-
-    return kernels
-
-
-define_backend("triton", _triton_kernels)
-define_backend("cuda", _cuda_kernels)
+for _name in ("triton", "cuda"):
+    define_backend(_name, backend.launcher_loader(_name, "squeeze_excite"))
