@@ -4,8 +4,9 @@ test, grouped by op / block / detector and mode.
 Each test times all implementations of its case side by side with the benchmark timers of
 :mod:`mobileops.bench.timing` (CUDA events or graphs on a GPU), checks that each agrees with
 eager, and records one results row; pytest-benchmark's own table shows the fastest mobileops
-backend of each case, with every time and ratio in ``extra_info``. At the end the rows are
-written to ``benchmarks/results/<device>-<date>.json`` (``--bench-out ''`` writes nothing).
+backend of each case, with every time and ratio in ``extra_info``. The rows are written to
+``benchmarks/results/<device>-<date>.json`` after every case, so a run stopped midway keeps
+what it measured (``--bench-out ''`` writes nothing).
 
 Without CUDA the ``cpu`` scope runs and the GPU grid is listed as skipped with the reason.
 """
@@ -54,6 +55,7 @@ class BenchSession:
             else config.getoption("--bench-compile-mode")
         self.out = config.getoption("--bench-out")
         self.rows = []
+        self.path = None
         self._copy_bps = None
         if CUDA:
             torch.backends.cudnn.benchmark = True
@@ -72,6 +74,7 @@ class BenchSession:
         env = cases.setup(case, DEVICE, self.compile_mode)
         row = run.measure(case, DEVICE, self.copy_bytes_per_s, self.compile_mode, env)
         self.rows.append(row)
+        self.write()
         benchmark.group = case.group
         benchmark.extra_info.update(row)
         fused = [name for name in env.impls if name.startswith("mobileops")]
@@ -91,8 +94,8 @@ class BenchSession:
     def write(self):
         if self.rows and self.out:
             document = run.results_document(DEVICE, self.copy_bytes_per_s, self.compile_mode, self.rows)
-            return run.write_results(document, self.out)
-        return None
+            self.path = run.write_results(document, self.out, self.path)
+        return self.path
 
 
 @pytest.fixture(scope="session")

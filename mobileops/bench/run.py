@@ -155,11 +155,13 @@ def results_path(folder: Path, document: dict) -> Path:
     return path
 
 
-def write_results(document: dict, folder: Path) -> Path:
-    """Write ``document`` under ``folder`` (see :func:`results_path`) and return the path."""
+def write_results(document: dict, folder: Path, path: Optional[Path] = None) -> Path:
+    """Write ``document`` under ``folder`` (see :func:`results_path`) and return the path.
+    ``path`` (one this function returned before) rewrites that file: a run that is stopped
+    midway keeps the rows it measured."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = results_path(folder, document)
+    path = results_path(folder, document) if path is None else Path(path)
     path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
     return path
 
