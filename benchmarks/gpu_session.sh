@@ -2,13 +2,14 @@
 # One GPU session on a fresh host without network, sized for one 10-minute call: install
 # without build isolation (builds the CUDA extension for MOBILEOPS_CUDA_ARCHS, default 90),
 # record the environment, run the test suite (GPU tests included) and then the benchmarks,
-# each under its own time limit. At most six files land in OUT_DIR (env.txt, install.log,
-# tests.log, tests.xml, bench.log and the results JSON, which is rewritten after every case so
+# each under its own time limit. At most seven files land in OUT_DIR (env.txt, install.log,
+# tests.log, tests.xml, profile.txt, bench.log and the results JSON, which is rewritten after every case so
 # a benchmark stopped at its limit keeps what it measured). The exit status is the tests'.
 #
 #   benchmarks/gpu_session.sh OUT_DIR [pytest arguments for the benchmarks]
 #
-# Environment: SESSION_TESTS  pytest arguments for the tests ("tests"; "none" skips them)
+# Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
+#              SESSION_TESTS  pytest arguments for the tests ("tests"; "none" skips them)
 #              TESTS_TIMEOUT  seconds for the tests (300)     BENCH_TIMEOUT seconds (240; 0 skips)
 #              TEST_WORKERS   pytest-xdist workers (8)
 set -uo pipefail
@@ -28,22 +29,29 @@ echo "installed in $((SECONDS - began)) s"
     >"$OUT/env.txt" 2>&1
 head -30 "$OUT/env.txt"
 
+if [ -n "${PROFILE_ARGS:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout -s INT "${PROFILE_TIMEOUT:-150}" python benchmarks/profile_case.py $PROFILE_ARGS >"$OUT/profile.txt" 2>&1
+    echo "profile done at $((SECONDS - began)) s"
+fi
+
 tests_rc=0
 if [ "$SESSION_TESTS" != "none" ]; then
     # One fixed kernel configuration per launch: the tests check numbers, not tuning, and
     # autotuning every variant would spend the call compiling.
     # shellcheck disable=SC2086
-    MOBILEOPS_AUTOTUNE=0 timeout "${TESTS_TIMEOUT:-300}" python -m pytest $SESSION_TESTS -q -rfE \
-        -n "${TEST_WORKERS:-8}" -p no:cacheprovider --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+    MOBILEOPS_AUTOTUNE=0 timeout -s INT "${TESTS_TIMEOUT:-300}" python -m pytest $SESSION_TESTS -q -rfE \
+        -n "${TEST_WORKERS:-8}" -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$OUT/tests.xml" \
+        >"$OUT/tests.log" 2>&1
     tests_rc=$?
-    [ "$tests_rc" -eq 124 ] && echo "tests stopped at their time limit"
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -40
+    [ "$tests_rc" -eq 124 ] || [ "$tests_rc" -eq 2 ] && echo "tests stopped at their time limit (or interrupted)"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -40
     tail -3 "$OUT/tests.log"
     echo "tests done at $((SECONDS - began)) s"
 fi
 
 if [ "${BENCH_TIMEOUT:-240}" != "0" ]; then
-    timeout "${BENCH_TIMEOUT:-240}" python -m pytest benchmarks -q -p no:cacheprovider --bench-out "$OUT" \
+    timeout -s INT "${BENCH_TIMEOUT:-240}" python -m pytest benchmarks -q -p no:cacheprovider --bench-out "$OUT" \
         "$@" >"$OUT/bench.log" 2>&1
     bench_rc=$?
     [ "$bench_rc" -eq 124 ] && echo "benchmarks stopped at their time limit"

@@ -96,16 +96,21 @@ REDUCE_META = dict(BLOCK_R=32, BLOCK_M=64)
 
 def configs(tile_limit: int):
     """Candidate (BLOCK_P, BLOCK_C, num_warps) covering NCHW (long runs of positions, few
-    channels) and channels_last (many channels); ``tile_limit`` caps BLOCK_P * BLOCK_C."""
-    out = []
+    channels) and channels_last (many channels). Each shape is shrunk (positions first) until
+    BLOCK_P * BLOCK_C is at most ``tile_limit``, so a small limit still gets candidates: an
+    empty list would make triton.autotune launch with no block sizes at all."""
+    shapes = []
     for block_p, block_c in ((256, 4), (128, 8), (256, 8), (64, 16), (32, 32), (16, 64), (32, 64),
                              (8, 128), (64, 64), (16, 128)):
-        if block_p * block_c > tile_limit:
-            continue
-        for warps in (4, 8):
-            out.append(triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps))
-    return out
-
+        while block_p * block_c > tile_limit:
+            if block_p > 4 and block_p >= block_c // 4:
+                block_p //= 2
+            else:
+                block_c //= 2
+        if (block_p, block_c) not in shapes:
+            shapes.append((block_p, block_c))
+    return [triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c), num_warps=warps)
+            for block_p, block_c in shapes for warps in ((4, 8) if block_p * block_c >= 2048 else (2, 4))]
 
 
 @functools.lru_cache(maxsize=None)
