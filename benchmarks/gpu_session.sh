@@ -11,7 +11,9 @@
 # Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
 #              SESSION_TESTS  pytest arguments for the tests ("tests"; "none" skips them)
 #              TESTS_TIMEOUT  seconds for the tests (300)     BENCH_TIMEOUT seconds (240; 0 skips)
-#              TEST_WORKERS   pytest-xdist workers (8)
+#              TEST_WORKERS   pytest-xdist workers (8)   TEST_TIMEOUT seconds per test (120)
+#              SESSION_ORDER  "tests benchmarks" (default) or "benchmarks tests"
+#              BENCH_FILES    benchmark files in the order to run ("benchmarks")
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [pytest arguments for the benchmarks]}
 shift
@@ -36,32 +38,41 @@ if [ -n "${PROFILE_ARGS:-}" ]; then
 fi
 
 tests_rc=0
-if [ "$SESSION_TESTS" != "none" ]; then
-    # One fixed kernel configuration per launch: the tests check numbers, not tuning, and
-    # autotuning every variant would spend the call compiling.
-    # shellcheck disable=SC2086
-    MOBILEOPS_AUTOTUNE=0 timeout -s INT "${TESTS_TIMEOUT:-300}" python -m pytest $SESSION_TESTS -q -rfE \
-        -n "${TEST_WORKERS:-8}" -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$OUT/tests.xml" \
-        >"$OUT/tests.log" 2>&1
-    tests_rc=$?
-    [ "$tests_rc" -eq 124 ] || [ "$tests_rc" -eq 2 ] && echo "tests stopped at their time limit (or interrupted)"
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -40
-    tail -3 "$OUT/tests.log"
-    echo "tests done at $((SECONDS - began)) s"
-fi
+run_tests() {
+    if [ "$SESSION_TESTS" != "none" ]; then
+        # One fixed kernel configuration per launch: the tests check numbers, not tuning, and
+        # autotuning every variant would spend the call compiling.
+        # shellcheck disable=SC2086
+        # One inductor compile thread per worker: xdist workers that each spawn a full compile pool
+        # oversubscribe the host's cores many times over.
+        MOBILEOPS_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=1 timeout -s INT "${TESTS_TIMEOUT:-300}" \
+            python -m pytest $SESSION_TESTS -q -rfE --timeout "${TEST_TIMEOUT:-120}" -n "${TEST_WORKERS:-8}" -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$OUT/tests.xml" \
+            >"$OUT/tests.log" 2>&1
+        tests_rc=$?
+        [ "$tests_rc" -eq 124 ] || [ "$tests_rc" -eq 2 ] && echo "tests stopped at their time limit (or interrupted)"
+        grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -40
+        tail -3 "$OUT/tests.log"
+        echo "tests done at $((SECONDS - began)) s"
+    fi
+}
 
-if [ "${BENCH_TIMEOUT:-240}" != "0" ]; then
-    timeout -s INT "${BENCH_TIMEOUT:-240}" python -m pytest benchmarks -q -p no:cacheprovider --bench-out "$OUT" \
-        "$@" >"$OUT/bench.log" 2>&1
-    bench_rc=$?
-    [ "$bench_rc" -eq 124 ] && echo "benchmarks stopped at their time limit"
-    echo "benchmarks exit status $bench_rc at $((SECONDS - began)) s"
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/bench.log" | cut -c1-220 | tail -12
-    python - "$OUT" <<'EOF'
-import json, sys, pathlib
+run_benchmarks() {
+    if [ "${BENCH_TIMEOUT:-240}" != "0" ]; then  # (BENCH_TIMEOUT=0 skips)
+        # shellcheck disable=SC2086
+        timeout -s INT "${BENCH_TIMEOUT:-240}" python -m pytest ${BENCH_FILES:-benchmarks} -q -p no:cacheprovider --bench-out "$OUT" \
+            "$@" >"$OUT/bench.log" 2>&1
+        bench_rc=$?
+        [ "$bench_rc" -eq 124 ] && echo "benchmarks stopped at their time limit"
+        echo "benchmarks exit status $bench_rc at $((SECONDS - began)) s"
+        grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/bench.log" | cut -c1-220 | tail -12
+        python -c 'import json, sys, pathlib
 from mobileops.bench import run
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*-20*.json")):
-    print(run.summary_table(json.loads(path.read_text())["rows"]))
-EOF
-fi
+    print(run.summary_table(json.loads(path.read_text())["rows"]))' "$OUT"
+    fi
+}
+
+for step in ${SESSION_ORDER:-tests benchmarks}; do
+    "run_$step" "$@"
+done
 exit $tests_rc

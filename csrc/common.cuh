@@ -88,18 +88,32 @@ struct Strides4 {
   }
 };
 
+// Quotient of a non-negative index by a positive divisor, remainder in r. Nearly every index
+// fits 32 bits, and 32-bit unsigned division is several times fewer instructions than the
+// 64-bit one; the branch is uniform across a launch in practice.
+__device__ __forceinline__ int64_t divmod(int64_t a, int64_t b, int64_t& r) {
+  if (a <= 0xffffffffLL && b <= 0xffffffffLL) {
+    const uint32_t q = uint32_t(a) / uint32_t(b);
+    r = int64_t(uint32_t(a) - q * uint32_t(b));
+    return q;
+  }
+  const int64_t q = a / b;
+  r = a - q * b;
+  return q;
+}
+
 // Splits a linear index into (n, c, h, w), walking channels fastest when channels_last so
 // that neighbouring threads touch neighbouring addresses in that layout.
 __device__ __forceinline__ void split_index(int64_t i, int C, int H, int W, bool channels_last, int64_t& n,
                                             int64_t& c, int64_t& h, int64_t& w) {
   if (channels_last) {
-    c = i % C; i /= C;
-    w = i % W; i /= W;
-    h = i % H; n = i / H;
+    i = divmod(i, C, c);
+    i = divmod(i, W, w);
+    n = divmod(i, H, h);
   } else {
-    w = i % W; i /= W;
-    h = i % H; i /= H;
-    c = i % C; n = i / C;
+    i = divmod(i, W, w);
+    i = divmod(i, H, h);
+    n = divmod(i, C, c);
   }
 }
 

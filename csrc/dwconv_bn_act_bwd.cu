@@ -32,7 +32,8 @@ grad_sums_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
   A sdu = A(0), sdux = A(0);
   for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
-    const int64_t n = q / hw, oh = (q % hw) / s.WO, ow = q % s.WO;
+    int64_t r, ow;
+    const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
     const A xhat = (conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow) - p.mean) * p.rstd;
     const A du = load_as<A>(dy + sdy.at(n, c, oh, ow)) * activate_grad_rt(act, xhat * p.gamma + p.beta);
     sdu += du;
@@ -79,7 +80,8 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
   for (int t = 0; t < TAPS; ++t) dw[t] = A(0);
   A sdu = A(0), sdux = A(0);
   for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
-    const int64_t n = q / hw, oh = (q % hw) / s.WO, ow = q % s.WO;
+    int64_t r, ow;
+    const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
     const A xhat = (conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow) - p.mean) * p.rstd;
     const A du = load_as<A>(dy + sdy.at(n, c, oh, ow)) * activate_grad_rt(g.act, xhat * p.gamma + p.beta);
     sdu += du;

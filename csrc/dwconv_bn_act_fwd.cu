@@ -38,8 +38,9 @@ stats_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, DwSh
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
   A n_ = A(0), mean_ = A(0), m2_ = A(0);
   for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
-    const int64_t n = p / hw, r = p % hw;
-    const A z = conv_at<T, A, K>(x, w, s, sx, n, c, r / s.WO, r % s.WO);
+    int64_t r, ow;
+    const int64_t n = divmod(p, hw, r), oh = divmod(r, s.WO, ow);
+    const A z = conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow);
     n_ += A(1);
     const A delta = z - mean_;
     mean_ += delta / n_;

@@ -120,7 +120,7 @@ def sm_count(device: torch.device) -> int:
 
 def default_meta(x: torch.Tensor, taps: int = 1) -> dict:
     """The fixed configuration: used by the interpreter and in deterministic mode."""
-    if interpreter_on():
+    if COMPILED_FOR_INTERPRETER:
         return dict(INTERPRETER_META)
     c = x.shape[1]
     if x.stride(1) == 1:  # channels innermost: vectorise over channels
@@ -137,7 +137,7 @@ def chunk_size(x: torch.Tensor, positions: int) -> int:
     """Output positions per program in the chunked (reducing) kernels: enough programs to fill
     the GPU, few enough partial rows that reducing them is cheap. Depends only on the shape and
     the device, so it never changes the summation order between runs."""
-    if interpreter_on():
+    if COMPILED_FOR_INTERPRETER:
         return INTERPRETER_CHUNK
     n, c = x.shape[0], x.shape[1]
     programs_wanted = 4 * sm_count(x.device)
@@ -165,7 +165,8 @@ def autotune_enabled() -> bool:
 
 
 def fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> Optional[dict]:
-    if interpreter_on() or not autotune_enabled() or (reduction and torch.are_deterministic_algorithms_enabled()):
+    deterministic = reduction and torch.are_deterministic_algorithms_enabled()
+    if COMPILED_FOR_INTERPRETER or not autotune_enabled() or deterministic:
         return default_meta(x, taps)
     return None
 
@@ -196,7 +197,7 @@ def index64(*tensors: torch.Tensor) -> bool:
     """Whether offsets may pass 2**31 and need 64-bit arithmetic. Always under the interpreter:
     it checks every 32-bit integer op for overflow, which makes it several times slower, and
     the CPU tests then cover the 64-bit path."""
-    if interpreter_on():
+    if COMPILED_FOR_INTERPRETER:
         return True
     limit = 2 ** 31 - 1
     return any(t.numel() > 0 and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) >= limit

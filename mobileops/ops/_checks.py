@@ -11,6 +11,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def autocast_on(device: torch.device) -> bool:
+    if device.type == "meta":  # autocast has no meta device (and asking raises)
+        return False
     try:
         return torch.is_autocast_enabled(device.type)
     except TypeError:  # torch versions whose is_autocast_enabled takes no device type

@@ -5,7 +5,8 @@ differs (:mod:`mobileops.kernels.dwconv_bn_act` for Triton, :mod:`mobileops.cuda
 for the CUDA extension).
 
 Per backend ``B``, three ``torch.library`` custom ops, each with a fake (meta) implementation so
-``torch.compile(fullgraph=True)`` traces them without graph breaks:
+``torch.compile(fullgraph=True)`` traces them without graph breaks (eager calls skip the custom-op
+dispatch and run the same code directly: :mod:`mobileops.ops._dispatch`):
 
 - ``mobileops::dwconv_bn_stats_B``: batch mean and rstd of the depthwise conv output,
   updating the running statistics in place. Not differentiable: it runs on detached inputs.
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from mobileops import backend
 from mobileops.ops import _checks
+from mobileops.ops._dispatch import KernelOp
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -62,37 +64,38 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
     ``backward``; see :mod:`mobileops.kernels.dwconv_bn_act`), imported on first use.
     """
 
-    @torch.library.custom_op(f"mobileops::dwconv_bn_stats_{name}", mutates_args=("running_mean", "running_var"))
-    def _batch_stats(x: Tensor, weight: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                     stride: int, padding: int, momentum: float, eps: float) -> Tuple[Tensor, Tensor]:
-        return load_kernels().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
-                                          momentum=momentum, eps=eps)
+    kernels = load_kernels
 
-    @_batch_stats.register_fake
+    def _batch_stats_body(x: Tensor, weight: Optional[Tensor], running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], stride: int, padding: int, momentum: float,
+                          eps: float) -> Tuple[Tensor, Tensor]:
+        return kernels().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
+                                     momentum=momentum, eps=eps)
+
     def _batch_stats_fake(x, weight, running_mean, running_var, stride, padding, momentum, eps):
         c = x.shape[1]
         return x.new_empty(c, dtype=_acc_dtype(x)), x.new_empty(c, dtype=_acc_dtype(x))
 
-    @torch.library.custom_op(f"mobileops::dwconv_bn_act_{name}", mutates_args=())
-    def _forward(x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                 mean: Optional[Tensor], var: Optional[Tensor], stride: int, padding: int, activation: str,
-                 norm: str, eps: float) -> Tensor:
+    _batch_stats = KernelOp(f"mobileops::dwconv_bn_stats_{name}", _batch_stats_body,
+                            mutates_args=("running_mean", "running_var"), fake=_batch_stats_fake)
+
+    def _forward_body(x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      mean: Optional[Tensor], var: Optional[Tensor], stride: int, padding: int, activation: str,
+                      norm: str, eps: float) -> Tensor:
         out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                           memory_format=_checks.suggest_memory_format(x))
-        return load_kernels().forward(x, weight, bn_weight, bn_bias, mean, var, out=out, stride=stride,
-                                      padding=padding, activation=activation, norm=norm, eps=eps)
+        return kernels().forward(x, weight, bn_weight, bn_bias, mean, var, out=out, stride=stride,
+                                 padding=padding, activation=activation, norm=norm, eps=eps)
 
-    @_forward.register_fake
     def _forward_fake(x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps):
         return torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                            memory_format=_checks.suggest_memory_format(x))
 
-    @torch.library.custom_op(f"mobileops::dwconv_bn_act_{name}_backward", mutates_args=())
-    def _backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor],
-                     bn_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], stride: int,
-                     padding: int, activation: str, norm: str, eps: float,
-                     weight_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        dx, dw, sum_du, sum_dux = load_kernels().backward(
+    def _backward_body(dy: Tensor, x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor],
+                       bn_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], stride: int,
+                       padding: int, activation: str, norm: str, eps: float,
+                       weight_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        dx, dw, sum_du, sum_dux = kernels().backward(
             dy, x, weight, bn_weight, bn_bias, mean, var, stride=stride, padding=padding,
             activation=activation, norm=norm, eps=eps, weight_grad=weight_grad,
             memory_format=_checks.suggest_memory_format(x))
@@ -100,7 +103,6 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
         d_bn_bias = sum_du.to(bn_bias.dtype) if bn_bias is not None else sum_du
         return dx, dw if dw is not None else x.new_empty(0), d_bn_weight, d_bn_bias
 
-    @_backward_op.register_fake
     def _backward_fake(dy, x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps,
                        weight_grad):
         c, acc = x.shape[1], _acc_dtype(x)
@@ -109,6 +111,8 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if has_dw else x.new_empty(0)
         return (dx, dw, x.new_empty(c, dtype=bn_weight.dtype if bn_weight is not None else acc),
                 x.new_empty(c, dtype=bn_bias.dtype if bn_bias is not None else acc))
+
+    _backward_op = KernelOp(f"mobileops::dwconv_bn_act_{name}_backward", _backward_body, fake=_backward_fake)
 
     def _setup_context(ctx, inputs, output):
         x, weight, bn_weight, bn_bias, mean, var, *config = inputs
@@ -124,8 +128,8 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
                 d_bn_weight if bn_weight is not None and needs[2] else None,
                 d_bn_bias if bn_bias is not None and needs[3] else None) + (None,) * 7
 
-    torch.library.register_autograd(f"mobileops::dwconv_bn_act_{name}", _autograd_backward,
-                                    setup_context=_setup_context)
+    _forward = KernelOp(f"mobileops::dwconv_bn_act_{name}", _forward_body, fake=_forward_fake,
+                        setup_context=_setup_context, backward=_autograd_backward)
 
     def _conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
                      training, momentum, eps):

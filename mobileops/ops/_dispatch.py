@@ -1,0 +1,64 @@
+"""One kernel op, two ways in: a ``torch.library`` custom op for tracing, a direct call in eager.
+
+The custom ops (with fake implementations and registered autograd) are what
+``torch.compile``, ``torch.export`` and meta-device runs need. In plain eager mode their
+dispatch (schema binding, autograd wrapper, redispatch) costs more host time than a fused
+kernel takes on the GPU at many real layer shapes, so eager calls run the same Python body
+directly, through a ``torch.autograd.Function`` when a gradient is needed. Both ways launch
+the same kernels with the same arguments, so results are bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def _eager(x: Tensor) -> bool:
+    # Fake, functional and other tensor subclasses, the meta device and dynamo tracing all go
+    # through the custom op, which knows how to be traced.
+    return type(x) is Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+
+
+class KernelOp:
+    """A kernel entry point callable like its custom op.
+
+    Args:
+        name: the custom op's qualified name, e.g. ``"mobileops::squeeze_excite_triton"``.
+        body: the implementation; its annotations give the custom op's schema.
+        mutates_args: arguments ``body`` writes in place (as for ``torch.library.custom_op``).
+        fake: the fake (meta) implementation.
+        setup_context, backward: the autograd formula, as for ``torch.library.register_autograd``
+            (None: not differentiable).
+    """
+
+    def __init__(self, name: str, body: Callable, *, mutates_args=(), fake: Callable,
+                 setup_context: Callable = None, backward: Callable = None):
+        self.body = body
+        self.custom_op = torch.library.custom_op(name, body, mutates_args=mutates_args)
+        self.custom_op.register_fake(fake)
+        self.function = None
+        if backward is not None:
+            torch.library.register_autograd(name, backward, setup_context=setup_context)
+            def forward(ctx, *args):
+                # ctx-taking forward: with a separate setup_context, Function.apply binds its
+                # arguments through inspect.signature on every call.
+                output = body(*args)
+                setup_context(ctx, args, output)
+                return output
+
+            self.function = type(f"{name.split('::')[-1]}_function", (torch.autograd.Function,),
+                                 dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+
+    def __call__(self, *args):
+        if not _eager(args[0]):
+            return self.custom_op(*args)
+        if self.function is not None and torch.is_grad_enabled() and any(
+                isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self.function.apply(*args)
+        return self.body(*args)
+
+
+__all__ = ["KernelOp"]
