@@ -172,3 +172,28 @@ def test_low_precision_paths(cuda_on_cpu, dtype):
     assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=torch.channels_last)
     for name, a, b, r in zip(("y", "dx", "dweight", "dgamma", "dbeta", "running_mean", "running_var"), got, base, ref):
         assert_within_bound(a, r, b, f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_parameters_reach_the_kernels_intact(cuda_on_cpu, dtype):
+    """Half-precision BN and FC tensors (and a non-contiguous conv weight) go to the kernels as
+    float32 / contiguous copies. Each copy must outlive its launch: when only its address was
+    kept, the next copy reused the freed memory and SE gates came out NaN or wrong."""
+    inputs = _dw_inputs(2, 6, 5, 5, 3, torch.channels_last, seed=4)
+    g = _gen(5)
+    se = [torch.randn(3, 6, generator=g, dtype=F64) * 0.4, torch.randn(3, generator=g, dtype=F64),
+          torch.randn(6, 3, generator=g, dtype=F64) * 0.5, torch.randn(6, generator=g, dtype=F64)]
+    low = [t.to(dtype) for t in inputs + se]
+    # a transposed-then-restored view: same values, not contiguous, so the launcher copies it
+    low[1] = low[1].permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+
+    def fn(x, weight, gamma, beta, rm, rv, w1, b1, w2, b2):
+        y = ops.dwconv_bn_act(x, weight, gamma, beta, rm, rv, activation="hswish", training=False)
+        return ops.squeeze_excite(y, w1, b1, w2, b2, gate="hsigmoid", post_act="hswish")
+
+    grads = (0, 1, 2, 3, 6, 7, 8, 9)
+    ref = _run("torch", fn, [t.double() for t in low], grads)
+    base, got = _run("torch", fn, low, grads), _run("cuda", fn, low, grads)
+    names = ("y", "dx", "dweight", "dgamma", "dbeta", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias")
+    for name, a, b, r in zip(names, got, base, ref):
+        assert_within_bound(a, r, b, f"{name} {dtype}")

@@ -62,7 +62,8 @@ def as_acc(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tens
 
 
 def ptr(t: Optional[torch.Tensor]) -> int:
-    """Device address of ``t`` (0 for an absent tensor)."""
+    """Device address of ``t`` (0 for an absent tensor). ``t`` must stay referenced until the
+    launch that reads the address returns."""
     return 0 if t is None else t.data_ptr()
 
 

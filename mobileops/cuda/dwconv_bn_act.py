@@ -10,7 +10,7 @@ float copy and written back.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -58,6 +58,13 @@ def _weight(weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if weight is None else weight.detach().contiguous()
 
 
+def _params(weight, gamma, beta, mean, var, acc: torch.dtype) -> List[Optional[torch.Tensor]]:
+    """The conv weight (contiguous) and the BN tensors (in ``acc``) as the kernels read them.
+    The caller must hold the list until the launch returns: a converted copy whose address
+    alone is passed would be freed at once, and the next copy could take its memory."""
+    return [_weight(weight)] + [ext.as_acc(t, acc) for t in (gamma, beta, mean, var)]
+
+
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
             beta: Optional[torch.Tensor], mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
             *, out: torch.Tensor, stride: int, padding: int, activation: str, norm: str,
@@ -74,10 +81,10 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[tor
         return out
     acc = ext.acc_dtype(x)
     stream = ext.prepare(x)
+    params = _params(weight, gamma, beta, mean, var, acc)  # referenced until the launch returns
     ext.extension().dwconv_bn_act_forward(
         code, k, ext.ACTIVATION_CODES[activation], ext.NORM_CODES[norm], ext.ptr(x), ext.strides(x),
-        ext.ptr(_weight(weight)), ext.ptr(ext.as_acc(gamma, acc)), ext.ptr(ext.as_acc(beta, acc)),
-        ext.ptr(ext.as_acc(mean, acc)), ext.ptr(ext.as_acc(var, acc)), float(eps), ext.ptr(out), ext.strides(out),
+        *map(ext.ptr, params), float(eps), ext.ptr(out), ext.strides(out),
         shape, ext.channels_last(out), stream)
     return out
 
@@ -139,10 +146,10 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     part_dw = torch.empty((chunks, c * taps), device=x.device, dtype=acc) if weight_grad else None
     dw = torch.empty((c, 1, k, k), device=x.device, dtype=acc) if weight_grad else None
     stream = ext.prepare(x)
+    params = _params(weight, gamma, beta, mean, var, acc)  # referenced until the launch returns
     ext.extension().dwconv_bn_act_backward(
         code, k, ext.ACTIVATION_CODES[activation], ext.NORM_CODES[norm], ext.ptr(dy), ext.strides(dy), ext.ptr(x),
-        ext.strides(x), ext.ptr(_weight(weight)), ext.ptr(ext.as_acc(gamma, acc)), ext.ptr(ext.as_acc(beta, acc)),
-        ext.ptr(ext.as_acc(mean, acc)), ext.ptr(ext.as_acc(var, acc)), float(eps), shape, chunk, chunks,
+        ext.strides(x), *map(ext.ptr, params), float(eps), shape, chunk, chunks,
         ext.ptr(parts[0]), ext.ptr(parts[1]), ext.ptr(sums[0]), ext.ptr(sums[1]), ext.ptr(dz),
         ext.strides(dz) if dz is not None else (0, 0, 0, 0), ext.ptr(part_dw), ext.ptr(dw), ext.ptr(dx),
         ext.strides(dx), ext.channels_last(dx), stream)

@@ -52,10 +52,10 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: t
     if x.numel() == 0:
         return out, pooled, gates
     stream = ext.prepare(x)
+    fc = [ext.as_acc(t, acc) for t in (w1, b1, w2, b2)]  # held until the launch returns (see backward)
     ext.extension().squeeze_excite_forward(
         code, ext.ACTIVATION_CODES[gate], ext.ACTIVATION_CODES[post_act], ext.ptr(x), ext.strides(x),
-        list(x.shape), r, ext.ptr(ext.as_acc(w1, acc)), ext.ptr(ext.as_acc(b1, acc)), ext.ptr(ext.as_acc(w2, acc)),
-        ext.ptr(ext.as_acc(b2, acc)), ext.ptr(pooled), ext.ptr(gates), ext.ptr(out), ext.strides(out),
+        list(x.shape), r, *map(ext.ptr, fc), ext.ptr(pooled), ext.ptr(gates), ext.ptr(out), ext.strides(out),
         ext.channels_last(out), stream)
     return out, pooled, gates
 
@@ -84,11 +84,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[t
     db1 = torch.empty(r, device=x.device, dtype=acc) if b1 is not None else None
     db2 = torch.empty(c, device=x.device, dtype=acc) if b2 is not None else None
     stream = ext.prepare(x)
+    # Converted copies are held until the launch returns: passing only a temporary's address
+    # would free it at once, and the next copy could take its memory.
+    held = [ext.as_acc(t, acc) for t in (w1, b1, w2, b2)] + [pooled.contiguous(), gates.contiguous()]
     ext.extension().squeeze_excite_backward(
         code, ext.ACTIVATION_CODES[gate], ext.ACTIVATION_CODES[post_act], ext.ptr(dy), ext.strides(dy), ext.ptr(x),
-        ext.strides(x), list(x.shape), r, ext.ptr(ext.as_acc(w1, acc)), ext.ptr(ext.as_acc(b1, acc)),
-        ext.ptr(ext.as_acc(w2, acc)), ext.ptr(ext.as_acc(b2, acc)), ext.ptr(pooled.contiguous()),
-        ext.ptr(gates.contiguous()), ext.ptr(per_channel[0]), ext.ptr(per_channel[1]), ext.ptr(per_hidden[0]),
+        ext.strides(x), list(x.shape), r, *map(ext.ptr, held), ext.ptr(per_channel[0]), ext.ptr(per_channel[1]),
+        ext.ptr(per_hidden[0]),
         ext.ptr(per_hidden[1]), ext.ptr(per_channel[2]), ext.ptr(dw1), ext.ptr(db1), ext.ptr(dw2), ext.ptr(db2),
         ext.ptr(dx), ext.strides(dx), ext.channels_last(dx), stream)
 
