@@ -2,10 +2,9 @@
 
 Selection, from strongest to weakest: :func:`use_backend` (a context manager),
 :func:`set_backend`, the environment variable ``MOBILEOPS_BACKEND``, then ``"auto"``.
-``auto`` picks, per op and per tensor device, the fastest backend that is available and
-implements the op (CUDA tensors: triton, then torch, with cuda first for the ops listed in
-:data:`AUTO_PREFERS_CUDA`; anything else: torch) and
-never fails.  An explicitly requested backend that cannot run raises
+``auto`` picks, per call, the backend measured fastest for it that is available and
+implements the op, and never fails: see :func:`auto_order` (on CUDA tensors the fused kernels
+only for inference on very large tensors or under CUDA-graph capture; torch otherwise).  An explicitly requested backend that cannot run raises
 :class:`BackendUnavailableError` saying why; it never falls back silently.
 
 The selection is process-wide (a plain module global, so ``torch.compile`` can trace it).
@@ -28,6 +27,13 @@ CHOICES = ("auto",) + BACKENDS
 #: until a GPU benchmark (``pytest benchmarks``) has shown the extension faster; the entry then
 #: names the device it was measured on. An explicit ``set_backend("cuda")`` works regardless.
 AUTO_PREFERS_CUDA: Dict[str, str] = {}
+
+#: Inference calls on CUDA tensors with at least this many elements take the fused kernels
+#: under ``auto``. Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-22.json,
+#: fp16, batch 32, channels_last): Triton dwconv_bn_act / bn_act inference ran 2.0x / 3.2x
+#: faster than eager at 210M elements, but slower at 1.6M to 52M, where each call's host time
+#: (about 0.15-0.3 ms there) exceeds the kernel time saved; every training-mode case was slower.
+AUTO_KERNEL_MIN_ELEMENTS = 2 ** 27
 ENV_VAR = "MOBILEOPS_BACKEND"
 
 _impls: Dict[str, Dict[str, Callable]] = {}
@@ -220,21 +226,44 @@ def _recorded(op: str, name: str, impl: Callable) -> Callable:
     return run
 
 
-def resolve(op: str, device: torch.device) -> Callable:
-    """Return the implementation of ``op`` for tensors on ``device`` under the current selection."""
-    name, impl = _resolve(op, device)
+def resolve(op: str, device: torch.device, *, inference: bool = False, numel: int = 0) -> Callable:
+    """Return the implementation of ``op`` for tensors on ``device`` under the current selection.
+
+    ``inference`` (no gradient needed, BatchNorm not in training mode) and ``numel`` (the
+    input's element count) inform ``auto``'s choice (:func:`auto_order`); an explicit backend
+    ignores them."""
+    name, impl = _resolve(op, device, inference, numel)
     return _recorded(op, name, impl) if _recorders else impl
 
 
-def _resolve(op: str, device: torch.device):
+def _capturing(device: torch.device) -> bool:
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
+def auto_order(op: str, device: torch.device, *, inference: bool, numel: int) -> tuple:
+    """The backends ``auto`` tries, in order, for one call.
+
+    CPU (and other) tensors: torch. CUDA tensors: the fused kernels (cuda first where listed in
+    :data:`AUTO_PREFERS_CUDA`, then triton) for inference calls under CUDA-graph capture, where a
+    replay carries no per-call host cost (yolov5n-c3uib batch 1: 1.34x over BN-folded eager on an
+    H100), or on at least :data:`AUTO_KERNEL_MIN_ELEMENTS` elements; torch for everything else,
+    training included, where the measured kernels were slower. Results agree within the dtype's
+    bound whichever runs.
+    """
+    if device.type != "cuda":
+        return ("torch",)
+    if inference and (numel >= AUTO_KERNEL_MIN_ELEMENTS or _capturing(device)):
+        return (("cuda",) if op in AUTO_PREFERS_CUDA else ()) + ("triton", "torch")
+    return ("torch",)
+
+
+def _resolve(op: str, device: torch.device, inference: bool = False, numel: int = 0):
     table = _impls.get(op, {})
     name = get_backend()
     if name == "auto":
-        # cuda joins this order only where measured data says it is faster (see AUTO_PREFERS_CUDA).
-        order = ("triton", "torch") if device.type == "cuda" else ("torch",)
-        if device.type == "cuda" and op in AUTO_PREFERS_CUDA:
-            order = ("cuda",) + order
-        for backend in order:
+        for backend in auto_order(op, device, inference=inference, numel=numel):
             if backend in table and _backend_problem(backend, device) is None:
                 return backend, table[backend]
         raise BackendUnavailableError(f"{op}: no backend implements it for {device.type} tensors")

@@ -97,3 +97,39 @@ def test_register_impl_rejects_bad_names():
         backend.register_impl("bn_act", "opencl")
     with pytest.raises(ValueError, match="'auto' is not a backend"):
         backend.register_impl("bn_act", "auto")
+
+
+def test_auto_order_follows_the_measured_rule(monkeypatch):
+    """auto on CUDA tensors: fused kernels only for large inference calls or under graph capture
+    (where the H100 benchmark showed them faster); torch for training and small calls."""
+    cuda, big = torch.device("cuda"), backend.AUTO_KERNEL_MIN_ELEMENTS
+    monkeypatch.setattr(backend, "_capturing", lambda device: False)
+    assert backend.auto_order("bn_act", torch.device("cpu"), inference=True, numel=10 * big) == ("torch",)
+    assert backend.auto_order("bn_act", cuda, inference=True, numel=big) == ("triton", "torch")
+    assert backend.auto_order("bn_act", cuda, inference=True, numel=big - 1) == ("torch",)
+    assert backend.auto_order("bn_act", cuda, inference=False, numel=10 * big) == ("torch",)
+    monkeypatch.setitem(backend.AUTO_PREFERS_CUDA, "bn_act", "test device")
+    assert backend.auto_order("bn_act", cuda, inference=True, numel=big) == ("cuda", "triton", "torch")
+    monkeypatch.setattr(backend, "_capturing", lambda device: True)
+    assert backend.auto_order("dwconv_bn_act", cuda, inference=True, numel=1) == ("triton", "torch")
+    assert backend.auto_order("dwconv_bn_act", cuda, inference=False, numel=1) == ("torch",)
+
+
+def test_ops_tell_auto_whether_a_call_is_inference(monkeypatch):
+    seen = []
+    real = backend._resolve
+
+    def spy(op, device, inference=False, numel=0):
+        seen.append((op, inference, numel))
+        return real(op, device, inference, numel)
+
+    monkeypatch.setattr(backend, "_resolve", spy)
+    x, w = torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3)
+    stats = [torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3)]
+    mobileops.ops.dwconv_bn_act(x, w, *stats, training=False)
+    mobileops.ops.dwconv_bn_act(x, w, *stats, training=True)
+    mobileops.ops.dwconv_bn_act(x, w.requires_grad_(True), *stats, training=False)
+    with torch.no_grad():
+        mobileops.ops.bn_act(x, *stats, training=False)
+    assert seen == [("dwconv_bn_act", True, 96), ("dwconv_bn_act", False, 96), ("dwconv_bn_act", False, 96),
+                    ("bn_act", True, 96)]

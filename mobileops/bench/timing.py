@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import platform
 import statistics
 import time
@@ -111,7 +112,8 @@ def environment(device: torch.device) -> dict:
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                device=device_name(device), device_type=device.type, python=platform.python_version(),
                torch=torch.__version__, cuda=torch.version.cuda, mobileops=mobileops.__version__,
-               cpu_threads=torch.get_num_threads())
+               cpu_threads=torch.get_num_threads(),
+               autotune=os.environ.get("MOBILEOPS_AUTOTUNE", "1") != "0")
     try:
         import triton
 

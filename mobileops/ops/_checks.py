@@ -19,6 +19,11 @@ def autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will record this call (some input requires grad, grad mode on)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def check_input(op: str, x) -> None:
     """``x`` must be a floating (N, C, H, W) tensor."""
     if not isinstance(x, torch.Tensor):

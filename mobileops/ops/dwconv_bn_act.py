@@ -53,7 +53,8 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     check_activation(activation)
     out_hw = _checks.check_conv_output(op, x, k, stride, padding)
     _checks.check_batch_stats_size(op, x.shape, out_hw, training or running_mean is None)
-    impl = backend.resolve(op, x.device)
+    inference = not (training or running_mean is None) and not _checks.needs_grad(x, weight, bn_weight, bn_bias)
+    impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
     return impl(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                 padding=padding, activation=activation, training=training,
                 momentum=float(momentum), eps=float(eps))
@@ -75,7 +76,7 @@ def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     padding = _checks.resolve_padding(op, padding, k)
     check_activation(activation)
     _checks.check_conv_output(op, x, k, stride, padding)
-    impl = backend.resolve(op, x.device)
+    impl = backend.resolve(op, x.device, inference=not _checks.needs_grad(x, weight, bias), numel=x.numel())
     return impl(x, weight, bias, stride=stride, padding=padding, activation=activation)
 
 

@@ -41,7 +41,8 @@ def squeeze_excite(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional
     _checks.check_tensor(op, "fc2_bias", fc2_bias, (channels,), x, optional=True, same_dtype=True)
     check_activation(gate, "gate", GATES)
     check_activation(post_act, "post_act")
-    impl = backend.resolve(op, x.device)
+    inference = not _checks.needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
     return impl(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate=gate, post_act=post_act)
 
 
