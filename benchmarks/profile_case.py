@@ -25,7 +25,24 @@ def _kernel_rows(prof, iterations: int, limit: int):
     return total, rows
 
 
-def profile_case(case, device, iterations: int, limit: int, impls) -> None:
+def _host_profile(fn, iterations: int, limit: int) -> None:
+    """The Python functions where the host time of ``iterations`` calls goes (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(iterations):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(limit)
+    print("\n".join("      " + line for line in text.getvalue().splitlines()[-limit - 3:]))
+
+
+def profile_case(case, device, iterations: int, limit: int, impls, host: bool = False) -> None:
     env = cases.setup(case, device, None)
     print(f"\n== {case.group} {case.name}")
     for name in env.impls:
@@ -51,6 +68,8 @@ def profile_case(case, device, iterations: int, limit: int, impls) -> None:
         gpu_us, rows = _kernel_rows(prof, iterations, limit)
         print(f"  {name}: wall {wall_us:.1f} us/iter, GPU kernels {gpu_us:.1f} us/iter")
         print("\n".join(rows))
+        if host:
+            _host_profile(fn, iterations, 2 * limit)
 
 
 def main() -> None:
@@ -61,6 +80,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--limit", type=int, default=8, help="kernels listed per implementation")
     parser.add_argument("--max-cases", type=int, default=6)
+    parser.add_argument("--cprofile", action="store_true", help="also list the host-side Python hot spots")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_case.py needs a CUDA device")
@@ -69,7 +89,7 @@ def main() -> None:
     selected = [c for c in cases.all_cases(args.scope)
                 if not args.k or any(key in f"{c.group} {c.name}" for key in args.k)]
     for case in selected[:args.max_cases]:
-        profile_case(case, device, args.iterations, args.limit, args.impls)
+        profile_case(case, device, args.iterations, args.limit, args.impls, args.cprofile)
 
 
 if __name__ == "__main__":
