@@ -4,8 +4,9 @@ Selection, from strongest to weakest: :func:`use_backend` (a context manager),
 :func:`set_backend`, the environment variable ``MOBILEOPS_BACKEND``, then ``"auto"``.
 ``auto`` picks, per call, the backend measured fastest for it that is available and
 implements the op, and never fails: see :func:`auto_order` (on CUDA tensors the fused kernels
-only for inference on very large tensors or under CUDA-graph capture; torch otherwise).  An explicitly requested backend that cannot run raises
-:class:`BackendUnavailableError` saying why; it never falls back silently.
+only for inference on very large tensors or under CUDA-graph capture; torch otherwise). An
+explicitly requested backend that cannot run raises :class:`BackendUnavailableError` saying
+why; it never falls back silently.
 
 The selection is process-wide (a plain module global, so ``torch.compile`` can trace it).
 """
