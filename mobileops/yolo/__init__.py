@@ -3,6 +3,7 @@
 >>> import mobileops.yolo as yolo
 >>> model = yolo.build("yolov5n-c3uib")           # or a path to your own yaml
 >>> yolo.register("MyBlock", MyBlock, "conv")      # make a block usable in yaml
+>>> loss, parts = yolo.YOLOv5Loss.for_model(model)(model(images), targets)
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+from mobileops.yolo.loss import YOLOv5Loss, bbox_ciou
 from mobileops.yolo.model import DetectionModel, count_flops, fused_op_calls
 from mobileops.yolo.parse import ceil_to_multiple, load_config, parse_model, shipped_configs
 from mobileops.yolo.registry import KINDS, known_modules, register
@@ -30,6 +32,5 @@ def build(cfg: Union[str, Path, Dict[str, Any]], nc: Optional[int] = None, ch: i
     return DetectionModel(cfg, ch=ch, nc=nc, blocks=blocks)
 
 
-__all__ = ["KINDS", "DetectionModel", "build", "ceil_to_multiple", "count_flops", "fused_op_calls",
-           "known_modules",
-           "load_config", "parse_model", "register", "shipped_configs"]
+__all__ = ["KINDS", "DetectionModel", "YOLOv5Loss", "bbox_ciou", "build", "ceil_to_multiple", "count_flops",
+           "fused_op_calls", "known_modules", "load_config", "parse_model", "register", "shipped_configs"]

@@ -1,0 +1,142 @@
+"""The YOLOv5 loss on hand-made boxes, targets and predictions."""
+
+import math
+
+import pytest
+import torch
+
+from mobileops import yolo
+from mobileops.nn.detect import Detect
+from mobileops.yolo.loss import BALANCE, YOLOv5Loss, bbox_ciou
+
+LOG2 = math.log(2.0)
+
+
+def test_ciou_of_hand_made_boxes():
+    box = torch.tensor([0.0, 0.0, 2.0, 2.0], dtype=torch.float64)
+    assert bbox_ciou(box, box).item() == pytest.approx(1.0, abs=1e-6)
+    # shifted by one: IoU 2/6, enclosing box 3x2 (diagonal^2 13), centre distance^2 1, same aspect
+    shifted = torch.tensor([1.0, 0.0, 2.0, 2.0], dtype=torch.float64)
+    assert bbox_ciou(box, shifted).item() == pytest.approx(1 / 3 - 1 / 13, abs=1e-6)
+    # same centre, twice as wide: IoU 1/2, no distance term, aspect term v * alpha
+    wide = torch.tensor([0.0, 0.0, 4.0, 2.0], dtype=torch.float64)
+    v = 4 / math.pi ** 2 * (math.atan(2.0) - math.atan(1.0)) ** 2
+    assert bbox_ciou(box, wide).item() == pytest.approx(0.5 - v * v / (v - 0.5 + 1), abs=1e-6)
+    # disjoint: IoU 0, the distance term alone
+    far = torch.tensor([4.0, 0.0, 2.0, 2.0], dtype=torch.float64)
+    assert bbox_ciou(box, far).item() == pytest.approx(-16 / (6 ** 2 + 2 ** 2), abs=1e-6)
+
+
+def _head(nc=2):
+    head = Detect(nc, ([10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]),
+                  (4, 4, 4))
+    with torch.no_grad():  # grid units, chosen for the tests
+        head.anchors.copy_(torch.tensor([[[1, 1], [2, 2], [8, 8]], [[1, 1], [2, 2], [4, 4]], [[1, 1], [2, 2], [4, 4]]]))
+    return head
+
+
+def _predictions(batch, nc=2, sizes=(16, 8, 4), fill=0.0):
+    return [torch.full((batch, 3, s, s, nc + 5), fill, dtype=torch.float64) for s in sizes]
+
+
+def test_matching_uses_the_ratio_threshold_and_the_two_nearest_neighbour_cells():
+    loss = YOLOv5Loss(_head())
+    # level 0 (16x16 grid): centre (5.3, 7.8) cells, size 1.5 x 1.2 cells
+    target = torch.tensor([[0, 1, 5.3 / 16, 7.8 / 16, 1.5 / 16, 1.2 / 16]])
+    b, a, gj, gi, tbox, anchors, c = loss.build_targets(_predictions(1), target)[0]
+    # anchors 1x1 (ratio 1.5) and 2x2 (1/0.6) match; 8x8 (ratio 6.7 > 4) does not. Each match
+    # also goes to the left neighbour (x fraction 0.3 < 0.5) and the one below (y fraction 0.8).
+    got = sorted(zip(a.tolist(), gj.tolist(), gi.tolist()))
+    assert got == sorted((anchor, j, i) for anchor in (0, 1) for j, i in ((7, 5), (7, 4), (8, 5)))
+    assert b.tolist() == [0] * 6 and c.tolist() == [1] * 6
+    for anchor_index, j, i, box, wh in zip(a.tolist(), gj.tolist(), gi.tolist(), tbox.tolist(), anchors.tolist()):
+        assert box == pytest.approx([5.3 - i, 7.8 - j, 1.5, 1.2], abs=1e-5)
+        assert wh == [[1, 1], [2, 2]][anchor_index]
+
+
+def test_targets_at_the_border_get_no_neighbour_outside_the_grid():
+    loss = YOLOv5Loss(_head())
+    target = torch.tensor([[0, 0, 0.2 / 16, 15.9 / 16, 1.0 / 16, 1.0 / 16]])
+    b, a, gj, gi, *_ = loss.build_targets(_predictions(1), target)[0]
+    assert sorted(set(zip(gj.tolist(), gi.tolist()))) == [(15, 0)]
+
+
+def test_loss_without_targets_is_the_objectness_term_alone():
+    loss = YOLOv5Loss(_head(), obj_gain=1.0)
+    total, parts = loss(_predictions(3), torch.zeros(0, 6))
+    # zero logits against all-zero objectness targets: BCE log 2 per level, weighted by balance
+    expected = LOG2 * sum(BALANCE[3])
+    assert parts.tolist() == pytest.approx([0.0, expected, 0.0], rel=1e-6)
+    assert total.item() == pytest.approx(3 * expected, rel=1e-6)
+
+
+def test_loss_of_one_target_by_hand():
+    head = _head()
+    loss = YOLOv5Loss(head, box_gain=0.05, obj_gain=1.0, cls_gain=0.5)
+    target = torch.tensor([[1, 1, 5.3 / 16, 7.8 / 16, 1.5 / 16, 1.2 / 16]])
+    # zero logits everywhere: every matched cell predicts (0.5, 0.5) offsets and its anchor's size,
+    # and every BCE (objectness and class, whatever the target) is log 2
+    total, parts = loss(_predictions(2), target)
+    # per level: grid size, matching anchors, cells (i, j): the centre's and its nearest neighbours
+    levels = [(16, ((1, 1), (2, 2)), ((5, 7), (4, 7), (5, 8))),   # x fraction .3 -> left, y .8 -> below
+              (8, ((1, 1), (2, 2)), ((2, 3), (3, 3), (2, 4))),    # x .65 -> right, y .9 -> below
+              (4, ((1, 1),), ((1, 1), (0, 1), (1, 2)))]           # 2x2 ratio 6.7 > 4 here
+    lbox = 0.0
+    for size, anchors, cells in levels:
+        cx, cy, w, h = 5.3 * size / 16, 7.8 * size / 16, 1.5 * size / 16, 1.2 * size / 16
+        terms = [1 - bbox_ciou(torch.tensor([0.5, 0.5, *anchor], dtype=torch.float64),
+                               torch.tensor([cx - i, cy - j, w, h], dtype=torch.float64)).item()
+                 for anchor in anchors for i, j in cells]
+        lbox += sum(terms) / len(terms)
+    lbox, lobj, lcls = 0.05 * lbox, LOG2 * sum(BALANCE[3]), 0.5 * 3 * LOG2
+    assert parts.tolist() == pytest.approx([lbox, lobj, lcls], rel=1e-5)
+    assert total.item() == pytest.approx(2 * (lbox + lobj + lcls), rel=1e-5)
+
+
+def test_objectness_target_is_the_matched_iou():
+    loss = YOLOv5Loss(_head(nc=1))
+    target = torch.tensor([[0, 0, 5.3 / 16, 7.8 / 16, 1.5 / 16, 1.2 / 16]])
+    predictions = _predictions(1, nc=1)
+    predictions[0][0, 0, 7, 5, 4] = 2.0  # one objectness logit of a matched cell
+    _, parts = loss(predictions, target)
+    iou = bbox_ciou(torch.tensor([0.5, 0.5, 1.0, 1.0], dtype=torch.float64),
+                    torch.tensor([0.3, 0.8, 1.5, 1.2], dtype=torch.float64)).clamp(min=0).item()
+    cells = 3 * 16 * 16
+    level0 = (LOG2 * (cells - 1) + math.log1p(math.exp(2.0)) - 2.0 * iou) / cells
+    assert parts[1].item() == pytest.approx(BALANCE[3][0] * level0 + LOG2 * sum(BALANCE[3][1:]), rel=1e-6)
+
+
+def test_minimising_the_loss_moves_predictions_onto_the_target():
+    loss = YOLOv5Loss(_head())
+    target = torch.tensor([[0, 1, 5.3 / 16, 7.8 / 16, 1.5 / 16, 1.2 / 16], [0, 0, 0.5, 0.5, 0.3, 0.2]])
+    predictions = [p.requires_grad_(True) for p in _predictions(1)]
+    optimizer = torch.optim.Adam(predictions, lr=0.05)
+    first = None
+    for _ in range(60):
+        optimizer.zero_grad()
+        total, parts = loss(predictions, target)
+        first = parts if first is None else first
+        total.backward()
+        optimizer.step()
+    assert (parts < 0.5 * first).all(), (first, parts)
+
+
+def test_for_model_scales_the_gains_like_yolov5_train():
+    model = yolo.build("yolov5n-c3uib", nc=8)
+    loss = YOLOv5Loss.for_model(model, img_size=320)
+    assert (loss.box_gain, loss.cls_gain, loss.obj_gain) == pytest.approx((0.05, 0.5 * 8 / 80, 0.25))
+    assert loss.head is model.model[-1]
+
+
+def test_bad_input_is_rejected_with_the_argument_named():
+    loss = YOLOv5Loss(_head())
+    with pytest.raises(ValueError, match="targets must be"):
+        loss(_predictions(1), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="classes must be integers"):
+        loss(_predictions(1), torch.tensor([[0, 2, 0.5, 0.5, 0.1, 0.1]]))
+    with pytest.raises(ValueError, match="image indices"):
+        loss(_predictions(1), torch.tensor([[1, 0, 0.5, 0.5, 0.1, 0.1]]))
+    with pytest.raises(ValueError, match="training-mode outputs"):
+        loss(_predictions(1)[:2], torch.zeros(0, 6))
+    with pytest.raises(TypeError, match="Detect"):
+        YOLOv5Loss(torch.nn.Conv2d(1, 1, 1))
