@@ -3,7 +3,8 @@
 * :mod:`mobileops.ops` - the fused ops (``dwconv_bn_act``, ``dwconv_act``, ``bn_act``,
   ``squeeze_excite``), each dispatched to a backend.
 * :mod:`mobileops.nn` - drop-in seed blocks (``C3_UIB``, ``MobileNetv3``, ...), re-exported here.
-* :mod:`mobileops.yolo` - YOLOv5 detectors from yaml.
+* :mod:`mobileops.yolo` - YOLOv5 detectors from yaml, and the YOLOv5 loss.
+* :func:`convert` - replace the seed blocks of an existing model by the drop-in modules.
 * Backend selection: :func:`set_backend`, :func:`use_backend`, :func:`available_backends`,
   :func:`backend_status`, env var ``MOBILEOPS_BACKEND``.
 """
@@ -14,11 +15,13 @@ from mobileops import ops  # noqa: E402 - registers the torch backend's implemen
 from mobileops.nn import (C3, C3_UIB, SPPF, Bottleneck, Concat, Conv, Conv3BN, Detect, MobileNetv3,
                           SELayer, UniversalInvertedBottleneckBlock, h_sigmoid, h_swish,
                           make_divisible)
+from mobileops.convert import ConversionReport, convert
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "C3", "C3_UIB", "SPPF", "Bottleneck", "Concat", "Conv", "Conv3BN",
+    "BackendUnavailableError", "C3", "C3_UIB", "SPPF", "Bottleneck", "Concat", "ConversionReport", "Conv",
+    "Conv3BN", "convert",
     "Detect", "MobileNetv3", "SELayer", "UniversalInvertedBottleneckBlock", "available_backends",
     "backend_status", "get_backend", "h_sigmoid", "h_swish", "make_divisible", "ops",
     "set_backend", "use_backend",
