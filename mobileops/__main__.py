@@ -89,6 +89,37 @@ def _bench(args) -> int:
     return 1 if failed else 0
 
 
+def _train(args) -> int:
+    import torch
+
+    import mobileops
+    from mobileops import yolo
+    from mobileops.bench.run import Progress
+    from mobileops.yolo.train import train
+
+    if args.data != "synthetic":
+        raise ValueError(f"--data {args.data!r}: only 'synthetic' is built in; for real data use mobileops "
+                         "modules inside a YOLOv5 training tree (see the README)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model = yolo.build(args.cfg, nc=args.nc).to(device)
+    bar = Progress(args.epochs * args.steps, stream=sys.stderr)
+
+    def progress(done, total, parts):
+        bar.step(f"loss box {parts[0]:.4f} obj {parts[1]:.4f} cls {parts[2]:.4f}")
+
+    print(f"training {args.cfg} on {device.type} ({args.backend} backend), {args.epochs} epoch(s) x {args.steps} "
+          f"steps of {args.batch_size} synthetic {args.img_size}px images, amp {args.amp}", flush=True)
+    with mobileops.use_backend(args.backend):
+        result = train(model, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
+                       img_size=args.img_size, amp=args.amp, channels_last=args.channels_last, lr=args.lr,
+                       seed=args.seed, progress=None if args.quiet else progress)
+    first, last = sum(result.losses[0]), sum(result.losses[-1])
+    print(f"{result.images_per_s:.1f} images/s; loss {first:.4f} -> {last:.4f} (box, obj, cls "
+          f"{', '.join(f'{v:.4f}' for v in result.losses[-1])})")
+    return 0
+
+
 def _build(args) -> int:
     import os
     import subprocess
@@ -142,6 +173,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
+    p = sub.add_parser("train", help="train a detector on synthetic data (the smallest end-to-end demo)")
+    p.add_argument("--cfg", default="yolov5n-c3uib", help="shipped config name or yaml path")
+    p.add_argument("--data", default="synthetic", help="only 'synthetic' (random images and boxes)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="steps per epoch")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=320, help="a multiple of 32")
+    p.add_argument("--nc", type=int, default=None, help="override the number of classes")
+    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
     p = sub.add_parser("build", help="(re)build the CUDA extension mobileops._C in place (source checkout)")
     p.add_argument("--archs", default=None, help="compute capabilities, e.g. '90' or '80;90' (default 80;90)")
     p.set_defaults(run=_build)
