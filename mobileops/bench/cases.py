@@ -452,8 +452,8 @@ def setup(case: Case, device: torch.device, compile_mode: Optional[str] = None) 
 
 
 def stand_in_loss(outputs) -> torch.Tensor:
-    """Mean of squares over every output map: a loss with YOLOv5's shape of work (one
-    reduction per head output), until the detection loss lands."""
+    """Mean of squares over every output map: the loss of the block ``forward_backward`` cases
+    (detector train steps use the YOLOv5 loss)."""
     tensors = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     return sum(t.float().pow(2).mean() for t in tensors)
 
@@ -489,12 +489,19 @@ def timed_function(case: Case, env: Setup, name: str) -> Callable[[], object]:
 
         return run
     if case.mode == "train_step":
+        from mobileops.yolo.loss import YOLOv5Loss
+        from mobileops.yolo.train import synthetic_batch
+
         optimizer = torch.optim.SGD(env.parameters[name], lr=1e-3, momentum=0.937, nesterov=True)
         scaler = torch.amp.GradScaler(env.x.device.type, enabled=env.autocast_dtype == torch.float16)
+        criterion = YOLOv5Loss.for_model(env.modules[name], img_size=env.x.shape[-1])
+        _, targets = synthetic_batch(env.x.shape[0], env.x.shape[-1], criterion.nc,
+                                     generator=torch.Generator().manual_seed(0))
+        targets = targets.to(env.x.device)
 
         def run():
             optimizer.zero_grad(set_to_none=True)
-            loss = stand_in_loss(fn(env.x))
+            loss, _ = criterion(fn(env.x), targets)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
