@@ -12,7 +12,7 @@ from torch import nn
 
 import mobileops
 
-from helpers import randomize_bn, runnable_backends
+from helpers import randomize_bn
 
 STEPS, WORLD = 2, 2
 
@@ -72,12 +72,11 @@ def _single_process(backend_name: str, train: bool):
     return model
 
 
-# The interpreted triton backend costs ~30 s a run: training mode only (the path DDP exercises most).
-CASES = [pytest.param(b, t, id=f"{'train' if t else 'frozen'}-bn-{b}")
-         for b in runnable_backends("dwconv_bn_act", "cpu") for t in (True, False) if b == "torch" or t]
-
-
-@pytest.mark.parametrize("backend_name, train", CASES)
+# The blocks run through the op layer on the torch backend here: DDP's hooks, buckets and buffer
+# broadcasts see the same modules whatever backend computes the ops (the kernels' autograd is
+# tested op by op and per detector); the interpreted triton backend would add a minute to CI.
+@pytest.mark.parametrize("backend_name", ["torch"])
+@pytest.mark.parametrize("train", [True, False], ids=["train-bn", "frozen-bn"])
 def test_ddp_matches_a_single_process_run(tmp_path, backend_name, train):
     out_path = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(str(tmp_path / "store"), backend_name, train, out_path), nprocs=WORLD, join=True)

@@ -65,8 +65,9 @@ def test_mobilenetv3_size_matches_spec_tables(models):
     assert models["yolov5-mobilenetv3"].info(640)["parameters"] == sum(_params(m) for m in modules)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("size", [320, 640])
+# 640 (the detectors' real size) for the mobile detectors; the stock YOLOv5 references at 320.
+@pytest.mark.parametrize("name, size", [(name, size) for name in CONFIGS for size in (320, 640)
+                                        if size == 320 or name in ("yolov5n-c3uib", "yolov5-mobilenetv3")])
 def test_output_shapes_in_both_modes(models, name, size):
     model = models[name]
     nc = model.yaml["nc"]
