@@ -136,3 +136,14 @@ def test_bench_command_on_cpu(capsys, tmp_path):
     assert main(["bench", "--scope", "quick", "--no-save"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     assert main(["bench", "--filter", "no-such-case", "--no-save"]) == 2
+
+
+def test_detector_train_step_rows_report_images_per_second():
+    step = cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64), (),
+                      "yolov5n-c3uib", needs_cuda=False)
+    row = run.measure(step, CPU, 1e10)
+    assert not row["errors"] and set(row["images_per_s"]) == set(row["times_ms"])
+    for name, ms in row["times_ms"].items():
+        assert row["images_per_s"][name] == pytest.approx(2 / (ms * 1e-3))
+    table = "\n".join(report.group_table([row]))
+    assert "eager img/s" in table and "mobileops_torch img/s" in table

@@ -284,8 +284,10 @@ def detector_cases(scope: str) -> List[Case]:
         for mode, batch in grid["detector_modes"]:
             for dtype in grid["dtypes"]:
                 for layout in grid["layouts"]:
-                    if grid["shapes"] is None or (dtype, layout) == (grid["dtypes"][0], grid["layouts"][0]) \
-                            or (mode == "train_step" and layout == grid["layouts"][0]):
+                    # train steps: every AMP dtype channels_last, and the first dtype in both layouts
+                    first = (grid["dtypes"][0], grid["layouts"][0])
+                    train_step_kept = mode == "train_step" and (layout == first[1] or dtype == first[0])
+                    if grid["shapes"] is None or (dtype, layout) == first or train_step_kept:
                         cases.append(Case("detector", cfg, mode, dtype, layout, batch, (3, IMAGE_SIZE, IMAGE_SIZE),
                                           (), cfg, grid.get("needs_cuda", True)))
     return cases

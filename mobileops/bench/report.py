@@ -62,6 +62,9 @@ def group_table(rows: Sequence[dict]) -> List[str]:
             header.append(f"{short} % of copy")
         if any(r.get("peak_memory_bytes") for r in rows):
             header.append(f"{short} peak MiB (eager)")
+    throughput = any(r.get("mode") == "train_step" and r.get("images_per_s") for r in rows)
+    if throughput:
+        header += [f"{n} img/s" for n in impls]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for row in rows:
@@ -76,6 +79,9 @@ def group_table(rows: Sequence[dict]) -> List[str]:
                 peak = row.get("peak_memory_bytes") or {}
                 cells.append(f"{peak[name] / 2 ** 20:.0f} ({peak['eager'] / 2 ** 20:.0f})"
                              if name in peak and "eager" in peak else "-")
+        if throughput:
+            cells += [f"{row.get('images_per_s', {})[n]:.0f}" if n in row.get("images_per_s", {}) else "-"
+                      for n in impls]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {row['name']}, {name}: {escape(msg)}" for name, msg in row["errors"].items()]
     if notes:

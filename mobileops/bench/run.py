@@ -47,8 +47,9 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     ``agreement`` (each implementation's relative difference from eager), ``errors`` (an
     implementation that failed or disagreed, with the reason; it gets no time), the ratios
     ``<impl>_speedup_vs_<baseline>``, ``min_bytes`` and ``<impl>_fraction_of_copy`` where the
-    mode has a byte floor, and ``peak_memory_bytes`` per implementation for training modes on
-    a GPU. ``env`` reuses implementations already built with :func:`cases.setup`.
+    mode has a byte floor, ``peak_memory_bytes`` per implementation for training modes on
+    a GPU, and ``images_per_s`` per implementation for detectors. ``env`` reuses
+    implementations already built with :func:`cases.setup`.
     """
     env = env if env is not None else case_lib.setup(case, device, compile_mode)
     row = case.describe()
@@ -82,6 +83,8 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     if ready:
         row["times_ms"].update(timing.interleaved_cpu_ms(ready))
     times = row["times_ms"]
+    if case.kind == "detector":
+        row["images_per_s"] = {name: case.batch / (ms * 1e-3) for name, ms in times.items()}
     for name, ms in times.items():
         if not name.startswith("mobileops"):
             continue
