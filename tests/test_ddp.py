@@ -3,6 +3,8 @@ computing what DDP promises (gradients averaged over the ranks' shards, buffers 
 rank 0 before each forward), in float64."""
 
 import copy
+import os
+import time
 
 import pytest
 import torch
@@ -33,23 +35,34 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank: int, store_path: str, backend_name: str, train: bool, out_path: str) -> None:
-    # a file store: no TCP server in rank 0 that could exit while rank 1 still talks to it
+    # a file store: no TCP store server in rank 0 that could exit while rank 1 still talks to it
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
-    try:
-        mobileops.set_backend(backend_name)
-        model = nn.parallel.DistributedDataParallel(_model().train(train))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        shard = _batch().chunk(WORLD)[rank]
-        for _ in range(STEPS):
-            optimizer.zero_grad()
-            _loss(model(shard)).backward()
-            optimizer.step()
-        if rank == 0:
-            grads = [p.grad for p in model.module.parameters()]
-            torch.save(dict(state=model.module.state_dict(), grads=grads), out_path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    mobileops.set_backend(backend_name)
+    model = nn.parallel.DistributedDataParallel(_model().train(train))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    shard = _batch().chunk(WORLD)[rank]
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        _loss(model(shard)).backward()
+        optimizer.step()
+    if rank == 0:
+        grads = [p.grad for p in model.module.parameters()]
+        torch.save(dict(state=model.module.state_dict(), grads=grads), out_path)
+    dist.barrier()
+    # Leave without process-group teardown: a rank whose peer has already exited was seen to
+    # hang there. Everything this test needs is on disk once both ranks pass the barrier.
+    os._exit(0)
+
+
+def _run_ranks(args: tuple, timeout_s: float = 240.0) -> None:
+    """mp.spawn with a deadline: a hung rank fails the test instead of stalling the suite."""
+    context = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP ranks did not finish within {timeout_s:.0f} s")
 
 
 def _single_process(backend_name: str, train: bool):
@@ -79,7 +92,7 @@ def _single_process(backend_name: str, train: bool):
 @pytest.mark.parametrize("train", [True, False], ids=["train-bn", "frozen-bn"])
 def test_ddp_matches_a_single_process_run(tmp_path, backend_name, train):
     out_path = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(str(tmp_path / "store"), backend_name, train, out_path), nprocs=WORLD, join=True)
+    _run_ranks((str(tmp_path / "store"), backend_name, train, out_path))
     ddp = torch.load(out_path, weights_only=True)
     reference = _single_process(backend_name, train)
     for (name, want), got in zip(reference.state_dict().items(), ddp["state"].values()):
