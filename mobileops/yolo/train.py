@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -107,7 +107,7 @@ class TrainResult:
 
 def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch_size: int = 8,
           img_size: int = 320, amp: str = "none", channels_last: bool = False, lr: float = 0.01, seed: int = 0,
-          progress: Optional[callable] = None) -> TrainResult:
+          progress: Optional[Callable[[int, int, List[float]], None]] = None) -> TrainResult:
     """Train ``model`` in place on synthetic data; see :class:`Trainer` for the step.
 
     ``progress(done, total, parts)`` is called after every step.
