@@ -227,13 +227,17 @@ def _recorded(op: str, name: str, impl: Callable) -> Callable:
     return run
 
 
-def resolve(op: str, device: torch.device, *, inference: bool = False, numel: int = 0) -> Callable:
+def resolve(op: str, device: torch.device, *, inference: bool = False, numel: Optional[int] = None) -> Callable:
     """Return the implementation of ``op`` for tensors on ``device`` under the current selection.
 
     ``inference`` (no gradient needed, BatchNorm not in training mode) and ``numel`` (the
     input's element count) inform ``auto``'s choice (:func:`auto_order`); an explicit backend
-    ignores them."""
-    name, impl = _resolve(op, device, inference, numel)
+    ignores them. An empty input (``numel == 0``) never reaches a kernel: once the selection
+    is checked, the torch composition produces the empty output, as PyTorch would, with no
+    launch and the running statistics untouched."""
+    name, impl = _resolve(op, device, inference, numel or 0)
+    if numel == 0 and name != "torch":
+        name, impl = "torch", _impls[op]["torch"]
     return _recorded(op, name, impl) if _recorders else impl
 
 

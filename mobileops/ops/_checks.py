@@ -113,9 +113,10 @@ def check_conv_output(op: str, x: torch.Tensor, kernel_size: int, stride: int, p
 
 
 def check_batch_stats_size(op: str, x_shape, out_hw, batch_stats: bool) -> None:
-    """BatchNorm with batch statistics needs at least two values per channel (as nn.BatchNorm2d)."""
+    """BatchNorm with batch statistics refuses exactly one value per channel, as
+    nn.BatchNorm2d does (an empty batch passes: its output is empty too)."""
     count = x_shape[0] * out_hw[0] * out_hw[1]
-    if batch_stats and count < 2:
+    if batch_stats and count == 1:
         raise ValueError(f"{op}: BatchNorm with batch statistics needs more than one value per channel; "
                          f"got {count} (batch {x_shape[0]}, spatial output {out_hw[0]}x{out_hw[1]})")
 
