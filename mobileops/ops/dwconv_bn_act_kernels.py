@@ -64,13 +64,11 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
     ``backward``; see :mod:`mobileops.kernels.dwconv_bn_act`), imported on first use.
     """
 
-    kernels = load_kernels
-
     def _batch_stats_body(x: Tensor, weight: Optional[Tensor], running_mean: Optional[Tensor],
                           running_var: Optional[Tensor], stride: int, padding: int, momentum: float,
                           eps: float) -> Tuple[Tensor, Tensor]:
-        return kernels().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
-                                     momentum=momentum, eps=eps)
+        return load_kernels().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
+                                          momentum=momentum, eps=eps)
 
     def _batch_stats_fake(x, weight, running_mean, running_var, stride, padding, momentum, eps):
         c = x.shape[1]
@@ -84,8 +82,8 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
                       norm: str, eps: float) -> Tensor:
         out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                           memory_format=_checks.suggest_memory_format(x))
-        return kernels().forward(x, weight, bn_weight, bn_bias, mean, var, out=out, stride=stride,
-                                 padding=padding, activation=activation, norm=norm, eps=eps)
+        return load_kernels().forward(x, weight, bn_weight, bn_bias, mean, var, out=out, stride=stride,
+                                      padding=padding, activation=activation, norm=norm, eps=eps)
 
     def _forward_fake(x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps):
         return torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
@@ -95,7 +93,7 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
                        bn_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], stride: int,
                        padding: int, activation: str, norm: str, eps: float,
                        weight_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        dx, dw, sum_du, sum_dux = kernels().backward(
+        dx, dw, sum_du, sum_dux = load_kernels().backward(
             dy, x, weight, bn_weight, bn_bias, mean, var, stride=stride, padding=padding,
             activation=activation, norm=norm, eps=eps, weight_grad=weight_grad,
             memory_format=_checks.suggest_memory_format(x))

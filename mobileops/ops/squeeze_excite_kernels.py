@@ -37,12 +37,10 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
     :mod:`mobileops.kernels.squeeze_excite`), imported on first use.
     """
 
-    kernels = load_kernels
-
     def _forward_body(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                       fc2_bias: Optional[Tensor], gate: str, post_act: str) -> Tuple[Tensor, Tensor, Tensor]:
-        return kernels().forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=_like_x(x), gate=gate,
-                                 post_act=post_act)
+        return load_kernels().forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=_like_x(x), gate=gate,
+                                      post_act=post_act)
 
     def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act):
         per_sample = x.new_empty(x.shape[:2], dtype=_stats_dtype(x))
@@ -51,7 +49,7 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
     def _backward_body(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
                        fc2_bias: Optional[Tensor], pooled: Tensor, gates: Tensor, gate: str,
                        post_act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        dx, dw1, db1, dw2, db2 = kernels().backward(
+        dx, dw1, db1, dw2, db2 = load_kernels().backward(
             dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates, gate=gate, post_act=post_act,
             memory_format=_checks.suggest_memory_format(x))
         # an absent bias gets its own empty tensor: outputs of a custom op may not alias each other
