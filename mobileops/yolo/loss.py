@@ -190,10 +190,15 @@ class YOLOv5Loss(nn.Module):
             shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"YOLOv5Loss: targets must be (nt, 6) rows [image, class, x, y, w, h], got {shape}")
         if targets.numel():
-            images, classes = targets[:, 0], targets[:, 1]
-            if images.min() < 0 or images.max() >= predictions[0].shape[0] or (images != images.round()).any():
+            def out_of_range(column, upper):
+                values = targets[:, column]
+                return ((values < 0) | (values >= upper) | (values != values.round())).any()
+
+            # one host sync per call for both columns (targets usually live on the GPU)
+            bad = torch.stack((out_of_range(0, predictions[0].shape[0]), out_of_range(1, self.nc))).tolist()
+            if bad[0]:
                 raise ValueError("YOLOv5Loss: target image indices must be integers in [0, batch size)")
-            if classes.min() < 0 or classes.max() >= self.nc or (classes != classes.round()).any():
+            if bad[1]:
                 raise ValueError(f"YOLOv5Loss: target classes must be integers in [0, {self.nc})")
 
 
