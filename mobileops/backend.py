@@ -79,14 +79,10 @@ def _import_error(module: str) -> Optional[str]:
     return None
 
 
-def _cuda_extension_status() -> Optional[str]:
-    return _cuda_extension_problem()
-
-
 # Asked on every op call: the answer (extension loads, runtime sees a device) is fixed for the
 # life of the process, and asking the runtime each time costs host time.
 @functools.lru_cache(maxsize=None)
-def _cuda_extension_problem() -> Optional[str]:
+def _cuda_extension_status() -> Optional[str]:
     err = _import_error("mobileops._C")
     if err is not None:
         return f"the CUDA extension mobileops._C is not built or does not load ({err})"

@@ -102,12 +102,12 @@ def _conv_args(m):
     act = m.act
     act = True if type(act) is nn.SiLU else False if type(act) is nn.Identity else copy.deepcopy(act)
     return (conv.in_channels, conv.out_channels, _square(conv.kernel_size), _square(conv.stride),
-            _square(conv.padding), conv.groups, _square(conv.dilation), act), {}
+            _square(conv.padding), conv.groups, _square(conv.dilation), act)
 
 
 def _bottleneck_args(m):
     c1, c2 = m.cv1.conv.in_channels, m.cv2.conv.out_channels
-    return (c1, c2, bool(m.add), m.cv2.conv.groups, _ratio(m.cv1.conv.out_channels, c2)), {}
+    return (c1, c2, bool(m.add), m.cv2.conv.groups, _ratio(m.cv1.conv.out_channels, c2))
 
 
 def _c3_args(m):
@@ -115,17 +115,17 @@ def _c3_args(m):
     first = m.m[0] if len(m.m) else None
     shortcut = bool(getattr(first, "add", True))
     groups = first.cv2.conv.groups if first is not None and hasattr(first, "cv2") else 1
-    return (c1, c2, len(m.m), shortcut, groups, _ratio(m.cv1.conv.out_channels, c2)), {}
+    return (c1, c2, len(m.m), shortcut, groups, _ratio(m.cv1.conv.out_channels, c2))
 
 
 def _c3_uib_args(m):
     c1, c2 = m.cv1.conv.in_channels, m.cv3.conv.out_channels
-    return (c1, c2, len(m.m), True, 1, _ratio(m.cv1.conv.out_channels, c2)), {}
+    return (c1, c2, len(m.m), True, 1, _ratio(m.cv1.conv.out_channels, c2))
 
 
 def _sppf_args(m):
     k = m.m.kernel_size
-    return (m.cv1.conv.in_channels, m.cv2.conv.out_channels, k if isinstance(k, int) else _square(k)), {}
+    return (m.cv1.conv.in_channels, m.cv2.conv.out_channels, k if isinstance(k, int) else _square(k))
 
 
 def _uib_args(m):
@@ -138,7 +138,7 @@ def _uib_args(m):
     downsample = 0 if start_stride > 1 else 1
     stride = max(start_stride, middle_stride)
     return (inp, m._proj_conv.conv.out_channels, m.start_dw_kernel_size, m.middle_dw_kernel_size, downsample,
-            stride, hidden / inp), {}
+            stride, hidden / inp)
 
 
 def _mobilenetv3_args(m):
@@ -149,19 +149,19 @@ def _mobilenetv3_args(m):
     use_se = bool(names & {"SELayer", "RefSELayer"})
     use_hs = bool(names & {"h_swish", "RefHSwish"})
     return (convs[0].in_channels, convs[-1].out_channels, depthwise.in_channels, _square(depthwise.kernel_size),
-            _square(depthwise.stride), use_se, use_hs), {}
+            _square(depthwise.stride), use_se, use_hs)
 
 
 def _se_args(m):
     first = m.fc[0]
-    return (first.in_features, first.in_features // first.out_features), {}
+    return (first.in_features, first.in_features // first.out_features)
 
 
 def _conv3bn_args(m):
-    return (m.conv.in_channels, m.conv.out_channels, _square(m.conv.stride)), {}
+    return (m.conv.in_channels, m.conv.out_channels, _square(m.conv.stride))
 
 
-#: seed class name -> (mobileops class, reader of its constructor arguments)
+#: seed class name -> (mobileops class, reader of its positional constructor arguments)
 CONVERTERS: Dict[str, Tuple[type, Callable]] = {
     "Conv": (yolov5.Conv, _conv_args),
     "Bottleneck": (yolov5.Bottleneck, _bottleneck_args),
@@ -187,8 +187,7 @@ def _converter(module: nn.Module) -> Optional[Tuple[type, Callable]]:
 
 
 def _rebuild(module: nn.Module, target: type, read_args: Callable) -> nn.Module:
-    args, kwargs = read_args(module)
-    new = target(*args, **kwargs)
+    new = target(*read_args(module))
     new.load_state_dict(module.state_dict(), strict=True)
     old_modules = dict(module.named_modules())
     for name, bn in new.named_modules():

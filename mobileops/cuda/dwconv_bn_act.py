@@ -107,8 +107,9 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     update = running_mean is not None
     run_mean, run_var = ext.as_acc(running_mean, acc), ext.as_acc(running_var, acc)
     stream = ext.prepare(x)
+    conv_weight = _weight(weight)  # referenced until the launch returns (see _params)
     ext.extension().dwconv_bn_stats(
-        code, k, ext.ptr(x), ext.strides(x), ext.ptr(_weight(weight)), shape, chunk, chunks, ext.ptr(parts[0]),
+        code, k, ext.ptr(x), ext.strides(x), ext.ptr(conv_weight), shape, chunk, chunks, ext.ptr(parts[0]),
         ext.ptr(parts[1]), ext.ptr(parts[2]), ext.ptr(mean), ext.ptr(rstd), ext.ptr(run_mean), ext.ptr(run_var),
         float(momentum), float(eps), stream)
     if update:

@@ -36,15 +36,20 @@ def _check(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: to
     return code, r
 
 
+def _check_like_x(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """``t`` (the output or its gradient) must have ``x``'s device, dtype and shape."""
+    ext.check_tensor(_OP, name, t, x.device, x.dtype, dim=4)
+    if tuple(t.shape) != tuple(x.shape):
+        raise ValueError(f"{_OP} (cuda backend): {name} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
+
+
 def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
             b2: Optional[torch.Tensor], *, out: torch.Tensor, gate: str,
             post_act: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Write the SE output into ``out``; returns ``(out, pooled, gates)``, the last two (N, C)
     in the accumulation dtype, for the backward."""
     code, r = _check(x, w1, b1, w2, b2)
-    ext.check_tensor(_OP, "out", out, x.device, x.dtype, dim=4)
-    if tuple(out.shape) != tuple(x.shape):
-        raise ValueError(f"{_OP} (cuda backend): out has shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+    _check_like_x("out", out, x)
     acc = ext.acc_dtype(x)
     n, c = x.shape[:2]
     pooled = torch.zeros((n, c), device=x.device, dtype=acc)
@@ -65,9 +70,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[t
              memory_format: torch.memory_format):
     """Gradients of :func:`forward`: ``(dx, dw1, db1 or None, dw2, db2 or None)``."""
     code, r = _check(x, w1, b1, w2, b2)
-    ext.check_tensor(_OP, "dy", dy, x.device, x.dtype, dim=4)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"{_OP} (cuda backend): dy has shape {tuple(dy.shape)}, expected {tuple(x.shape)}")
+    _check_like_x("dy", dy, x)
     acc = ext.acc_dtype(x)
     n, c = x.shape[:2]
     for name, t in (("pooled", pooled), ("gates", gates)):

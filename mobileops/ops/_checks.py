@@ -19,9 +19,10 @@ def autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
-def needs_grad(*tensors) -> bool:
-    """Whether autograd will record this call (some input requires grad, grad mode on)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def needs_grad(*args) -> bool:
+    """Whether autograd will record a call on ``args`` (grad mode on and some tensor among
+    them requires grad; other arguments are ignored)."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def check_input(op: str, x) -> None:

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from mobileops.ops._checks import needs_grad
+
 
 def _eager(x: Tensor) -> bool:
     # Fake, functional and other tensor subclasses, the meta device and dynamo tracing all go
@@ -42,6 +44,7 @@ class KernelOp:
         self.function = None
         if backward is not None:
             torch.library.register_autograd(name, backward, setup_context=setup_context)
+
             def forward(ctx, *args):
                 # ctx-taking forward: with a separate setup_context, Function.apply binds its
                 # arguments through inspect.signature on every call.
@@ -55,8 +58,7 @@ class KernelOp:
     def __call__(self, *args):
         if not _eager(args[0]):
             return self.custom_op(*args)
-        if self.function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, Tensor) and a.requires_grad for a in args):
+        if self.function is not None and needs_grad(*args):
             return self.function.apply(*args)
         return self.body(*args)
 

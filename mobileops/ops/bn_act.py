@@ -26,8 +26,9 @@ def bn_act(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional
     _checks.check_input(op, x)
     _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     check_activation(activation)
-    _checks.check_batch_stats_size(op, x.shape, x.shape[2:], training or running_mean is None)
-    inference = not (training or running_mean is None) and not _checks.needs_grad(x, bn_weight, bn_bias)
+    batch_stats = training or running_mean is None
+    _checks.check_batch_stats_size(op, x.shape, x.shape[2:], batch_stats)
+    inference = not batch_stats and not _checks.needs_grad(x, bn_weight, bn_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
     return impl(x, bn_weight, bn_bias, running_mean, running_var, activation=activation,
                 training=training, momentum=float(momentum), eps=float(eps))

@@ -52,8 +52,9 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     padding = _checks.resolve_padding(op, padding, k)
     check_activation(activation)
     out_hw = _checks.check_conv_output(op, x, k, stride, padding)
-    _checks.check_batch_stats_size(op, x.shape, out_hw, training or running_mean is None)
-    inference = not (training or running_mean is None) and not _checks.needs_grad(x, weight, bn_weight, bn_bias)
+    batch_stats = training or running_mean is None
+    _checks.check_batch_stats_size(op, x.shape, out_hw, batch_stats)
+    inference = not batch_stats and not _checks.needs_grad(x, weight, bn_weight, bn_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
     return impl(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                 padding=padding, activation=activation, training=training,
