@@ -69,7 +69,9 @@ def test_detector_eval_parity_between_backends(cfg):
         torch.testing.assert_close(bufs1[name], b, rtol=1e-7, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("cfg", ["yolov5n-c3uib", "yolov5-mobilenetv3"])
+# On CPU only the MobileNetV3 detector (it runs every fused op, SE included): tracing each
+# detector through the interpreter costs ~15 s of the 10-minute CI budget.
+@pytest.mark.parametrize("cfg", ["yolov5n-c3uib", "yolov5-mobilenetv3"] if DEVICE == "cuda" else ["yolov5-mobilenetv3"])
 def test_detector_compiles_without_graph_breaks(cfg):
     """torch.compile(fullgraph=True) of a whole detector on the triton backend matches the
     eager torch backend: a training step on a GPU (inductor); on CPU an eval forward through
