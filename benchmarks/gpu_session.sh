@@ -43,9 +43,10 @@ run_tests() {
         # One fixed kernel configuration per launch: the tests check numbers, not tuning, and
         # autotuning every variant would spend the call compiling.
         # shellcheck disable=SC2086
-        # One inductor compile thread per worker: xdist workers that each spawn a full compile pool
-        # oversubscribe the host's cores many times over.
-        MOBILEOPS_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=1 timeout -s INT "${TESTS_TIMEOUT:-300}" \
+        # One inductor compile thread and one intra-op CPU thread per worker: xdist workers that
+        # each spawn a full pool oversubscribe the host's cores many times over (float64 CPU
+        # block tests took 120 s each on the H100 host without OMP_NUM_THREADS=1).
+        MOBILEOPS_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=1 OMP_NUM_THREADS=1 timeout -s INT "${TESTS_TIMEOUT:-300}" \
             python -m pytest $SESSION_TESTS -q -rfE --timeout "${TEST_TIMEOUT:-120}" -n "${TEST_WORKERS:-8}" -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$OUT/tests.xml" \
             >"$OUT/tests.log" 2>&1
         tests_rc=$?

@@ -55,7 +55,7 @@ __device__ __forceinline__ void se_hidden(const A* pooled, const A* w1, const A*
 template <typename A>
 __device__ __forceinline__ A se_pre_gate(const A* w2, const A* b2, int R, int c, const A* hidden) {
   A t = b2 ? b2[c] : A(0);
-  for (int r = 0; r < R; ++r) t += w2[int64_t(c) * R + r] * (hidden[r] > A(0) ? hidden[r] : A(0));
+  for (int r = 0; r < R; ++r) t += w2[int64_t(c) * R + r] * activate<kRelu>(hidden[r]);  // keeps NaN, as torch.relu
   return t;
 }
 

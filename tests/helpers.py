@@ -87,3 +87,31 @@ def assert_within_bound(out: torch.Tensor, ref64: torch.Tensor, out_torch: torch
     scale = max(ref64.abs().max().item(), 1.0)
     bound = 2 * torch_err + FLOORS[out.dtype] * scale
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
+
+
+def assert_nan_and_inf_land_as_with_torch(device: str, backend_name: str) -> None:
+    """All four ops on an input holding a NaN and an Inf: NaN and Inf in the same positions as
+    the torch backend's outputs, the finite values equal to float64 precision."""
+    from mobileops import ops, use_backend
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    w, w1, w2 = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(4, 1, 3, 3), (2, 4), (4, 2)])
+    gamma = 1 + 0.2 * torch.randn(4, generator=g, dtype=torch.float64)
+    beta, rm, rv = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.ones(4).double()
+    x, w, w1, w2, gamma, beta, rm, rv = (t.to(device) for t in (x, w, w1, w2, gamma, beta, rm, rv))
+
+    def run(name):
+        with use_backend(name):
+            return [ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, activation="relu6", training=False),
+                    ops.dwconv_act(x, w, None, activation="hswish"),
+                    ops.bn_act(x, gamma, beta, rm, rv, activation="silu", training=False),
+                    ops.squeeze_excite(x, w1, None, w2, None, post_act="relu")]
+
+    for index, (got, want) in enumerate(zip(run(backend_name), run("torch"))):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"output {index}: NaN positions differ"
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), f"output {index}: Inf positions differ"
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-9, atol=1e-10)

@@ -126,6 +126,7 @@ def test_results_files_never_overwrite(tmp_path):
     assert json.loads(second.read_text())["rows"] == document["rows"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what the bench command does on a machine without CUDA")
 def test_bench_command_on_cpu(capsys, tmp_path):
     assert main(["bench", "--kinds", "op", "--filter", "128x20x20", "dwconv", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

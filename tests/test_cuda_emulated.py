@@ -18,7 +18,7 @@ from mobileops.cuda import _extension
 
 sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
 import build as emulation_build  # noqa: E402
-from helpers import assert_within_bound  # noqa: E402
+from helpers import assert_nan_and_inf_land_as_with_torch, assert_within_bound  # noqa: E402
 
 F64 = torch.float64
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -197,3 +197,8 @@ def test_low_precision_parameters_reach_the_kernels_intact(cuda_on_cpu, dtype):
     names = ("y", "dx", "dweight", "dgamma", "dbeta", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias")
     for name, a, b, r in zip(names, got, base, ref):
         assert_within_bound(a, r, b, f"{name} {dtype}")
+
+
+def test_nan_and_inf_land_where_pytorch_puts_them(cuda_on_cpu):
+    # A NaN in the SE hidden layer once became 0 in the CUDA ReLU (a plain comparison drops it).
+    assert_nan_and_inf_land_as_with_torch("cpu", "cuda")

@@ -267,6 +267,37 @@ def _relative_norm_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+#: Where each activation's derivative jumps.
+KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "hswish": (-3.0, 3.0), "hsigmoid": (-3.0, 3.0)}
+
+
+def _zero_near_kinks(dy, inputs, inputs64, *, activation, **kwargs):
+    """``dy`` with zeros at the outputs whose pre-activation lies within rounding reach of a
+    kink. There two correct implementations may round onto opposite sides and their input
+    gradients then differ by a whole weight x dy term, far beyond any error bound (seen on an
+    H100: one such output of 3.7 million in fp32 relu). The margin is the forward error bound
+    itself (twice the torch backend's own error plus the dtype's floor): anything closer to a
+    kink than that may land on either side."""
+    kinks = KINKS.get(activation, ())
+    if not kinks:
+        return dy
+
+    def pre_activation(tensors):
+        tensors = [t.clone(memory_format=torch.preserve_format) for t in tensors]
+        with torch.no_grad(), mobileops.use_backend("torch"):
+            return ops.dwconv_bn_act(*tensors, activation="none", **kwargs).double()
+
+    z64 = pre_activation(inputs64)
+    low = pre_activation(inputs)
+    margin = 2 * (low - z64).abs().max().item() + FLOORS[inputs[0].dtype] * max(
+        z64.abs().max().item(), 1.0)
+    near = torch.zeros_like(z64, dtype=torch.bool)
+    for kink in kinks:
+        near |= (z64 - kink).abs() <= margin
+    assert near.double().mean() < 0.2, "the margin must leave most outputs in the comparison"
+    return dy.masked_fill(near, 0.0)
+
+
 def _check_low_precision(shape, k, stride, activation, dtype, layout, backend_name="triton"):
     """Forward and every gradient in train and eval, against float64, within twice the torch
     backend's own error in the same dtype (weight/BN grads and running stats: relative to
@@ -279,9 +310,10 @@ def _check_low_precision(shape, k, stride, activation, dtype, layout, backend_na
     for training in (True, False):
         what = f"{shape} k{k} s{stride} {activation} {dtype} train={training}"
         kwargs = dict(stride=stride, activation=activation, training=training, momentum=0.03, eps=1e-3)
-        ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
-        base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
-        ours = _fwd_bwd(backend_name, inputs, dy.to(dtype), **kwargs)
+        dy_here = _zero_near_kinks(dy, inputs, inputs64, **kwargs)
+        ref = _fwd_bwd("torch", inputs64, dy_here, **kwargs)
+        base = _fwd_bwd("torch", inputs, dy_here.to(dtype), **kwargs)
+        ours = _fwd_bwd(backend_name, inputs, dy_here.to(dtype), **kwargs)
         assert ours["y"].dtype == dtype and ours["y"].is_contiguous(memory_format=layout)
         assert_within_bound(ours["y"], ref["y"], base["y"], f"y {what}")
         assert_within_bound(ours["dx"], ref["dx"], base["dx"], f"dx {what}")

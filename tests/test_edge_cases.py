@@ -10,7 +10,7 @@ import torch
 import mobileops
 from mobileops import backend, ops, yolo
 
-from helpers import DEVICES, runnable_backends
+from helpers import DEVICES, assert_nan_and_inf_land_as_with_torch, runnable_backends
 
 BACKENDS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable_backends("dwconv_bn_act", d)]
 
@@ -59,25 +59,7 @@ def test_one_value_per_channel_is_refused_in_training_like_pytorch(device, backe
 
 @pytest.mark.parametrize("device, backend_name", BACKENDS)
 def test_nan_and_inf_land_where_pytorch_puts_them(device, backend_name):
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=device)
-    x[0, 1, 2, 3] = float("nan")
-    x[1, 2, 0, 0] = float("inf")
-    w, gamma, beta, rm, rv = _params(4, device)
-    w1 = torch.randn(2, 4, dtype=torch.float64, device=device)
-    w2 = torch.randn(4, 2, dtype=torch.float64, device=device)
-
-    def run(name):
-        with mobileops.use_backend(name):
-            return [ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, activation="relu6", training=False),
-                    ops.dwconv_act(x, w, None, activation="hswish"),
-                    ops.bn_act(x, gamma, beta, rm, rv, activation="silu", training=False),
-                    ops.squeeze_excite(x, w1, None, w2, None, post_act="relu")]
-
-    for index, (got, want) in enumerate(zip(run(backend_name), run("torch"))):
-        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"output {index}: NaN positions differ"
-        assert torch.equal(torch.isinf(got), torch.isinf(want)), f"output {index}: Inf positions differ"
-        finite = torch.isfinite(want)
-        torch.testing.assert_close(got[finite], want[finite], rtol=1e-9, atol=1e-10)
+    assert_nan_and_inf_land_as_with_torch(device, backend_name)
 
 
 def test_checkpoints_move_between_mobileops_and_plain_blocks_with_weights_only():
