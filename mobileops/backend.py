@@ -230,11 +230,23 @@ def resolve(op: str, device: torch.device, *, inference: bool = False, numel: Op
     input's element count) inform ``auto``'s choice (:func:`auto_order`); an explicit backend
     ignores them. An empty input (``numel == 0``) never reaches a kernel: once the selection
     is checked, the torch composition produces the empty output, as PyTorch would, with no
-    launch and the running statistics untouched."""
+    launch and the running statistics untouched. While exporting (:func:`exporting`) every op
+    records the torch composition too, so exported graphs hold standard operators only."""
     name, impl = _resolve(op, device, inference, numel or 0)
-    if numel == 0 and name != "torch":
+    if name != "torch" and (numel == 0 or exporting()):
         name, impl = "torch", _impls[op]["torch"]
     return _recorded(op, name, impl) if _recorders else impl
+
+
+def exporting() -> bool:
+    """Whether an ONNX export (either exporter) or ``torch.jit.trace`` is recording the call.
+
+    Both record standard operators only: a kernel launch is invisible to a TorchScript trace
+    (it would bake the output in as a constant) and ONNX has no fused ops, so the selected
+    backend gives way to the torch composition, whose results agree within the dtype's bound.
+    ``torch.compile`` and ``torch.export`` are not exporting in this sense: they trace the fused
+    ops as custom ops."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _capturing(device: torch.device) -> bool:

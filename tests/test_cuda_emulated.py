@@ -202,3 +202,10 @@ def test_low_precision_parameters_reach_the_kernels_intact(cuda_on_cpu, dtype):
 def test_nan_and_inf_land_where_pytorch_puts_them(cuda_on_cpu):
     # A NaN in the SE hidden layer once became 0 in the CUDA ReLU (a plain comparison drops it).
     assert_nan_and_inf_land_as_with_torch("cpu", "cuda")
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_unsupported_kernel_sizes_are_refused(cuda_on_cpu, k):
+    x = torch.randn(1, 3, 9, 9, dtype=F64)
+    with mobileops.use_backend("cuda"), pytest.raises(ValueError, match=r"kernel size must be 3, 5 or 7"):
+        ops.dwconv_bn_act(x, torch.randn(3, 1, k, k, dtype=F64), None, None, None, None, training=True)

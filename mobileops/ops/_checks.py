@@ -60,8 +60,10 @@ def check_tensor(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, *
 
 
 def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running_var,
-             training: bool, momentum, eps) -> None:
-    """BatchNorm parameters: per-channel tensors (each may be None), a sane momentum and eps."""
+             training: bool, momentum, eps, also: Optional[dict] = None) -> None:
+    """BatchNorm parameters: per-channel tensors (each may be None), a sane momentum and eps,
+    and running statistics that a training call may update in place without touching its
+    inputs (``x``, the BN parameters and the tensors named in ``also``)."""
     channels = (x.shape[1],)
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
@@ -74,6 +76,41 @@ def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running
         raise ValueError(f"{op}: momentum must be a number in [0, 1], got {momentum!r}")
     if not isinstance(eps, numbers.Real) or not float(eps) > 0.0:
         raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
+    if training and running_mean is not None:
+        check_written_in_place(op, {"running_mean": running_mean, "running_var": running_var},
+                               {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias, **(also or {})})
+
+
+def _byte_span(t: torch.Tensor) -> tuple:
+    start = t.data_ptr()
+    return start, start + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def check_written_in_place(op: str, written: dict, read: dict) -> None:
+    """Tensors an op updates in place (by name) must not repeat an element (a stride-0
+    expansion), nor share memory with each other or with the op's inputs ``read``: the result
+    would depend on the order in which the kernel's threads write. Checked on real tensors only
+    (fake, meta and traced tensors have no memory to compare)."""
+    if torch.compiler.is_compiling():
+        return
+    real = {name: t for name, t in {**written, **read}.items()
+            if type(t) is torch.Tensor and t.device.type != "meta" and t.numel() > 0}
+    for name, t in written.items():
+        if name in real and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
+            raise ValueError(f"{op}: {name} is updated in place, so it must not repeat elements (it has "
+                             f"stride {tuple(t.stride())}, e.g. from expand()); pass a tensor of its own")
+    names = list(real)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if a not in written and b not in written:
+                continue
+            ta, tb = real[a], real[b]
+            if ta.device != tb.device or ta.untyped_storage().data_ptr() != tb.untyped_storage().data_ptr():
+                continue
+            (a0, a1), (b0, b1) = _byte_span(ta), _byte_span(tb)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{op}: {a} and {b} share memory, but {a if a in written else b} is updated "
+                                 "in place; pass separate tensors")
 
 
 def check_int(op: str, name: str, value, minimum: int) -> int:

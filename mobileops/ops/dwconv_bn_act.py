@@ -47,7 +47,8 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
     op = "dwconv_bn_act"
     _checks.check_input(op, x)
     k = _checks.check_depthwise_weight(op, weight, x)
-    _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                     also={"weight": weight})
     stride = _checks.check_int(op, "stride", stride, 1)
     padding = _checks.resolve_padding(op, padding, k)
     check_activation(activation)
@@ -84,7 +85,7 @@ def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 @backend.register_impl("dwconv_bn_act", "torch")
 def _dwconv_bn_act_torch(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride,
                          padding, activation, training, momentum, eps):
-    y = F.conv2d(x, weight, None, stride, padding, 1, x.shape[1])
+    y = _depthwise_conv(x, weight, None, stride, padding)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias,
                      training or running_mean is None, momentum, eps)
     return apply_activation(y, activation)
@@ -92,4 +93,11 @@ def _dwconv_bn_act_torch(x, weight, bn_weight, bn_bias, running_mean, running_va
 
 @backend.register_impl("dwconv_act", "torch")
 def _dwconv_act_torch(x, weight, bias, *, stride, padding, activation):
-    return apply_activation(F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1]), activation)
+    return apply_activation(_depthwise_conv(x, weight, bias, stride, padding), activation)
+
+
+def _depthwise_conv(x, weight, bias, stride, padding):
+    # The op's contract is x's memory format; CUDA's float64 depthwise conv returns NCHW for
+    # channels_last input (seen on an H100), the other paths already match (then a no-op).
+    y = F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+    return y.contiguous(memory_format=_checks.suggest_memory_format(x))

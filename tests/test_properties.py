@@ -1,0 +1,171 @@
+"""Property-based tests: hypothesis draws shapes, strides, kernel sizes, activations, dtypes,
+layouts (contiguous, channels_last, strided slices) and modes, and every fused backend that runs
+here must agree with the torch backend, forward and backward, within the DESIGN bound.
+
+On CPU the Triton kernels run in the interpreter, so the shapes are tiny and the run is short
+and derandomized (the same examples in every CI run). Set MOBILEOPS_HYPOTHESIS_EXAMPLES for a
+longer, random run (on a GPU: benchmarks/gpu_session.sh)."""
+
+import os
+
+import pytest
+import torch
+
+import mobileops
+from mobileops import ops
+
+from helpers import DEVICES, FLOORS, runnable_backends
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DEVICE = DEVICES[-1]
+FUSED = [b for b in runnable_backends("dwconv_bn_act", DEVICE) if b != "torch"]
+EXAMPLES = int(os.environ.get("MOBILEOPS_HYPOTHESIS_EXAMPLES", "0"))
+PROPERTY = settings(max_examples=EXAMPLES or (10 if DEVICE == "cpu" else 60), deadline=None,
+                    derandomize=not EXAMPLES, database=None, print_blob=True)
+ACTIVATIONS = ["none", "relu", "relu6", "hswish", "silu", "hsigmoid"]
+DTYPES = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
+MAX_SIDE = 9 if DEVICE == "cpu" else 40
+
+pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend runs here")
+
+
+@st.composite
+def activations(draw, x_shape, dtype, layout_name):
+    """An input of ``x_shape`` drawn in ``layout_name``: contiguous, channels_last, or a strided
+    slice of a larger channels_last tensor (non-contiguous in every dimension)."""
+    seed = draw(st.integers(0, 2 ** 16))
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = x_shape
+    if layout_name == "slice":
+        big = torch.randn(n, 2 * c + 1, h + 1, 2 * w, generator=g, dtype=torch.float64)
+        x = big.to(memory_format=torch.channels_last)[:, 1::2, 1:, ::2]
+    else:
+        x = torch.randn(x_shape, generator=g, dtype=torch.float64)
+        if layout_name == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(DEVICE, dtype), g
+
+
+@st.composite
+def conv_cases(draw):
+    k = draw(st.sampled_from([3, 5, 7] + ([] if "cuda" in FUSED else [1])))
+    stride = draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, MAX_SIDE)), draw(st.integers(1, MAX_SIDE))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), h, w)
+    dtype = draw(st.sampled_from(DTYPES))
+    x, g = draw(activations(shape, dtype, draw(st.sampled_from(["nchw", "nhwc", "slice"]))))
+    training = draw(st.booleans())
+    if training and shape[0] * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) == 1:
+        training = False  # one value per channel: refused, as by nn.BatchNorm2d
+    return dict(x=x, g=g, k=k, stride=stride, training=training, activation=draw(st.sampled_from(ACTIVATIONS)),
+                stats=draw(st.booleans()) or not training, backend=draw(st.sampled_from(FUSED)))
+
+
+def bn_dtype(dtype):
+    """BatchNorm parameters and statistics stay float32 under low precision, as in nn modules."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _run(backend_name, fn, tensors, dtype, dy, bn_params):
+    """fn on leaves converted to ``dtype`` (the last ``bn_params`` of them to bn_dtype);
+    returns the output and every gradient."""
+    leaves = [t.detach().to(dtype if i < len(tensors) - bn_params else bn_dtype(dtype)).requires_grad_(True)
+              for i, t in enumerate(tensors)]
+    with mobileops.use_backend(backend_name):
+        y = fn(*leaves)
+    y.backward(dy.to(dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def _assert_agree(backend_name, fn, tensors, dtype, dy, what, bn_params=0):
+    """The DESIGN rule on the output and every gradient: within twice the torch backend's own
+    error in ``dtype`` (against float64) plus the dtype's floor; float64 itself to 1e-9."""
+    ours = _run(backend_name, fn, tensors, dtype, dy, bn_params)
+    ref = _run("torch", fn, tensors, torch.float64, dy, bn_params)
+    base = ours if dtype == torch.float64 else _run("torch", fn, tensors, dtype, dy, bn_params)
+    for i, (o, r, b) in enumerate(zip(ours, ref, base)):
+        assert not torch.isnan(o).any(), f"{what}: NaN in result {i}"
+        err = (o.double() - r).abs().max().item() if o.numel() else 0.0
+        torch_err = (b.double() - r).abs().max().item() if (b.numel() and b is not o) else 0.0
+        scale = max(r.abs().max().item() if r.numel() else 0.0, 1.0)
+        bound = 2 * torch_err + (1e-9 if dtype == torch.float64 else FLOORS[dtype]) * scale
+        assert err <= bound, f"{what}: result {i} error {err:.3g} > {bound:.3g} (torch's {torch_err:.3g})"
+
+
+def _per_channel(g, c, low, high):
+    return (low + (high - low) * torch.rand(c, generator=g, dtype=torch.float64)).to(DEVICE)
+
+
+@PROPERTY
+@given(conv_cases())
+def test_dwconv_bn_act_agrees_with_torch(case):
+    x, g, k = case["x"], case["g"], case["k"]
+    c = x.shape[1]
+    weight = (torch.randn(c, 1, k, k, generator=g, dtype=torch.float64) / k).to(DEVICE)
+    gamma, beta = _per_channel(g, c, 0.5, 1.5), _per_channel(g, c, -0.3, 0.3)
+    rm, rv = (_per_channel(g, c, -0.2, 0.2), _per_channel(g, c, 0.5, 1.5)) if case["stats"] else (None, None)
+
+    def fn(x, weight, gamma, beta):
+        stats = [None, None] if rm is None else [rm.to(bn_dtype(x.dtype)), rv.to(bn_dtype(x.dtype))]
+        return ops.dwconv_bn_act(x, weight, gamma, beta, *stats, stride=case["stride"],
+                                 activation=case["activation"], training=case["training"], momentum=0.1, eps=1e-3)
+
+    with torch.no_grad():
+        out_shape = fn(x.double(), weight, gamma, beta).shape
+    dy = torch.randn(out_shape, generator=g, dtype=torch.float64).to(DEVICE)
+    what = {key: v for key, v in case.items() if key not in ("x", "g")} | dict(shape=tuple(x.shape), dtype=x.dtype)
+    _assert_agree(case["backend"], fn, [x, weight, gamma, beta], x.dtype, dy, str(what), bn_params=2)
+
+
+@PROPERTY
+@given(conv_cases(), st.booleans())
+def test_bn_act_and_dwconv_act_agree_with_torch(case, with_bias):
+    x, g, k = case["x"], case["g"], case["k"]
+    c = x.shape[1]
+    weight = (torch.randn(c, 1, k, k, generator=g, dtype=torch.float64) / k).to(DEVICE)
+    bias = _per_channel(g, c, -0.3, 0.3) if with_bias else None
+    gamma, beta = _per_channel(g, c, 0.5, 1.5), _per_channel(g, c, -0.3, 0.3)
+    rm, rv = _per_channel(g, c, -0.2, 0.2), _per_channel(g, c, 0.5, 1.5)
+    training = case["training"] and x.shape[0] * x.shape[2] * x.shape[3] > 1
+    what = f"{tuple(x.shape)} {x.dtype} k{k} s{case['stride']} {case['activation']} train={training} bias={with_bias}"
+
+    def folded(x, weight, *bias_):
+        return ops.dwconv_act(x, weight, *(bias_ or [None]), stride=case["stride"], activation=case["activation"])
+
+    def bn(x, gamma, beta):
+        return ops.bn_act(x, gamma, beta, rm.to(bn_dtype(x.dtype)), rv.to(bn_dtype(x.dtype)),
+                          activation=case["activation"], training=training)
+
+    with torch.no_grad():
+        dy = torch.randn(folded(x.double(), weight).shape, generator=g, dtype=torch.float64).to(DEVICE)
+    _assert_agree(case["backend"], folded, [x, weight] + ([bias] if with_bias else []), x.dtype, dy,
+                  f"dwconv_act {what}")
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    _assert_agree(case["backend"], bn, [x, gamma, beta], x.dtype, dy, f"bn_act {what}", bn_params=2)
+
+
+@PROPERTY
+@given(st.data())
+def test_squeeze_excite_agrees_with_torch(data):
+    c, hidden = data.draw(st.integers(1, 24)), data.draw(st.integers(1, 8))
+    shape = (data.draw(st.integers(1, 3)), c, data.draw(st.integers(1, MAX_SIDE)), data.draw(st.integers(1, MAX_SIDE)))
+    dtype = data.draw(st.sampled_from(DTYPES))
+    x, g = data.draw(activations(shape, dtype, data.draw(st.sampled_from(["nchw", "nhwc", "slice"]))))
+    gate, post_act = data.draw(st.sampled_from(["hsigmoid", "sigmoid"])), data.draw(st.sampled_from(ACTIVATIONS))
+    biases = data.draw(st.booleans())
+    params = [torch.randn(hidden, c, generator=g, dtype=torch.float64).to(DEVICE) / c ** 0.5,
+              _per_channel(g, hidden, -0.3, 0.3) if biases else None,
+              torch.randn(c, hidden, generator=g, dtype=torch.float64).to(DEVICE) / hidden ** 0.5,
+              _per_channel(g, c, -0.3, 0.3) if biases else None]
+
+    def fn(x, w1, *rest):
+        b1, w2, b2 = rest if biases else (None, rest[0], None)
+        return ops.squeeze_excite(x, w1, b1, w2, b2, gate=gate, post_act=post_act)
+
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+    tensors = [x] + [p for p in params if p is not None]
+    _assert_agree(data.draw(st.sampled_from(FUSED)), fn, tensors, dtype, dy,
+                  f"squeeze_excite {shape} {dtype} {gate}/{post_act} biases={biases}")
