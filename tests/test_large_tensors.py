@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mobileops
-from mobileops import ops
+from mobileops import backend, ops
 
 from helpers import runnable_backends
 
@@ -45,6 +45,21 @@ def test_triton_launchers_choose_64_bit_offsets_past_2_31(monkeypatch, layout):
     # ... and any operand of the call decides (output, gradients)
     assert common.index64(just_fits, big)
     assert not common.index64(torch.empty(0, 64, 4100, 4100, device="meta"))
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_fused_backends_refuse_training_past_2_31_elements(monkeypatch, backend_name):
+    """Until the GPU training test below passes, the fused backends refuse such calls instead of
+    risking wrong gradients or a memory fault; inference and the torch backend go on."""
+    monkeypatch.setattr(backend, "_backend_problem", lambda name, device: None)
+    device = torch.device("cuda")
+    with mobileops.use_backend(backend_name):
+        with pytest.raises(backend.BackendUnavailableError, match="refuses training"):
+            backend.resolve("dwconv_bn_act", device, inference=False, numel=LIMIT)
+        backend.resolve("dwconv_bn_act", device, inference=False, numel=LIMIT - 1)
+        backend.resolve("dwconv_bn_act", device, inference=True, numel=LIMIT)
+    with mobileops.use_backend("torch"):
+        backend.resolve("dwconv_bn_act", device, inference=False, numel=LIMIT)
 
 
 def test_interpreter_always_runs_the_64_bit_path(monkeypatch):
@@ -112,10 +127,11 @@ def test_inference_past_2_31_elements(backend_name, layout):
 
 @needs_big_gpu
 @pytest.mark.parametrize("backend_name", [b for b in GPU_BACKENDS if b != "torch"])
-def test_training_forward_and_backward_past_2_31_elements(backend_name):
+def test_training_forward_and_backward_past_2_31_elements(monkeypatch, backend_name):
     x = _integer_input(torch.channels_last)
     weight, gamma, beta, rm, rv = _params(SHAPE[1], 3)
     dy = _integer_input(torch.channels_last).mul_(0.25)
+    monkeypatch.setattr(backend, "UNVERIFIED_TRAINING_ELEMENTS", 2 ** 62)  # measure the kernels themselves
     results = {}
     for name in (backend_name, "torch"):
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, gamma, beta)]

@@ -23,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 DEVICE = DEVICES[-1]
 FUSED = [b for b in runnable_backends("dwconv_bn_act", DEVICE) if b != "torch"]
 EXAMPLES = int(os.environ.get("MOBILEOPS_HYPOTHESIS_EXAMPLES", "0"))
-PROPERTY = settings(max_examples=EXAMPLES or (10 if DEVICE == "cpu" else 60), deadline=None,
+PROPERTY = settings(max_examples=EXAMPLES or (6 if DEVICE == "cpu" else 60), deadline=None,
                     derandomize=not EXAMPLES, database=None, print_blob=True)
 ACTIVATIONS = ["none", "relu", "relu6", "hswish", "silu", "hsigmoid"]
 DTYPES = [torch.float64, torch.float32] + ([torch.float16, torch.bfloat16] if DEVICE == "cuda" else [])
