@@ -93,24 +93,19 @@ def check_written_in_place(op: str, written: dict, read: dict) -> None:
     (fake, meta and traced tensors have no memory to compare)."""
     if torch.compiler.is_compiling():
         return
-    real = {name: t for name, t in {**written, **read}.items()
-            if type(t) is torch.Tensor and t.device.type != "meta" and t.numel() > 0}
+    spans = {name: (t.device, *_byte_span(t)) for name, t in {**read, **written}.items()
+             if type(t) is torch.Tensor and t.device.type != "meta" and t.numel() > 0}
     for name, t in written.items():
-        if name in real and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
+        if name not in spans:
+            continue
+        if any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
             raise ValueError(f"{op}: {name} is updated in place, so it must not repeat elements (it has "
                              f"stride {tuple(t.stride())}, e.g. from expand()); pass a tensor of its own")
-    names = list(real)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if a not in written and b not in written:
-                continue
-            ta, tb = real[a], real[b]
-            if ta.device != tb.device or ta.untyped_storage().data_ptr() != tb.untyped_storage().data_ptr():
-                continue
-            (a0, a1), (b0, b1) = _byte_span(ta), _byte_span(tb)
-            if a0 < b1 and b0 < a1:
-                raise ValueError(f"{op}: {a} and {b} share memory, but {a if a in written else b} is updated "
-                                 "in place; pass separate tensors")
+        device, begin, end = spans.pop(name)  # popped: each pair is compared once
+        for other, (other_device, other_begin, other_end) in spans.items():
+            if other_device == device and begin < other_end and other_begin < end:
+                raise ValueError(f"{op}: {name} and {other} share memory, but {name} is updated in place; "
+                                 "pass separate tensors")
 
 
 def check_int(op: str, name: str, value, minimum: int) -> int:
