@@ -9,7 +9,9 @@
 #   benchmarks/gpu_session.sh OUT_DIR [pytest arguments for the benchmarks]
 #
 # Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
-#              SESSION_TESTS  pytest arguments for the tests ("tests"; "none" skips them)
+#              SESSION_TESTS  pytest arguments for the tests ("tests": tests/test_large_tensors.py
+#                             alone first, then the rest in parallel; "none" skips them)
+#              MOBILEOPS_HYPOTHESIS_EXAMPLES  examples per property test (tests/test_properties.py)
 #              TESTS_TIMEOUT  seconds for the tests (300)     BENCH_TIMEOUT seconds (240; 0 skips)
 #              TEST_WORKERS   pytest-xdist workers (8)   TEST_TIMEOUT seconds per test (120)
 #              SESSION_ORDER  "tests benchmarks" (default) or "benchmarks tests"
@@ -39,6 +41,16 @@ fi
 
 tests_rc=0
 run_tests() {
+    local suite=$SESSION_TESTS
+    : >"$OUT/tests.log"
+    if [ "$SESSION_TESTS" = "tests" ]; then
+        # The >2**31-element tests hold ~40 GiB each: alone, before the parallel suite (two at
+        # once in xdist workers would run out of memory). Their output opens tests.log.
+        MOBILEOPS_AUTOTUNE=0 timeout -s INT 240 python -m pytest tests/test_large_tensors.py -q -rfE \
+            -p no:cacheprovider -p no:benchmark >>"$OUT/tests.log" 2>&1
+        grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-300
+        suite="tests --ignore=tests/test_large_tensors.py"
+    fi
     if [ "$SESSION_TESTS" != "none" ]; then
         # One fixed kernel configuration per launch: the tests check numbers, not tuning, and
         # autotuning every variant would spend the call compiling.
@@ -47,8 +59,8 @@ run_tests() {
         # each spawn a full pool oversubscribe the host's cores many times over (float64 CPU
         # block tests took 120 s each on the H100 host without OMP_NUM_THREADS=1).
         MOBILEOPS_AUTOTUNE=0 TORCHINDUCTOR_COMPILE_THREADS=1 OMP_NUM_THREADS=1 timeout -s INT "${TESTS_TIMEOUT:-300}" \
-            python -m pytest $SESSION_TESTS -q -rfE --timeout "${TEST_TIMEOUT:-120}" -n "${TEST_WORKERS:-8}" -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$OUT/tests.xml" \
-            >"$OUT/tests.log" 2>&1
+            python -m pytest $suite -q -rfE --timeout "${TEST_TIMEOUT:-120}" -n "${TEST_WORKERS:-8}" -p no:cacheprovider -p no:benchmark --durations=15 --junitxml="$OUT/tests.xml" \
+            >>"$OUT/tests.log" 2>&1
         tests_rc=$?
         [ "$tests_rc" -eq 124 ] || [ "$tests_rc" -eq 2 ] && echo "tests stopped at their time limit (or interrupted)"
         grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-300 | head -40

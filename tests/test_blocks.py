@@ -231,7 +231,10 @@ def _in_channels(module):
 
 @pytest.mark.parametrize("make,c_in", [(lambda: mnn.C3_UIB(16, 32), 16), (lambda: mnn.MobileNetv3(24, 40, 72, 5, 2, 1, 0), 24),
                                        (lambda: mnn.UniversalInvertedBottleneckBlock(8, 8), 8),
-                                       (lambda: mnn.Conv3BN(3, 16, 2), 3)], ids=["c3uib", "mnv3", "uib", "conv3bn"])
+                                       (lambda: mnn.Conv3BN(3, 16, 2), 3), (lambda: mnn.Conv(8, 16, 3, 2), 8),
+                                       (lambda: mnn.Conv(8, 8, 3, 1, None, 8), 8), (lambda: mnn.Bottleneck(16, 16), 16),
+                                       (lambda: mnn.C3(16, 32, 1), 16), (lambda: mnn.SPPF(16, 24), 16)],
+                         ids=["c3uib", "mnv3", "uib", "conv3bn", "conv", "dwconv", "bottleneck", "c3", "sppf"])
 def test_blocks_reject_bad_input(make, c_in):
     block = make()
     with pytest.raises(ValueError, match=rf"expected a floating \(N, {c_in}, H, W\) tensor, got shape \(2, {c_in + 1}, 8, 8\)"):
@@ -240,3 +243,13 @@ def test_blocks_reject_bad_input(make, c_in):
         block(torch.randn(c_in, 8, 8))
     with pytest.raises(TypeError, match="got dtype torch.int64"):
         block(torch.ones(2, c_in, 8, 8, dtype=torch.long))
+
+
+def test_se_layer_rejects_bad_input_naming_the_argument():
+    se = mnn.SELayer(72)
+    with pytest.raises(ValueError, match=r"fc1_weight must have shape \(18, 73\) to match x of shape \(2, 73, 8, 8\)"):
+        se(torch.randn(2, 73, 8, 8))
+    with pytest.raises(ValueError, match="x must be a 4-D"):
+        se(torch.randn(72, 8, 8))
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64, got torch.int64"):
+        se(torch.ones(2, 72, 8, 8, dtype=torch.long))
