@@ -15,7 +15,7 @@ import torch
 import mobileops
 from mobileops import ops
 
-from helpers import DEVICES, FLOORS, runnable_backends
+from helpers import DEVICES, assert_within_bound, runnable_backends
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -86,14 +86,15 @@ def _assert_agree(backend_name, fn, tensors, dtype, dy, what, bn_params=0):
     error in ``dtype`` (against float64) plus the dtype's floor; float64 itself to 1e-9."""
     ours = _run(backend_name, fn, tensors, dtype, dy, bn_params)
     ref = _run("torch", fn, tensors, torch.float64, dy, bn_params)
-    base = ours if dtype == torch.float64 else _run("torch", fn, tensors, dtype, dy, bn_params)
+    if dtype == torch.float64:
+        for i, (o, r) in enumerate(zip(ours, ref)):
+            assert not torch.isnan(o).any(), f"{what}: NaN in result {i}"
+            torch.testing.assert_close(o, r, rtol=0, atol=1e-9 * max(r.abs().max().item(), 1.0),
+                                       msg=lambda m, i=i: f"{what}: result {i}: {m}")
+        return
+    base = _run("torch", fn, tensors, dtype, dy, bn_params)
     for i, (o, r, b) in enumerate(zip(ours, ref, base)):
-        assert not torch.isnan(o).any(), f"{what}: NaN in result {i}"
-        err = (o.double() - r).abs().max().item() if o.numel() else 0.0
-        torch_err = (b.double() - r).abs().max().item() if (b.numel() and b is not o) else 0.0
-        scale = max(r.abs().max().item() if r.numel() else 0.0, 1.0)
-        bound = 2 * torch_err + (1e-9 if dtype == torch.float64 else FLOORS[dtype]) * scale
-        assert err <= bound, f"{what}: result {i} error {err:.3g} > {bound:.3g} (torch's {torch_err:.3g})"
+        assert_within_bound(o, r, b, f"{what}: result {i}")
 
 
 def _per_channel(g, c, low, high):
