@@ -45,8 +45,9 @@ run_tests() {
     : >"$OUT/tests.log"
     if [ "$SESSION_TESTS" = "tests" ]; then
         # The >2**31-element tests hold ~40 GiB each: alone, before the parallel suite (two at
-        # once in xdist workers would run out of memory). Their output opens tests.log.
-        MOBILEOPS_AUTOTUNE=0 timeout -s INT 240 python -m pytest tests/test_large_tensors.py -q -rfE \
+        # once in xdist workers would run out of memory). Their output opens tests.log. Blocking
+        # launches make a faulting kernel's own launch report the error (named by op and pass).
+        CUDA_LAUNCH_BLOCKING=1 MOBILEOPS_AUTOTUNE=0 timeout -s INT 240 python -m pytest tests/test_large_tensors.py -q -rfE \
             -p no:cacheprovider -p no:benchmark >>"$OUT/tests.log" 2>&1
         grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-300
         suite="tests --ignore=tests/test_large_tensors.py"

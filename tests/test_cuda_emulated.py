@@ -209,3 +209,66 @@ def test_unsupported_kernel_sizes_are_refused(cuda_on_cpu, k):
     x = torch.randn(1, 3, 9, 9, dtype=F64)
     with mobileops.use_backend("cuda"), pytest.raises(ValueError, match=r"kernel size must be 3, 5 or 7"):
         ops.dwconv_bn_act(x, torch.randn(3, 1, k, k, dtype=F64), None, None, None, None, training=True)
+
+
+# ---- offsets past 2**31 elements ---------------------------------------------------------
+
+FAR = 2 ** 31
+
+
+def _far_pair(shape, layout, seed):
+    """An input and an output gradient as float32 (N, C, H, W) views with a batch stride of
+    2**31 elements: every image after the first lies past 2**31 elements from the base pointer.
+    They share one 8.6 GB storage that is never touched outside the viewed elements, so the OS
+    commits only those pages."""
+    n, c, h, w = shape
+    inner = (1, w * c, c) if layout == "nhwc" else (h * w, w, 1)
+    storage = torch.empty((n - 1) * FAR + 2 * c * h * w, dtype=torch.float32)
+    views = [storage.as_strided(shape, (FAR,) + inner, offset) for offset in (0, c * h * w)]
+    g = _gen(seed)
+    for view in views:
+        view.copy_(torch.randn(shape, generator=g))
+    return views
+
+
+def _results(fn, x, dy, grad_params, buffers):
+    x = x.detach().requires_grad_(True)  # detach keeps the strides (clone would make x dense)
+    leaves = [p.detach().clone().requires_grad_(True) for p in grad_params]
+    buffers = [b.clone() for b in buffers]
+    with mobileops.use_backend("cuda"):
+        y = fn(x, *leaves, *buffers)
+    y.backward(dy)
+    return [y, x.grad] + [p.grad for p in leaves] + buffers
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["dwconv_bn_act_train", "dwconv_bn_act_eval", "bn_act_train", "squeeze_excite"])
+def test_offsets_past_2_31_elements_read_the_same_values(cuda_on_cpu, monkeypatch, op, layout):
+    """The kernels' 64-bit offsets, by construction: x and dy whose second image lies past 2**31
+    elements give bit for bit the results of dense copies of the same values (a 32-bit offset
+    would wrap to another address and read other values, or fault)."""
+    shape = (2, 3, 5, 4)
+    far_x, far_dy = _far_pair(shape, layout, seed=13)
+    near_x, near_dy = (t.contiguous(memory_format=LAYOUTS[layout]) for t in (far_x, far_dy))
+    _, weight, gamma, beta, rm, rv = (t.float() for t in _dw_inputs(1, 3, 1, 1, 3, torch.contiguous_format, seed=14))
+    g = _gen(15)
+    fc = [torch.randn(2, 3, generator=g) / 2, torch.randn(2, generator=g), torch.randn(3, 2, generator=g) / 2,
+          torch.randn(3, generator=g)]
+    calls = {
+        "dwconv_bn_act_train": (lambda x, w, a, b, m, v: ops.dwconv_bn_act(
+            x, w, a, b, m, v, activation="hswish", training=True, momentum=0.3), [weight, gamma, beta], [rm, rv]),
+        "dwconv_bn_act_eval": (lambda x, w, a, b, m, v: ops.dwconv_bn_act(
+            x, w, a, b, m, v, activation="relu6"), [weight, gamma, beta], [rm, rv]),
+        "bn_act_train": (lambda x, a, b, m, v: ops.bn_act(x, a, b, m, v, activation="silu", training=True),
+                         [gamma, beta], [rm, rv]),
+        "squeeze_excite": (lambda x, w1, b1, w2, b2: ops.squeeze_excite(x, w1, b1, w2, b2, post_act="hswish"), fc, []),
+    }
+    fn, grad_params, buffers = calls[op]
+    seen = []
+    real_strides = _extension.strides
+    monkeypatch.setattr(_extension, "strides", lambda t: seen.append(real_strides(t)) or real_strides(t))
+    far = _results(fn, far_x, far_dy, grad_params, buffers)
+    assert max(s[0] for s in seen) == FAR, "the kernels were not given the far views"
+    near = _results(fn, near_x, near_dy, grad_params, buffers)
+    for i, (a, b) in enumerate(zip(far, near)):
+        assert torch.equal(a, b), f"result {i} differs between the far views and their dense copies"

@@ -8,7 +8,9 @@ On a GPU with enough free memory the ops run on a real (2, 64, 4100, 4100) float
 (2.15e9 elements, 4.3 GB) and must agree with the torch backend everywhere, including the
 elements whose offsets pass 2**31. That test checks addressing, not rounding (the precision
 tests do that): integer-valued data keeps the convolution exact, so a wrong address shows up
-as an error of whole units, far above the tolerance."""
+as an error of whole units, far above the tolerance. The training test's reference is float64,
+computed a few channels at a time. The CUDA kernels' offsets past 2**31 are also checked on CPU,
+emulated (tests/test_cuda_emulated.py)."""
 
 import pytest
 import torch
@@ -86,10 +88,19 @@ def _max_abs_diff(a, b):
     return worst
 
 
-def _integer_input(layout):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def _integer_input(layout, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.empty(SHAPE, dtype=torch.float16, device="cuda", memory_format=layout)
     return x.random_(-2, 3, generator=gen)  # -2..2: every 3x3 sum of x * (-1, 0, 1) is exact
+
+
+def _synchronized(stage):
+    """Fail naming ``stage`` if a kernel launched before this point faulted: CUDA reports
+    errors at the next synchronising call, which would otherwise blame a later line."""
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # torch.AcceleratorError (RuntimeError on older torch)
+        pytest.fail(f"{stage}: {exc}")
 
 
 def _params(c, k):
@@ -125,28 +136,52 @@ def test_inference_past_2_31_elements(backend_name, layout):
             torch.cuda.empty_cache()
 
 
+GROUP = 8  # channels per float64 reference pass: 2.15 GB per tensor
+
+
 @needs_big_gpu
 @pytest.mark.parametrize("backend_name", [b for b in GPU_BACKENDS if b != "torch"])
 def test_training_forward_and_backward_past_2_31_elements(monkeypatch, backend_name):
-    x = _integer_input(torch.channels_last)
-    weight, gamma, beta, rm, rv = _params(SHAPE[1], 3)
-    dy = _integer_input(torch.channels_last).mul_(0.25)
+    """Training forward (batch statistics, running-statistic update) and backward of
+    dwconv_bn_act at 2.15e9 elements. The reference is the torch composition in float64, run
+    GROUP channels at a time (a depthwise conv and BatchNorm never mix channels), so it needs
+    no large-tensor kernel of PyTorch's and no float16 sums. The bounds are a few float16
+    rounding steps: a wrong address moves a conv sum by a whole unit, far more. SiLU, which has
+    no kinks, keeps float32-vs-float64 rounding from flipping a derivative."""
     monkeypatch.setattr(backend, "UNVERIFIED_TRAINING_ELEMENTS", 2 ** 62)  # measure the kernels themselves
-    results = {}
-    for name in (backend_name, "torch"):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, gamma, beta)]
-        stats = [rm.clone(), rv.clone()]
-        with mobileops.use_backend(name):
-            y = ops.dwconv_bn_act(*leaves, *stats, activation="hswish", training=True, momentum=0.5)
-        y.backward(dy)
-        results[name] = [y.detach()] + [t.grad for t in leaves] + stats
-        del y, leaves
-        torch.cuda.empty_cache()
-    ours, expected = results[backend_name], results["torch"]
-    for what, o, e in zip(("y", "dx"), ours, expected):
-        scale = max(1.0, _max_abs_diff(e, torch.zeros_like(e[:, :1]).expand_as(e)))
-        assert _max_abs_diff(o, e) <= 2e-2 * scale, f"{what} ({backend_name}) differs"
-    for what, o, e in zip(("dweight", "dgamma", "dbeta", "running_mean", "running_var"), ours[2:], expected[2:]):
-        rel = ((o.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
-        assert rel <= 1e-2, (f"{what} ({backend_name}): relative error {rel:.3g}; all finite: ours "
-                             f"{bool(o.isfinite().all())}, torch's {bool(e.isfinite().all())}")
+    x = _integer_input(torch.channels_last, seed=0).requires_grad_(True)
+    # independent of x: with dy = x / 4 the weight gradient is ~4e6, past float16's range
+    dy = _integer_input(torch.channels_last, seed=1).mul_(0.25)
+    weight, gamma, beta, rm, rv = _params(SHAPE[1], 3)
+    params = [t.requires_grad_(True) for t in (weight, gamma, beta)]
+    with mobileops.use_backend(backend_name):
+        y = ops.dwconv_bn_act(x, *params, rm, rv, activation="silu", training=True, momentum=0.5)
+    _synchronized(f"{backend_name} forward")
+    y.backward(dy)
+    _synchronized(f"{backend_name} backward")
+    y = y.detach()
+    worst, scale = {"y": 0.0, "dx": 0.0}, {"y": 0.0, "dx": 0.0}
+    reference = {"dweight": [], "dgamma": [], "dbeta": [], "running_mean": [], "running_var": []}
+    for c0 in range(0, SHAPE[1], GROUP):
+        part = slice(c0, c0 + GROUP)
+        x64 = x.detach()[:, part].double().requires_grad_(True)
+        w64, g64, b64 = (t.detach()[part].double().requires_grad_(True) for t in params)
+        rm64 = torch.zeros(GROUP, dtype=torch.float64, device="cuda")
+        rv64 = torch.ones(GROUP, dtype=torch.float64, device="cuda")
+        with mobileops.use_backend("torch"):
+            y64 = ops.dwconv_bn_act(x64, w64, g64, b64, rm64, rv64, activation="silu", training=True, momentum=0.5)
+        y64.backward(dy[:, part].double())
+        for what, got, want in (("y", y[:, part], y64.detach()), ("dx", x.grad[:, part], x64.grad)):
+            worst[what] = max(worst[what], (got.double() - want).abs().max().item())
+            scale[what] = max(scale[what], want.abs().max().item())
+        for what, want in zip(reference, (w64.grad, g64.grad, b64.grad, rm64, rv64)):
+            reference[what].append(want)
+        del x64, y64
+    for what in worst:
+        assert worst[what] <= 2e-3 * scale[what], (f"{what} ({backend_name}): max error {worst[what]:.3g} "
+                                                   f"at scale {scale[what]:.3g}")
+    for what, got in zip(reference, (weight.grad, gamma.grad, beta.grad, rm, rv)):
+        want = torch.cat(reference[what])
+        rel = ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+        assert rel <= 5e-3, (f"{what} ({backend_name}): relative error {rel:.3g}; all finite: "
+                             f"{bool(got.isfinite().all())}")
