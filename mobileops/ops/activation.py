@@ -21,10 +21,12 @@ _FUNCTIONS = {
 }
 
 
-def check_activation(name, argument: str = "activation", choices=ACTIVATIONS) -> str:
-    """Return ``name`` if it is one of ``choices``, else raise a ValueError naming ``argument``."""
+def check_activation(name, argument: str = "activation", choices=ACTIVATIONS, op: str = "") -> str:
+    """Return ``name`` if it is one of ``choices``, else raise a ValueError naming ``argument``
+    (and the calling ``op``, when given)."""
     if not isinstance(name, str) or name not in choices:
-        raise ValueError(f"{argument} must be one of {', '.join(map(repr, choices))}; got {name!r}")
+        where = f"{op}: " if op else ""
+        raise ValueError(f"{where}{argument} must be one of {', '.join(map(repr, choices))}; got {name!r}")
     return name
 
 

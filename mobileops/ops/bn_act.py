@@ -25,7 +25,7 @@ def bn_act(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional
     op = "bn_act"
     _checks.check_input(op, x)
     _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
-    check_activation(activation)
+    check_activation(activation, op=op)
     batch_stats = training or running_mean is None
     _checks.check_batch_stats_size(op, x.shape, x.shape[2:], batch_stats)
     inference = not batch_stats and not _checks.needs_grad(x, bn_weight, bn_bias)

@@ -51,7 +51,7 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
                      also={"weight": weight})
     stride = _checks.check_int(op, "stride", stride, 1)
     padding = _checks.resolve_padding(op, padding, k)
-    check_activation(activation)
+    check_activation(activation, op=op)
     out_hw = _checks.check_conv_output(op, x, k, stride, padding)
     batch_stats = training or running_mean is None
     _checks.check_batch_stats_size(op, x.shape, out_hw, batch_stats)
@@ -76,7 +76,7 @@ def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _checks.check_tensor(op, "bias", bias, (x.shape[1],), x, optional=True, same_dtype=True)
     stride = _checks.check_int(op, "stride", stride, 1)
     padding = _checks.resolve_padding(op, padding, k)
-    check_activation(activation)
+    check_activation(activation, op=op)
     _checks.check_conv_output(op, x, k, stride, padding)
     impl = backend.resolve(op, x.device, inference=not _checks.needs_grad(x, weight, bias), numel=x.numel())
     return impl(x, weight, bias, stride=stride, padding=padding, activation=activation)
