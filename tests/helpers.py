@@ -89,6 +89,13 @@ def assert_within_bound(out: torch.Tensor, ref64: torch.Tensor, out_torch: torch
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err:.3g})"
 
 
+def relative_norm_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``|out - ref| / |ref|`` (Frobenius norms) in float64: the measure for reductions such as
+    weight gradients, whose single elements have no natural scale of their own."""
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def assert_nan_and_inf_land_as_with_torch(device: str, backend_name: str) -> None:
     """All four ops on an input holding a NaN and an Inf: NaN and Inf in the same positions as
     the torch backend's outputs, the finite values equal to float64 precision."""

@@ -10,6 +10,8 @@ import mobileops
 from mobileops import backend, ops
 from mobileops.bench.cases import op_shapes
 
+from helpers import relative_norm_error
+
 CUDA = torch.cuda.is_available() and backend.backend_status()["cuda"] is None
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the built extension")
 
@@ -44,8 +46,7 @@ def test_squeeze_excite_real_shapes_agree_with_triton_and_torch(shape, layout, d
     for backend_name in ("cuda", "triton"):
         got = _se_run(backend_name, inputs, dy, opts["gate"], opts["post_act"])
         for name, a, b, r in zip(("y", "dx", "dw1", "db1", "dw2", "db2"), got, base, ref):
-            err = (a.double() - r).norm() / r.norm().clamp_min(1e-30)
-            base_err = (b.double() - r).norm() / r.norm().clamp_min(1e-30)
+            err, base_err = relative_norm_error(a, r), relative_norm_error(b, r)
             assert err <= 2 * base_err + (1e-5 if dtype == torch.float32 else 3e-3), f"{backend_name} {name}: {err}"
 
 

@@ -14,7 +14,7 @@ from torch import nn
 import mobileops
 from mobileops import ops, yolo
 
-from helpers import FLOORS, assert_within_bound
+from helpers import FLOORS, assert_within_bound, relative_norm_error
 
 pytest.importorskip("triton")
 
@@ -263,10 +263,6 @@ def test_detector_layer_list_covers_the_spec():
     assert {a for *_, a in layers} >= {"none", "relu6", "relu", "hswish"}
 
 
-def _relative_norm_error(out, ref):
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 #: Where each activation's derivative jumps.
 KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "hswish": (-3.0, 3.0), "hsigmoid": (-3.0, 3.0)}
 
@@ -318,8 +314,8 @@ def _check_low_precision(shape, k, stride, activation, dtype, layout, backend_na
         assert_within_bound(ours["y"], ref["y"], base["y"], f"y {what}")
         assert_within_bound(ours["dx"], ref["dx"], base["dx"], f"dx {what}")
         for name in ("dweight", "dgamma", "dbeta", "running_mean", "running_var"):
-            err = _relative_norm_error(ours[name], ref[name])
-            base_err = _relative_norm_error(base[name], ref[name])
+            err = relative_norm_error(ours[name], ref[name])
+            base_err = relative_norm_error(base[name], ref[name])
             assert err <= 2 * base_err + FLOORS[dtype], f"{name} {what}: error {err:.3g}, torch's {base_err:.3g}"
 
 
@@ -443,5 +439,5 @@ def test_bn_act_low_precision_within_the_error_bound(monkeypatch, dtype, layout)
         for name, o, r, b in zip(("y", "dx"), ours, ref, base):
             assert_within_bound(o, r, b, f"bn_act {name} {dtype} train={training}")
         for name, o, r, b in zip(("dgamma", "dbeta", "running_mean", "running_var"), ours[2:], ref[2:], base[2:]):
-            err, base_err = _relative_norm_error(o, r), _relative_norm_error(b, r)
+            err, base_err = relative_norm_error(o, r), relative_norm_error(b, r)
             assert err <= 2 * base_err + FLOORS[dtype], f"bn_act {name}: error {err:.3g}, torch's {base_err:.3g}"

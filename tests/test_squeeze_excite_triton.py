@@ -8,7 +8,7 @@ import torch
 import mobileops
 from mobileops import ops, yolo
 
-from helpers import FLOORS, assert_within_bound
+from helpers import FLOORS, assert_within_bound, relative_norm_error
 
 pytest.importorskip("triton")
 
@@ -129,8 +129,7 @@ def _check_low_precision(monkeypatch, shape, reduced, dtype, layout):
     for name, o, r, b in zip(NAMES[:2], ours, ref, base):
         assert_within_bound(o, r, b, f"squeeze_excite {name} {dtype}")
     for name, o, r, b in zip(NAMES[2:], ours[2:], ref[2:], base[2:]):
-        err = ((o.double() - r).norm() / r.norm()).item()
-        base_err = ((b.double() - r).norm() / r.norm()).item()
+        err, base_err = relative_norm_error(o, r), relative_norm_error(b, r)
         assert err <= 2 * base_err + FLOORS[dtype], f"{name}: error {err:.3g}, torch's {base_err:.3g}"
 
 
