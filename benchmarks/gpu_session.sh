@@ -10,7 +10,8 @@
 #
 # Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
 #              SESSION_TESTS  pytest arguments for the tests ("tests": tests/test_large_tensors.py
-#                             alone first, then the rest in parallel; "none" skips them)
+#                             alone first, then the rest in parallel; "reliability": the same
+#                             file first, then tests/test_properties.py; "none" skips them)
 #              MOBILEOPS_HYPOTHESIS_EXAMPLES  examples per property test (tests/test_properties.py)
 #              TESTS_TIMEOUT  seconds for the tests (300)     BENCH_TIMEOUT seconds (240; 0 skips)
 #              TEST_WORKERS   pytest-xdist workers (8)   TEST_TIMEOUT seconds per test (120)
@@ -43,7 +44,7 @@ tests_rc=0
 run_tests() {
     local suite=$SESSION_TESTS
     : >"$OUT/tests.log"
-    if [ "$SESSION_TESTS" = "tests" ]; then
+    if [ "$SESSION_TESTS" = "tests" ] || [ "$SESSION_TESTS" = "reliability" ]; then
         # The >2**31-element tests hold ~40 GiB each: alone, before the parallel suite (two at
         # once in xdist workers would run out of memory). Their output opens tests.log. Blocking
         # launches make a faulting kernel's own launch report the error (named by op and pass).
@@ -51,6 +52,7 @@ run_tests() {
             -p no:cacheprovider -p no:benchmark >>"$OUT/tests.log" 2>&1
         grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | cut -c1-300
         suite="tests --ignore=tests/test_large_tensors.py"
+        [ "$SESSION_TESTS" = "reliability" ] && suite="tests/test_properties.py"
     fi
     if [ "$SESSION_TESTS" != "none" ]; then
         # One fixed kernel configuration per launch: the tests check numbers, not tuning, and
