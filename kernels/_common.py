@@ -51,11 +51,17 @@ def activation_grad(u, g, ACT: tl.constexpr):
 
 
 @triton.jit
+def channel_block():
+    """This program's channel block in a :func:`channel_grid` launch (grid y, continued on z)."""
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+
+
+@triton.jit
 def tile_coords(pid, tiles_per_sample, C, BLOCK, BLOCK_C: tl.constexpr, INDEX64: tl.constexpr):
     """(sample, first position of this program's tile/chunk, channel offsets, channel mask)."""
     n = pid // tiles_per_sample
     tile = pid % tiles_per_sample
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = channel_block() * BLOCK_C + tl.arange(0, BLOCK_C)
     if INDEX64:
         n = n.to(tl.int64)
         tile = tile.to(tl.int64)
@@ -145,6 +151,20 @@ def chunk_size(x: torch.Tensor, positions: int) -> int:
     per_sample = max(1, programs_wanted // max(1, n * channel_blocks))
     chunk = triton.next_power_of_2(triton.cdiv(positions, per_sample))
     return int(min(max(chunk, 256), 8192))
+
+
+#: CUDA's largest grid extent in y and z (x goes to 2**31 - 1).
+GRID_YZ_LIMIT = 65535
+
+
+def channel_grid(programs: int, channels: int, block_c: int) -> Tuple[int, int, int]:
+    """A launch grid of ``programs`` (position tiles or chunks, on x) by the channel blocks of
+    ``channels``. The channel blocks fill y up to :data:`GRID_YZ_LIMIT` and go on along z
+    (:func:`channel_block` reads both), so a launch never fails for its channel count; the
+    programs of the last z slice past the last block see an all-false channel mask."""
+    blocks = triton.cdiv(channels, block_c)
+    y = max(1, min(blocks, GRID_YZ_LIMIT))
+    return programs, y, triton.cdiv(blocks, y)
 
 
 def launch(kernel, tuned, grid_of, args: dict, meta: Optional[dict]) -> None:

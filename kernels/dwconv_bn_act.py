@@ -414,7 +414,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[tor
                 ACT=ACTIVATION_CODES[activation], NORM=NORM_CODES[norm], HAS_GAMMA=gamma is not None,
                 HAS_BETA=beta is not None, INDEX64=common.index64(x, y), ACC=acc)
     common.launch(_forward_kernel, _forward_tuned,
-                  lambda m: (n * triton.cdiv(ho * wo, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"])),
+                  lambda m: common.channel_grid(n * triton.cdiv(ho * wo, m["BLOCK_P"]), c, m["BLOCK_C"]),
                   args, common.fixed_meta(x, reduction=False))
     return y
 
@@ -442,7 +442,7 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
                 C=c, H=h, W=w, HO=ho, WO=wo, chunks_per_sample=per_sample, CHUNK=chunk,
                 **common.strides("sx", x), K=k, STRIDE=stride, PAD=padding,
                 INDEX64=common.index64(x), ACC=acc)
-    common.launch(_stats_kernel, _stats_tuned, lambda m: (rows, triton.cdiv(c, m["BLOCK_C"])),
+    common.launch(_stats_kernel, _stats_tuned, lambda m: common.channel_grid(rows, c, m["BLOCK_C"]),
                   args, common.fixed_meta(x, reduction=True))
     eps_hi, eps_lo = common.split_float(eps)
     mom_hi, mom_lo = common.split_float(momentum)
@@ -489,7 +489,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     shape_args = dict(C=c, H=h, W=w, HO=ho, WO=wo, K=k, STRIDE=stride, PAD=padding, INDEX64=index64, ACC=acc)
     param_args = dict(gamma_ptr=common.absent(gamma, weight), beta_ptr=common.absent(beta, weight),
                       HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
-    chunk_grid = lambda m: (rows, triton.cdiv(c, m["BLOCK_C"]))  # noqa: E731
+    chunk_grid = lambda m: common.channel_grid(rows, c, m["BLOCK_C"])  # noqa: E731
     sums = None
     if norm == NORM_BATCH:
         part_du = torch.empty((rows, c), device=x.device, dtype=acc_t)
@@ -528,6 +528,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     args = dict(dz_ptr=dz, w_ptr=weight, dx_ptr=dx, **common.strides("sz", dz), **common.strides("sx", dx),
                 **shape_args)
     common.launch(_dx_kernel, _dx_tuned,
-                  lambda m: (n * triton.cdiv(h * w, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"])),
+                  lambda m: common.channel_grid(n * triton.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"]),
                   args, common.fixed_meta(x, reduction=False))
     return dx, dw, sums[0], sums[1]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from mobileops.kernels import _common as common
-from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, tile_coords
+from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, channel_block, tile_coords
 
 GATE_CODES = {"hsigmoid": 0, "sigmoid": 1}
 _MLP_BLOCK_C = 32
@@ -172,7 +172,7 @@ def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, N, M1, M2, ACC: tl.constexpr, BLOCK
                       BLOCK_2: tl.constexpr):
     """out[i, j] = sum_n a[n, i] * b[n, j], samples added in order (a weight gradient)."""
     i = tl.program_id(0) * BLOCK_1 + tl.arange(0, BLOCK_1)
-    j = tl.program_id(1) * BLOCK_2 + tl.arange(0, BLOCK_2)
+    j = channel_block() * BLOCK_2 + tl.arange(0, BLOCK_2)
     imask = i < M1
     jmask = j < M2
     acc = tl.zeros([BLOCK_1, BLOCK_2], dtype=ACC)
@@ -237,8 +237,9 @@ def _channel_sums(x, dy, gate, post_act):
                 C=c, HW=h * w, W=w, chunks_per_sample=per_sample, CHUNK=chunk, **common.strides("sx", x),
                 **common.strides("sd", dy if grad else x), POST=ACTIVATION_CODES[post_act], GRAD=grad,
                 INDEX64=common.index64(x, *([dy] if grad else [])), ACC=acc)
-    common.launch(_channel_sum_kernel, _channel_sum_tuned, lambda m: (n * per_sample, triton.cdiv(c, m["BLOCK_C"])),
-                  args, common.fixed_meta(x, reduction=True))
+    common.launch(_channel_sum_kernel, _channel_sum_tuned,
+                  lambda m: common.channel_grid(n * per_sample, c, m["BLOCK_C"]), args,
+                  common.fixed_meta(x, reduction=True))
     return parts, per_sample
 
 
@@ -248,7 +249,7 @@ def _mlp_meta(r: int) -> dict:
 
 def _elementwise_grid(x):
     n, c, h, w = x.shape
-    return lambda m: (n * triton.cdiv(h * w, m["BLOCK_P"]), triton.cdiv(c, m["BLOCK_C"]))
+    return lambda m: common.channel_grid(n * triton.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"])
 
 
 def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
@@ -320,6 +321,7 @@ def _outer_sum(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torc
     out = torch.empty((m1, m2), device=a.device, dtype=out_dtype)
     acc = tl.float64 if a.dtype == torch.float64 else tl.float32
     args = dict(a_ptr=a, b_ptr=b, out_ptr=out, N=n, M1=m1, M2=m2, ACC=acc)
-    common.launch(_outer_sum_kernel, None, lambda m: (triton.cdiv(m1, m["BLOCK_1"]), triton.cdiv(m2, m["BLOCK_2"])),
-                  args, dict(BLOCK_1=32, BLOCK_2=32))
+    common.launch(_outer_sum_kernel, None,
+                  lambda m: common.channel_grid(triton.cdiv(m1, m["BLOCK_1"]), m2, m["BLOCK_2"]), args,
+                  dict(BLOCK_1=32, BLOCK_2=32))
     return out

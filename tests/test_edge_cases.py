@@ -62,6 +62,40 @@ def test_nan_and_inf_land_where_pytorch_puts_them(device, backend_name):
     assert_nan_and_inf_land_as_with_torch(device, backend_name)
 
 
+TRITON = [pytest.param(d, id=d) for d in DEVICES if "triton" in runnable_backends("dwconv_bn_act", d)]
+
+
+@pytest.mark.parametrize("device", TRITON)
+@pytest.mark.parametrize("limit, layout", [(1, torch.contiguous_format), (2, torch.channels_last)],
+                         ids=["y1-nchw", "y2-nhwc"])
+def test_channel_blocks_past_the_grid_limit_go_on_along_z(monkeypatch, device, layout, limit):
+    """CUDA caps a grid's y extent at 65535, which NCHW Triton launches (4 channels per block)
+    would pass at 262141 channels. Channel blocks then continue along z; lowering the cap makes
+    every launch here take that path (with programs past the last block on the last z slice)."""
+    from mobileops.kernels import _common
+    monkeypatch.setattr(_common, "GRID_YZ_LIMIT", limit)
+    g = torch.Generator().manual_seed(3)
+    c = 40  # 3 channel blocks of 16 under the interpreter
+    x = torch.randn(2, c, 4, 5, generator=g, dtype=torch.float64).to(device).contiguous(memory_format=layout)
+    w, gamma, beta, rm, rv = _params(c, device, seed=4)
+    fc = [(torch.randn(*shape, generator=g, dtype=torch.float64) / 4).to(device)
+          for shape in ((5, c), (5,), (c, 5), (c,))]
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(device)
+    results = {}
+    for backend_name in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x, w, gamma, beta] + fc]
+        stats = [rm.clone(), rv.clone()]
+        with mobileops.use_backend(backend_name):
+            y = ops.dwconv_bn_act(*leaves[:4], *stats, activation="hswish", training=True)
+            y = ops.bn_act(y, leaves[2], leaves[3], None, None, activation="relu6")
+            y = ops.dwconv_act(y, leaves[1], leaves[3], activation="silu")
+            y = ops.squeeze_excite(y, *leaves[4:], post_act="relu")
+        y.backward(dy)
+        results[backend_name] = [y] + [t.grad for t in leaves] + stats
+    for i, (got, want) in enumerate(zip(results["triton"], results["torch"])):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m, i=i: f"result {i}: {m}")
+
+
 def test_checkpoints_move_between_mobileops_and_plain_blocks_with_weights_only():
     torch.manual_seed(0)
     fused = yolo.build("yolov5-mobilenetv3").eval()
