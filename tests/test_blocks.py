@@ -245,6 +245,50 @@ def test_blocks_reject_bad_input(make, c_in):
         block(torch.ones(2, c_in, 8, 8, dtype=torch.long))
 
 
+BAD_SIZES = [
+    (lambda: mnn.Conv(0, 16), r"Conv: c1 must be an integer >= 1, got 0"),
+    (lambda: mnn.Conv(8, 16, 0), r"Conv: k must be an integer >= 1, got 0"),
+    (lambda: mnn.Conv(8, 16, (3, 0)), r"Conv: k must be an integer >= 1, got \(3, 0\)"),
+    (lambda: mnn.Conv(8, 16, 3, 0), r"Conv: s must be an integer >= 1, got 0"),
+    (lambda: mnn.Conv(8, 16, 3, 1, -1), r"Conv: p must be an integer >= 0, got -1"),
+    (lambda: mnn.Conv(8, 16, 3, 1.5), r"Conv: s must be an integer >= 1, got 1.5"),
+    (lambda: mnn.Bottleneck(16, True), r"Bottleneck: c2 must be an integer >= 1, got True"),
+    (lambda: mnn.Bottleneck(16, 16, e=0.01), r"Bottleneck: e=0.01 gives int\(c2 \* e\) = 0 hidden channels"),
+    (lambda: mnn.C3(16, 32, -1), r"C3: n must be an integer >= 0, got -1"),
+    (lambda: mnn.C3_UIB(0, 32), r"C3_UIB: c1 must be an integer >= 1, got 0"),
+    (lambda: mnn.C3_UIB(16, 32, 1, e=0), r"C3_UIB: e=0 gives int\(c2 \* e\) = 0 hidden channels"),
+    (lambda: mnn.SPPF(16, 24, 4), r"SPPF: k must be odd"),
+    (lambda: mnn.SPPF(1, 24), r"SPPF: c1 must be an integer >= 2, got 1"),
+    (lambda: mnn.SELayer(0), r"SELayer: channel must be an integer >= 1, got 0"),
+    (lambda: mnn.SELayer(3), r"SELayer: channel // reduction is 0 \(3 // 4\)"),
+    (lambda: mnn.Conv3BN(3, 16, 0), r"Conv3BN: stride must be an integer >= 1, got 0"),
+    (lambda: mnn.MobileNetv3(24, 40, 72, 0, 2, 1, 0), r"MobileNetv3: kernel_size must be an integer >= 1, got 0"),
+    (lambda: mnn.MobileNetv3(24, 40, -72, 3, 2, 1, 0), r"MobileNetv3: hidden_dim must be an integer >= 1, got -72"),
+    (lambda: mnn.UniversalInvertedBottleneckBlock(8, 8, start_dw_kernel_size=-1),
+     r"UniversalInvertedBottleneckBlock: start_dw_kernel_size must be an integer >= 0, got -1"),
+    (lambda: mnn.UniversalInvertedBottleneckBlock(8, 8, expand_ratio=-1),
+     r"UniversalInvertedBottleneckBlock: expand_ratio must be a number > 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("make, match", [pytest.param(make, match, id=f"{i}-{match.split(':')[0]}")
+                                         for i, (make, match) in enumerate(BAD_SIZES)])
+def test_constructors_reject_sizes_that_cannot_work(make, match):
+    """Zero or negative sizes, a hidden width of zero, an even SPPF pool or a negative expand
+    ratio fail at construction, naming the block and the argument; the seed blocks built such
+    modules and then crashed in a backend at the first forward (or silently used 8 channels)."""
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_constructors_still_take_what_the_seed_blocks_take():
+    # even depthwise kernels, no bottlenecks, tuple kernel sizes and strides: legal in the seeds
+    mnn.MobileNetv3(24, 40, 72, 4, 2, 1, 0)
+    mnn.UniversalInvertedBottleneckBlock(8, 8, start_dw_kernel_size=0, middle_dw_kernel_size=4, expand_ratio=0.5)
+    mnn.C3(16, 32, 0)
+    mnn.Conv(8, 16, (3, 1), (2, 1))
+
+
 def test_se_layer_rejects_bad_input_naming_the_argument():
     se = mnn.SELayer(72)
     with pytest.raises(ValueError, match=r"fc1_weight must have shape \(18, 73\) to match x of shape \(2, 73, 8, 8\)"):

@@ -24,6 +24,17 @@ def make_divisible(value: float, divisor: int, min_value: Optional[int] = None,
     return int(new_value)
 
 
+def check_sizes(block: str, minimum: int = 1, **sizes) -> None:
+    """Raise ValueError naming ``block`` and the argument unless every value in ``sizes`` is an
+    int (not a bool) of at least ``minimum``; a tuple or list (a kernel size per dimension) is
+    checked element by element. Constructors call it so that a size that cannot work fails
+    where it is given, not as a backend error at the first forward."""
+    for name, value in sizes.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+            raise ValueError(f"{block}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
 def autopad(k, p=None, d: int = 1):
     """YOLOv5's "same" padding for kernel ``k`` (int or list) with dilation ``d``."""
     if d > 1:

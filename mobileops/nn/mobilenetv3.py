@@ -14,7 +14,7 @@ from torch import nn
 from mobileops import ops
 from mobileops.nn.activation import activation_name, h_sigmoid, h_swish
 from mobileops.nn.fused import conv_bn_act
-from mobileops.nn.helpers import fuse_conv_bn
+from mobileops.nn.helpers import check_sizes, fuse_conv_bn
 
 
 class SELayer(nn.Module):
@@ -30,6 +30,10 @@ class SELayer(nn.Module):
 
     def __init__(self, channel, reduction=4):
         super().__init__()
+        check_sizes("SELayer", channel=channel, reduction=reduction)
+        if channel // reduction < 1:
+            raise ValueError(f"SELayer: channel // reduction is {channel // reduction} ({channel} // {reduction}); "
+                             "the squeeze layer needs at least 1")
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(
             nn.Linear(channel, channel // reduction),
@@ -65,6 +69,7 @@ class Conv3BN(nn.Module):
 
     def __init__(self, inp, oup, stride):
         super().__init__()
+        check_sizes("Conv3BN", inp=inp, oup=oup, stride=stride)
         self.conv = nn.Conv2d(inp, oup, 3, stride, 1, bias=False)
         self.bn = nn.BatchNorm2d(oup)
         self.act = h_swish()
@@ -107,6 +112,7 @@ class MobileNetv3(nn.Module):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"MobileNetv3: stride must be 1 or 2, got {stride!r}")
+        check_sizes("MobileNetv3", inp=inp, oup=oup, hidden_dim=hidden_dim, kernel_size=kernel_size)
         self.identity = stride == 1 and inp == oup
         self.expand = inp != hidden_dim
         self.se_after_act = bool(se_after_act)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mobileops.nn.fused import conv_bn_act
-from mobileops.nn.helpers import fuse_conv_bn, fuse_modules, make_divisible
+from mobileops.nn.helpers import check_sizes, fuse_conv_bn, fuse_modules, make_divisible
 from mobileops.nn.yolov5 import CSPBlock
 
 
@@ -87,6 +87,11 @@ class UniversalInvertedBottleneckBlock(nn.Module):
         super().__init__()
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride must be a positive integer, got {stride!r}")
+        block = "UniversalInvertedBottleneckBlock"
+        check_sizes(block, inp=inp, oup=oup)
+        check_sizes(block, 0, start_dw_kernel_size=start_dw_kernel_size, middle_dw_kernel_size=middle_dw_kernel_size)
+        if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, (int, float)) or not expand_ratio > 0:
+            raise ValueError(f"{block}: expand_ratio must be a number > 0, got {expand_ratio!r}")
         if check_stride and stride > 1:
             carrier = middle_dw_kernel_size if middle_dw_downsample else start_dw_kernel_size
             if not carrier:

@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 from mobileops.nn.fused import conv_bn_act
-from mobileops.nn.helpers import autopad, fuse_conv_bn, fuse_modules
+from mobileops.nn.helpers import autopad, check_sizes, fuse_conv_bn, fuse_modules
+
+
+def _hidden_width(block: str, c2: int, e) -> int:
+    """YOLOv5's hidden width ``int(c2 * e)``, which must leave at least one channel."""
+    c_ = int(c2 * e)
+    if c_ < 1:
+        raise ValueError(f"{block}: e={e!r} gives int(c2 * e) = {c_} hidden channels; at least 1 is needed")
+    return c_
 
 
 class Conv(nn.Module):
@@ -28,6 +36,9 @@ class Conv(nn.Module):
 
     def __init__(self, c1, c2, k=1, s=1, p=None, g=1, d=1, act=True):
         super().__init__()
+        check_sizes("Conv", c1=c1, c2=c2, k=k, s=s, g=g, d=d)
+        if p is not None:
+            check_sizes("Conv", 0, p=p)
         self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
         self.bn = nn.BatchNorm2d(c2)
         self.act = nn.SiLU() if act is True else act if isinstance(act, nn.Module) else nn.Identity()
@@ -53,7 +64,8 @@ class Bottleneck(nn.Module):
 
     def __init__(self, c1, c2, shortcut=True, g=1, e=0.5):
         super().__init__()
-        c_ = int(c2 * e)
+        check_sizes("Bottleneck", c1=c1, c2=c2)
+        c_ = _hidden_width("Bottleneck", c2, e)
         self.cv1 = Conv(c1, c_, 1, 1)
         self.cv2 = Conv(c_, c2, 3, 1, g=g)
         self.add = shortcut and c1 == c2
@@ -79,7 +91,10 @@ class CSPBlock(nn.Module):
 
     def __init__(self, c1, c2, e, n, make_bottleneck):
         super().__init__()
-        c_ = int(c2 * e)
+        block = type(self).__name__
+        check_sizes(block, c1=c1, c2=c2)
+        check_sizes(block, 0, n=n)
+        c_ = _hidden_width(block, c2, e)
         self.cv1 = Conv(c1, c_, 1, 1)
         self.cv2 = Conv(c1, c_, 1, 1)
         self.cv3 = Conv(2 * c_, c2, 1)
@@ -117,6 +132,11 @@ class SPPF(nn.Module):
 
     def __init__(self, c1, c2, k=5):
         super().__init__()
+        check_sizes("SPPF", 2, c1=c1)  # halved for the hidden width
+        check_sizes("SPPF", c2=c2, k=k)
+        if k % 2 == 0:
+            raise ValueError(f"SPPF: k must be odd (a k x k max-pool with padding k // 2 keeps the size "
+                             f"only then), got {k}")
         c_ = c1 // 2
         self.cv1 = Conv(c1, c_, 1, 1)
         self.cv2 = Conv(c_ * 4, c2, 1, 1)
