@@ -275,8 +275,8 @@ BAD_SIZES = [
                                          for i, (make, match) in enumerate(BAD_SIZES)])
 def test_constructors_reject_sizes_that_cannot_work(make, match):
     """Zero or negative sizes, a hidden width of zero, an even SPPF pool or a negative expand
-    ratio fail at construction, naming the block and the argument; the seed blocks built such
-    modules and then crashed in a backend at the first forward (or silently used 8 channels)."""
+    ratio fail at construction, naming the block and the argument, instead of building a module
+    that fails inside PyTorch at the first forward or runs with a meaningless width."""
     with pytest.raises(ValueError, match=match):
         make()
 
