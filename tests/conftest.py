@@ -22,3 +22,18 @@ def _reset_backend_selection(monkeypatch):
     yield
     backend._selected = saved
     backend._override_stack.clear()
+
+
+@pytest.fixture(scope="session")
+def emulated_extension(tmp_path_factory):
+    """csrc/ built for the CPU (tests/cuda_emulation): the CUDA backend's kernels without a GPU.
+    Built once per session (and cached across sessions by a hash of the sources)."""
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
+    import build as emulation_build
+
+    try:
+        return emulation_build.build(tmp_path_factory.getbasetemp().parent / "mobileops-cuda-emulation")
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"csrc/ does not compile for the CPU emulation:\n{exc.stderr[-3000:]}")

@@ -1,5 +1,7 @@
 """Shared test utilities: BN randomisation and module parity checks (float64)."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,23 @@ from torch import nn
 from mobileops import backend
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@contextlib.contextmanager
+def cuda_backend_on_cpu(extension):
+    """Within the block the ``cuda`` backend takes CPU tensors and runs ``extension`` (the
+    emulated build of csrc/ from the ``emulated_extension`` fixture) in place of mobileops._C."""
+    from mobileops.cuda import _extension
+
+    real_problem = backend._backend_problem
+    saved = _extension.EMULATION
+    _extension.EMULATION = extension
+    backend._backend_problem = lambda name, device: None if name == "cuda" else real_problem(name, device)
+    try:
+        yield
+    finally:
+        _extension.EMULATION = saved
+        backend._backend_problem = real_problem
 
 
 def runnable_backends(op: str, device: str):

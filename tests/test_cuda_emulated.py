@@ -5,41 +5,25 @@ running-statistic updates on machines without a GPU; it says nothing about GPU-s
 behaviour (warp scheduling, memory model, speed), which test_cuda_backend.py covers on a GPU.
 Every CUDA thread is an OS thread here, so the shapes are tiny."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import mobileops
-from mobileops import backend, ops
+from mobileops import ops
 from mobileops.cuda import _extension
 
-sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
-import build as emulation_build  # noqa: E402
-from helpers import assert_nan_and_inf_land_as_with_torch, assert_within_bound  # noqa: E402
+from helpers import assert_nan_and_inf_land_as_with_torch, assert_within_bound, cuda_backend_on_cpu
 
 F64 = torch.float64
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 ACTIVATIONS = ["none", "relu", "relu6", "hswish", "silu", "hsigmoid"]
 
 
-@pytest.fixture(scope="session")
-def emulated_extension(tmp_path_factory):
-    try:
-        return emulation_build.build(tmp_path_factory.getbasetemp().parent / "mobileops-cuda-emulation")
-    except subprocess.CalledProcessError as exc:
-        pytest.fail(f"csrc/ does not compile for the CPU emulation:\n{exc.stderr[-3000:]}")
-
-
 @pytest.fixture
-def cuda_on_cpu(emulated_extension, monkeypatch):
+def cuda_on_cpu(emulated_extension):
     """Select the cuda backend for CPU tensors, running the emulated kernels."""
-    monkeypatch.setattr(_extension, "EMULATION", emulated_extension)
-    real = backend._backend_problem
-    monkeypatch.setattr(backend, "_backend_problem",
-                        lambda name, device: None if name == "cuda" else real(name, device))
+    with cuda_backend_on_cpu(emulated_extension):
+        yield
 
 
 def _gen(seed):

@@ -2,11 +2,15 @@
 layouts (contiguous, channels_last, strided slices) and modes, and every fused backend that runs
 here must agree with the torch backend, forward and backward, within the DESIGN bound.
 
+Without a GPU the CUDA backend's kernels (csrc/) run emulated on the CPU
+(tests/cuda_emulation), so they are fuzzed on every machine.
+
 By default the run is short and derandomized (the same examples every run): on CPU the Triton
 kernels run in the interpreter, so the shapes are tiny; on a GPU every new example compiles new
 kernel variants (2-3 s each on an H100). MOBILEOPS_HYPOTHESIS_EXAMPLES=N makes it a random run
 of N examples per property (on a GPU, best outside xdist, with a generous per-test timeout)."""
 
+import contextlib
 import os
 
 import pytest
@@ -15,7 +19,7 @@ import torch
 import mobileops
 from mobileops import ops
 
-from helpers import DEVICES, assert_within_bound, runnable_backends
+from helpers import DEVICES, assert_within_bound, cuda_backend_on_cpu, runnable_backends
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -23,6 +27,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 DEVICE = DEVICES[-1]
 FUSED = [b for b in runnable_backends("dwconv_bn_act", DEVICE) if b != "torch"]
+EMULATED_CUDA = DEVICE == "cpu"
+if EMULATED_CUDA:
+    FUSED.append("cuda")
 EXAMPLES = int(os.environ.get("MOBILEOPS_HYPOTHESIS_EXAMPLES", "0"))
 PROPERTY = settings(max_examples=EXAMPLES or (6 if DEVICE == "cpu" else 15), deadline=None,
                     derandomize=not EXAMPLES, database=None, print_blob=True)
@@ -52,7 +59,7 @@ def activations(draw, x_shape, dtype, layout_name):
 
 @st.composite
 def conv_cases(draw):
-    k = draw(st.sampled_from([3, 5, 7] + ([] if "cuda" in FUSED else [1])))
+    k = draw(st.sampled_from([3, 5, 7, 1]))
     stride = draw(st.integers(1, 2))
     h, w = draw(st.integers(1, MAX_SIDE)), draw(st.integers(1, MAX_SIDE))
     shape = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), h, w)
@@ -62,7 +69,18 @@ def conv_cases(draw):
     if training and shape[0] * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) == 1:
         training = False  # one value per channel: refused, as by nn.BatchNorm2d
     return dict(x=x, g=g, k=k, stride=stride, training=training, activation=draw(st.sampled_from(ACTIVATIONS)),
-                stats=draw(st.booleans()) or not training, backend=draw(st.sampled_from(FUSED)))
+                stats=draw(st.booleans()) or not training)
+
+
+def backends_for(k=3):
+    """The fused backends to compare: all that run here (the CUDA extension takes K = 3, 5, 7)."""
+    return [b for b in FUSED if b != "cuda" or k in (3, 5, 7)]
+
+
+@pytest.fixture(scope="module")
+def cuda_emulation(request):
+    """The emulated CUDA extension on a machine without a GPU, else None."""
+    return request.getfixturevalue("emulated_extension") if EMULATED_CUDA else None
 
 
 def bn_dtype(dtype):
@@ -70,31 +88,36 @@ def bn_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _run(backend_name, fn, tensors, dtype, dy, bn_params):
+def _run(backend_name, fn, tensors, dtype, dy, bn_params, emulation=None):
     """fn on leaves converted to ``dtype`` (the last ``bn_params`` of them to bn_dtype);
-    returns the output and every gradient."""
+    returns the output and every gradient. ``emulation``: run ``cuda`` on the emulated build."""
     leaves = [t.detach().to(dtype if i < len(tensors) - bn_params else bn_dtype(dtype)).requires_grad_(True)
               for i, t in enumerate(tensors)]
-    with mobileops.use_backend(backend_name):
-        y = fn(*leaves)
-    y.backward(dy.to(dtype))
+    emulated = backend_name == "cuda" and emulation is not None
+    with cuda_backend_on_cpu(emulation) if emulated else contextlib.nullcontext():  # the backward too
+        with mobileops.use_backend(backend_name):
+            y = fn(*leaves)
+        y.backward(dy.to(dtype))
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def _assert_agree(backend_name, fn, tensors, dtype, dy, what, bn_params=0):
-    """The DESIGN rule on the output and every gradient: within twice the torch backend's own
-    error in ``dtype`` (against float64) plus the dtype's floor; float64 itself to 1e-9."""
-    ours = _run(backend_name, fn, tensors, dtype, dy, bn_params)
+def _assert_agree(backends, fn, tensors, dtype, dy, what, bn_params=0, emulation=None):
+    """The DESIGN rule on the output and every gradient, for each of ``backends``: within
+    twice the torch backend's own error in ``dtype`` (against float64) plus the dtype's floor;
+    float64 itself to 1e-9."""
     ref = _run("torch", fn, tensors, torch.float64, dy, bn_params)
-    if dtype == torch.float64:
-        for i, (o, r) in enumerate(zip(ours, ref)):
-            assert not torch.isnan(o).any(), f"{what}: NaN in result {i}"
-            torch.testing.assert_close(o, r, rtol=0, atol=1e-9 * max(r.abs().max().item(), 1.0),
-                                       msg=lambda m, i=i: f"{what}: result {i}: {m}")
-        return
-    base = _run("torch", fn, tensors, dtype, dy, bn_params)
-    for i, (o, r, b) in enumerate(zip(ours, ref, base)):
-        assert_within_bound(o, r, b, f"{what}: result {i}")
+    base = _run("torch", fn, tensors, dtype, dy, bn_params) if dtype != torch.float64 else None
+    for backend_name in backends:
+        ours = _run(backend_name, fn, tensors, dtype, dy, bn_params, emulation)
+        where = f"{backend_name}: {what}"
+        if base is None:
+            for i, (o, r) in enumerate(zip(ours, ref)):
+                assert not torch.isnan(o).any(), f"{where}: NaN in result {i}"
+                torch.testing.assert_close(o, r, rtol=0, atol=1e-9 * max(r.abs().max().item(), 1.0),
+                                           msg=lambda m, i=i: f"{where}: result {i}: {m}")
+        else:
+            for i, (o, r, b) in enumerate(zip(ours, ref, base)):
+                assert_within_bound(o, r, b, f"{where}: result {i}")
 
 
 def _per_channel(g, c, low, high):
@@ -102,8 +125,8 @@ def _per_channel(g, c, low, high):
 
 
 @PROPERTY
-@given(conv_cases())
-def test_dwconv_bn_act_agrees_with_torch(case):
+@given(case=conv_cases())
+def test_dwconv_bn_act_agrees_with_torch(cuda_emulation, case):
     x, g, k = case["x"], case["g"], case["k"]
     c = x.shape[1]
     weight = (torch.randn(c, 1, k, k, generator=g, dtype=torch.float64) / k).to(DEVICE)
@@ -119,12 +142,13 @@ def test_dwconv_bn_act_agrees_with_torch(case):
         out_shape = fn(x.double(), weight, gamma, beta).shape
     dy = torch.randn(out_shape, generator=g, dtype=torch.float64).to(DEVICE)
     what = {key: v for key, v in case.items() if key not in ("x", "g")} | dict(shape=tuple(x.shape), dtype=x.dtype)
-    _assert_agree(case["backend"], fn, [x, weight, gamma, beta], x.dtype, dy, str(what), bn_params=2)
+    _assert_agree(backends_for(k), fn, [x, weight, gamma, beta], x.dtype, dy, str(what), bn_params=2,
+                  emulation=cuda_emulation)
 
 
 @PROPERTY
-@given(conv_cases(), st.booleans())
-def test_bn_act_and_dwconv_act_agree_with_torch(case, with_bias):
+@given(case=conv_cases(), with_bias=st.booleans())
+def test_bn_act_and_dwconv_act_agree_with_torch(cuda_emulation, case, with_bias):
     x, g, k = case["x"], case["g"], case["k"]
     c = x.shape[1]
     weight = (torch.randn(c, 1, k, k, generator=g, dtype=torch.float64) / k).to(DEVICE)
@@ -143,15 +167,16 @@ def test_bn_act_and_dwconv_act_agree_with_torch(case, with_bias):
 
     with torch.no_grad():
         dy = torch.randn(folded(x.double(), weight).shape, generator=g, dtype=torch.float64).to(DEVICE)
-    _assert_agree(case["backend"], folded, [x, weight] + ([bias] if with_bias else []), x.dtype, dy,
-                  f"dwconv_act {what}")
+    _assert_agree(backends_for(k), folded, [x, weight] + ([bias] if with_bias else []), x.dtype, dy,
+                  f"dwconv_act {what}", emulation=cuda_emulation)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64).to(DEVICE)
-    _assert_agree(case["backend"], bn, [x, gamma, beta], x.dtype, dy, f"bn_act {what}", bn_params=2)
+    _assert_agree(backends_for(), bn, [x, gamma, beta], x.dtype, dy, f"bn_act {what}", bn_params=2,
+                  emulation=cuda_emulation)
 
 
 @PROPERTY
-@given(st.data())
-def test_squeeze_excite_agrees_with_torch(data):
+@given(data=st.data())
+def test_squeeze_excite_agrees_with_torch(cuda_emulation, data):
     c, hidden = data.draw(st.integers(1, 24)), data.draw(st.integers(1, 8))
     shape = (data.draw(st.integers(1, 3)), c, data.draw(st.integers(1, MAX_SIDE)), data.draw(st.integers(1, MAX_SIDE)))
     dtype = data.draw(st.sampled_from(DTYPES))
@@ -169,5 +194,5 @@ def test_squeeze_excite_agrees_with_torch(data):
 
     dy = torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
     tensors = [x] + [p for p in params if p is not None]
-    _assert_agree(data.draw(st.sampled_from(FUSED)), fn, tensors, dtype, dy,
-                  f"squeeze_excite {shape} {dtype} {gate}/{post_act} biases={biases}")
+    _assert_agree(backends_for(), fn, tensors, dtype, dy, f"squeeze_excite {shape} {dtype} {gate}/{post_act} "
+                  f"biases={biases}", emulation=cuda_emulation)

@@ -68,24 +68,28 @@ inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 
 template <typename F>
 void emu_run(dim3 grid, dim3 block, F body) {
+  // One OS thread per CUDA thread of a block, created once per launch; together they walk the
+  // blocks in order, meeting at a barrier after each block (its __shared__ storage is static,
+  // so the next block may only start once every thread has left this one).
   gridDim = grid;
   blockDim = block;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::barrier<> barrier(block.x * block.y * block.z);
-        emu_barrier = &barrier;
-        std::vector<std::thread> threads;
-        for (unsigned tz = 0; tz < block.z; ++tz)
-          for (unsigned ty = 0; ty < block.y; ++ty)
-            for (unsigned tx = 0; tx < block.x; ++tx)
-              threads.emplace_back([=] {
+  std::barrier<> barrier(block.x * block.y * block.z);
+  emu_barrier = &barrier;
+  std::vector<std::thread> threads;
+  for (unsigned tz = 0; tz < block.z; ++tz)
+    for (unsigned ty = 0; ty < block.y; ++ty)
+      for (unsigned tx = 0; tx < block.x; ++tx)
+        threads.emplace_back([=, &barrier] {
+          threadIdx = dim3(tx, ty, tz);
+          for (unsigned bz = 0; bz < grid.z; ++bz)
+            for (unsigned by = 0; by < grid.y; ++by)
+              for (unsigned bx = 0; bx < grid.x; ++bx) {
                 blockIdx = dim3(bx, by, bz);
-                threadIdx = dim3(tx, ty, tz);
                 body();
-              });
-        for (auto& t : threads) t.join();
-      }
+                barrier.arrive_and_wait();
+              }
+        });
+  for (auto& t : threads) t.join();
 }
 
 
