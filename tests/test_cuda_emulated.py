@@ -183,6 +183,26 @@ def test_low_precision_parameters_reach_the_kernels_intact(cuda_on_cpu, dtype):
         assert_within_bound(a, r, b, f"{name} {dtype}")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_many_position_chunks_merge_like_the_reference(cuda_on_cpu, monkeypatch, layout):
+    """The reductions split each channel's positions into chunks (Welford partials, gradient
+    and weight-gradient partials) merged in chunk order. Tiny test shapes fit one chunk, so the
+    chunk length is forced to 7 here: 60 positions make 9 chunks, the last one short."""
+    from mobileops.cuda import dwconv_bn_act as launcher
+
+    monkeypatch.setattr(launcher, "_chunking", lambda positions, channels: (7, -(-positions // 7)))
+    inputs = _dw_inputs(2, 3, 6, 5, 3, LAYOUTS[layout], seed=21)
+
+    def conv(x, weight, gamma, beta, rm, rv):
+        return ops.dwconv_bn_act(x, weight, gamma, beta, rm, rv, activation="hswish", training=True, momentum=0.3)
+
+    def bn(x, weight, gamma, beta, rm, rv):
+        return ops.bn_act(x, gamma, beta, rm, rv, activation="relu6", training=True, momentum=0.3)
+
+    for fn, grads in ((conv, (0, 1, 2, 3)), (bn, (0, 2, 3))):
+        _assert_same(_run("cuda", fn, inputs, grads), _run("torch", fn, inputs, grads))
+
+
 def test_nan_and_inf_land_where_pytorch_puts_them(cuda_on_cpu):
     # A NaN in the SE hidden layer once became 0 in the CUDA ReLU (a plain comparison drops it).
     assert_nan_and_inf_land_as_with_torch("cpu", "cuda")
