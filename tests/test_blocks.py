@@ -243,6 +243,24 @@ def test_blocks_reject_bad_input(make, c_in):
         block(torch.randn(c_in, 8, 8))
     with pytest.raises(TypeError, match="got dtype torch.int64"):
         block(torch.ones(2, c_in, 8, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="input has dtype torch.float64 but the block's weights have torch.float32"):
+        block(torch.randn(2, c_in, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="input is on cpu but the block's weights are on meta"):
+        block.to("meta")(torch.randn(2, c_in, 8, 8))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_blocks_take_mixed_dtypes_under_autocast_like_the_seed(train):
+    """The dtype check above stands aside under autocast, where the seed block runs too."""
+    torch.manual_seed(0)
+    ours = mnn.C3_UIB(8, 16).train(train)
+    seed = ref_blocks.RefC3UIB(8, 16).train(train)
+    seed.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = ours(x), seed(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
 
 
 BAD_SIZES = [

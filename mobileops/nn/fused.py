@@ -84,3 +84,11 @@ def _check_conv_input(x, conv) -> None:
         raise ValueError(f"{type(conv).__name__}: expected {expected}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{type(conv).__name__}: expected {expected}, got dtype {x.dtype}")
+    weight = conv.weight
+    if x.device != weight.device:
+        raise ValueError(f"{type(conv).__name__}: input is on {x.device} but the block's weights are on "
+                         f"{weight.device}; move the input or the model")
+    # Under autocast the ops cast input and weights to one dtype, as F.conv2d does.
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{type(conv).__name__}: input has dtype {x.dtype} but the block's weights have "
+                        f"{weight.dtype}; cast the input or the model, or run under torch.autocast")
