@@ -94,7 +94,7 @@ void checked_forward(int dtype, int k, int act, int norm, uintptr_t x, Strides s
 void checked_stats(int dtype, int k, uintptr_t x, Strides sx, uintptr_t w, std::array<int, 8> shape, int64_t chunk,
                    int chunks, uintptr_t part_count, uintptr_t part_mean, uintptr_t part_m2, uintptr_t mean,
                    uintptr_t rstd, uintptr_t running_mean, uintptr_t running_var, double momentum, double eps,
-                   uintptr_t stream) {
+                   bool channels_last, uintptr_t stream) {
   const char* op = "dwconv_bn_act batch statistics";
   check_common(op, dtype, kNone, stream);
   check_shape(op, shape, k);
@@ -106,7 +106,7 @@ void checked_stats(int dtype, int k, uintptr_t x, Strides sx, uintptr_t w, std::
   require((running_mean == 0) == (running_var == 0), op, "running_mean and running_var come together");
   require(momentum >= 0 && momentum <= 1 && eps >= 0, op, "momentum must be in [0, 1] and eps >= 0");
   dwconv_bn_stats(dtype, k, x, sx, w, shape, chunk, chunks, part_count, part_mean, part_m2, mean, rstd, running_mean,
-                  running_var, momentum, eps, stream);
+                  running_var, momentum, eps, channels_last, stream);
 }
 
 void checked_backward(int dtype, int k, int act, int norm, uintptr_t dy, Strides sdy, uintptr_t x, Strides sx,

@@ -117,16 +117,35 @@ __device__ __forceinline__ void split_index(int64_t i, int C, int H, int W, bool
   }
 }
 
-// Block-wide sum in a fixed order (a tree over shared memory): deterministic for a given
-// blockDim, unlike atomics. `buf` holds blockDim.x values; blockDim.x is a power of two.
-template <typename A> __device__ __forceinline__ A block_sum(A v, A* buf) {
-  buf[threadIdx.x] = v;
+// Reducing kernels run blocks of (blockDim.x channels) x (blockDim.y rows of positions), chosen
+// by the layout: channels innermost in memory (channels_last) gives 32 x 8, so a warp reads 32
+// neighbouring channels of one position (whole cache lines); otherwise 1 x 256, so a warp reads
+// 32 neighbouring positions of one channel. The grid's y axis walks the channel groups.
+constexpr int kReduceThreads = 256;
+constexpr int kLastChannels = 32;
+inline dim3 reduce_block(bool channels_last) {
+  return channels_last ? dim3(kLastChannels, kReduceThreads / kLastChannels) : dim3(1, kReduceThreads);
+}
+inline unsigned channel_groups(int C, bool channels_last) {
+  return channels_last ? unsigned((C + kLastChannels - 1) / kLastChannels) : unsigned(C);
+}
+
+// This thread's channel in a reducing block (it may lie past the last channel: check before use).
+__device__ __forceinline__ int64_t block_channel() { return int64_t(blockIdx.y) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int block_thread() { return threadIdx.y * blockDim.x + threadIdx.x; }
+
+// Sum over the rows of a reducing block (threadIdx.y), per column, in a fixed tree order:
+// deterministic for a given block shape, unlike atomics. Every thread gets its column's sum.
+// `buf` holds blockDim.x * blockDim.y values; blockDim.y is a power of two.
+template <typename A> __device__ __forceinline__ A column_sum(A v, A* buf) {
+  const int t = block_thread();
+  buf[t] = v;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
+    if (threadIdx.y < s) buf[t] += buf[t + s * blockDim.x];
     __syncthreads();
   }
-  A out = buf[0];
+  A out = buf[threadIdx.x];
   __syncthreads();
   return out;
 }

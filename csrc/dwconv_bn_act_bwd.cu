@@ -19,19 +19,20 @@ struct Grad {
 };
 
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kReduceThreads)
 grad_sums_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x, Strides4 sx,
                  const T* __restrict__ w, const typename Acc<T>::type* gamma, const typename Acc<T>::type* beta,
                  const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd, DwShape s, int64_t chunk,
                  int act, typename Acc<T>::type* part_du, typename Acc<T>::type* part_dux) {
   using A = typename Acc<T>::type;
-  __shared__ A buf[kThreads];
-  const int64_t c = blockIdx.y;
-  const ChannelParams<A> p(gamma, beta, mean, rstd, kNormBatch, A(0), c);
+  __shared__ A buf[kReduceThreads];
+  const int64_t c = block_channel();
+  const bool active = c < s.C;
+  const ChannelParams<A> p(gamma, beta, mean, rstd, kNormBatch, A(0), active ? c : 0);
   const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
   A sdu = A(0), sdux = A(0);
-  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
+  for (int64_t q = begin + threadIdx.y; active && q < end; q += blockDim.y) {
     int64_t r, ow;
     const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
     const A xhat = (conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow) - p.mean) * p.rstd;
@@ -39,9 +40,9 @@ grad_sums_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x
     sdu += du;
     sdux += du * xhat;
   }
-  sdu = block_sum(sdu, buf);
-  sdux = block_sum(sdux, buf);
-  if (threadIdx.x == 0) {
+  sdu = column_sum(sdu, buf);
+  sdux = column_sum(sdux, buf);
+  if (threadIdx.y == 0 && active) {
     part_du[blockIdx.x * int64_t(s.C) + c] = sdu;
     part_dux[blockIdx.x * int64_t(s.C) + c] = sdux;
   }
@@ -58,7 +59,7 @@ __global__ void sum_rows_kernel(const A* part, int rows, int64_t cols, A* out) {
 }
 
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kReduceThreads)
 grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x, Strides4 sx,
                   const T* __restrict__ w, const typename Acc<T>::type* gamma, const typename Acc<T>::type* beta,
                   const typename Acc<T>::type* mean, const typename Acc<T>::type* var, typename Acc<T>::type eps,
@@ -67,19 +68,21 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
                   typename Acc<T>::type* part_dw, typename Acc<T>::type* part_du, typename Acc<T>::type* part_dux) {
   using A = typename Acc<T>::type;
   constexpr int TAPS = K > 0 ? K * K : 1;
-  __shared__ A buf[kThreads];
-  const int64_t c = blockIdx.y;
-  const ChannelParams<A> p(gamma, beta, mean, var, g.norm, eps, c);
+  __shared__ A buf[kReduceThreads];
+  const int64_t c = block_channel();
+  const bool active = c < s.C;
+  const int64_t cs = active ? c : 0;  // a channel that exists, for the per-channel reads
+  const ChannelParams<A> p(gamma, beta, mean, var, g.norm, eps, cs);
   const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
   const A inv_count = A(1) / A(positions);
-  const A mean_du = g.norm == kNormBatch ? sum_du[c] * inv_count : A(0);
-  const A mean_dux = g.norm == kNormBatch ? sum_dux[c] * inv_count : A(0);
+  const A mean_du = g.norm == kNormBatch ? sum_du[cs] * inv_count : A(0);
+  const A mean_dux = g.norm == kNormBatch ? sum_dux[cs] * inv_count : A(0);
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
   A dw[TAPS];
 #pragma unroll
   for (int t = 0; t < TAPS; ++t) dw[t] = A(0);
   A sdu = A(0), sdux = A(0);
-  for (int64_t q = begin + threadIdx.x; q < end; q += blockDim.x) {
+  for (int64_t q = begin + threadIdx.y; active && q < end; q += blockDim.y) {
     int64_t r, ow;
     const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
     const A xhat = (conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow) - p.mean) * p.rstd;
@@ -109,14 +112,14 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
   }
   if (part_dw != nullptr && K > 0) {
     for (int t = 0; t < TAPS; ++t) {
-      const A total = block_sum(dw[t], buf);
-      if (threadIdx.x == 0) part_dw[(blockIdx.x * int64_t(s.C) + c) * TAPS + t] = total;
+      const A total = column_sum(dw[t], buf);
+      if (threadIdx.y == 0 && active) part_dw[(blockIdx.x * int64_t(s.C) + c) * TAPS + t] = total;
     }
   }
   if (g.norm != kNormBatch) {  // with batch statistics pass 1 already produced these sums
-    sdu = block_sum(sdu, buf);
-    sdux = block_sum(sdux, buf);
-    if (threadIdx.x == 0) {
+    sdu = column_sum(sdu, buf);
+    sdux = column_sum(sdux, buf);
+    if (threadIdx.y == 0 && active) {
       part_du[blockIdx.x * int64_t(s.C) + c] = sdu;
       part_dux[blockIdx.x * int64_t(s.C) + c] = sdux;
     }
@@ -175,20 +178,20 @@ void dwconv_bn_act_backward(int dtype, int k, int act, int norm, uintptr_t dy, S
                             uintptr_t stream) {
   const DwShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6], shape[7]};
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  const dim3 grid(chunks, s.C);
+  const dim3 grid(chunks, channel_groups(s.C, channels_last)), block = reduce_block(channels_last);
   const int taps = k > 0 ? k * k : 1;
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
     MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
       if (norm == kNormBatch) {
-        grad_sums_kernel<T, K><<<grid, kThreads, 0, st>>>(
+        grad_sums_kernel<T, K><<<grid, block, 0, st>>>(
             cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
             cptr<A>(mean), cptr<A>(var), s, chunk, act, mptr<A>(part_du), mptr<A>(part_dux));
         check_launch("dwconv_bn_act backward (gradient sums)");
         sum_rows_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_du), chunks, s.C, mptr<A>(sum_du));
         sum_rows_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_dux), chunks, s.C, mptr<A>(sum_dux));
       }
-      grad_input_kernel<T, K><<<grid, kThreads, 0, st>>>(
+      grad_input_kernel<T, K><<<grid, block, 0, st>>>(
           cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
           cptr<A>(mean), cptr<A>(var), A(eps), cptr<A>(sum_du), cptr<A>(sum_dux), s, chunk, Grad{act, norm},
           mptr<A>(dz), Strides4(sdz), mptr<T>(dx), Strides4(sdx), mptr<A>(part_dw), mptr<A>(part_du),

@@ -27,17 +27,20 @@ apply_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, cons
   }
 }
 
+// One block per (chunk, channel group): each thread folds its positions into a Welford triple,
+// then the rows of the block merge theirs in a fixed tree order (see reduce_block).
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kReduceThreads)
 stats_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, DwShape s, int64_t chunk,
              typename Acc<T>::type* part_count, typename Acc<T>::type* part_mean, typename Acc<T>::type* part_m2) {
   using A = typename Acc<T>::type;
-  __shared__ A sh_n[kThreads], sh_mean[kThreads], sh_m2[kThreads];
-  const int64_t c = blockIdx.y;
+  __shared__ A sh_n[kReduceThreads], sh_mean[kReduceThreads], sh_m2[kReduceThreads];
+  const int64_t c = block_channel();
+  const bool active = c < s.C;
   const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
   A n_ = A(0), mean_ = A(0), m2_ = A(0);
-  for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+  for (int64_t p = begin + threadIdx.y; active && p < end; p += blockDim.y) {
     int64_t r, ow;
     const int64_t n = divmod(p, hw, r), oh = divmod(r, s.WO, ow);
     const A z = conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow);
@@ -46,25 +49,27 @@ stats_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, DwSh
     mean_ += delta / n_;
     m2_ += delta * (z - mean_);
   }
-  sh_n[threadIdx.x] = n_;
-  sh_mean[threadIdx.x] = mean_;
-  sh_m2[threadIdx.x] = m2_;
+  const int t = block_thread();
+  sh_n[t] = n_;
+  sh_mean[t] = mean_;
+  sh_m2[t] = m2_;
   __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) {
-      A a = sh_n[threadIdx.x], m = sh_mean[threadIdx.x], q = sh_m2[threadIdx.x];
-      welford_merge(a, m, q, sh_n[threadIdx.x + stride], sh_mean[threadIdx.x + stride], sh_m2[threadIdx.x + stride]);
-      sh_n[threadIdx.x] = a;
-      sh_mean[threadIdx.x] = m;
-      sh_m2[threadIdx.x] = q;
+  for (int stride = blockDim.y / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.y < stride) {
+      const int o = t + stride * blockDim.x;
+      A a = sh_n[t], m = sh_mean[t], q = sh_m2[t];
+      welford_merge(a, m, q, sh_n[o], sh_mean[o], sh_m2[o]);
+      sh_n[t] = a;
+      sh_mean[t] = m;
+      sh_m2[t] = q;
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.y == 0 && active) {
     const int64_t slot = blockIdx.x * int64_t(s.C) + c;
-    part_count[slot] = sh_n[0];
-    part_mean[slot] = sh_mean[0];
-    part_m2[slot] = sh_m2[0];
+    part_count[slot] = sh_n[t];
+    part_mean[slot] = sh_mean[t];
+    part_m2[slot] = sh_m2[t];
   }
 }
 
@@ -115,15 +120,14 @@ void dwconv_bn_act_forward(int dtype, int k, int act, int norm, uintptr_t x, Str
 void dwconv_bn_stats(int dtype, int k, uintptr_t x, Strides sx, uintptr_t w, std::array<int, 8> shape,
                      int64_t chunk, int chunks, uintptr_t part_count, uintptr_t part_mean, uintptr_t part_m2,
                      uintptr_t mean, uintptr_t rstd, uintptr_t running_mean, uintptr_t running_var, double momentum,
-                     double eps, uintptr_t stream) {
+                     double eps, bool channels_last, uintptr_t stream) {
   const DwShape s = to_shape(shape);
   auto st = reinterpret_cast<cudaStream_t>(stream);
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
     MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
-      stats_kernel<T, K><<<dim3(chunks, s.C), kThreads, 0, st>>>(cptr<T>(x), Strides4(sx), cptr<T>(w), s, chunk,
-                                                                  mptr<A>(part_count), mptr<A>(part_mean),
-                                                                  mptr<A>(part_m2));
+      stats_kernel<T, K><<<dim3(chunks, channel_groups(s.C, channels_last)), reduce_block(channels_last), 0, st>>>(
+          cptr<T>(x), Strides4(sx), cptr<T>(w), s, chunk, mptr<A>(part_count), mptr<A>(part_mean), mptr<A>(part_m2));
     });
     check_launch("dwconv_bn_act batch statistics");
     finalize_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_count), cptr<A>(part_mean), cptr<A>(part_m2),

@@ -26,7 +26,7 @@ void dwconv_bn_act_forward(int dtype, int k, int act, int norm, uintptr_t x, Str
 void dwconv_bn_stats(int dtype, int k, uintptr_t x, Strides sx, uintptr_t w, std::array<int, 8> shape,
                      int64_t chunk, int chunks, uintptr_t part_count, uintptr_t part_mean, uintptr_t part_m2,
                      uintptr_t mean, uintptr_t rstd, uintptr_t running_mean, uintptr_t running_var, double momentum,
-                     double eps, uintptr_t stream);
+                     double eps, bool channels_last, uintptr_t stream);
 
 void dwconv_bn_act_backward(int dtype, int k, int act, int norm, uintptr_t dy, Strides sdy, uintptr_t x, Strides sx,
                             uintptr_t w, uintptr_t gamma, uintptr_t beta, uintptr_t mean, uintptr_t var, double eps,

@@ -11,19 +11,20 @@ namespace mobileops {
 constexpr int kSeThreads = 256;
 
 // Used by the backward too: sum over (h, w) of x[n, c] (or of dy * post'(x * g) * x when dy is
-// given), one block per (n, c), divided by `scale_div`.
+// given), divided by `scale_div`. Grid (N, channel groups), reducing blocks (see reduce_block).
 template <typename T>
-__global__ void __launch_bounds__(kSeThreads)
+__global__ void __launch_bounds__(kReduceThreads)
 se_channel_sum_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ dy, Strides4 sdy,
                       const typename Acc<T>::type* gates, int post_act, int C, int H, int W,
                       typename Acc<T>::type scale_div, typename Acc<T>::type* out) {
   using A = typename Acc<T>::type;
-  __shared__ A buf[kSeThreads];
-  const int64_t n = blockIdx.x / C, c = blockIdx.x % C;
+  __shared__ A buf[kReduceThreads];
+  const int64_t n = blockIdx.x, c = block_channel();
+  const bool active = c < C;
   const int64_t hw = int64_t(H) * W;
-  const A g = dy != nullptr ? gates[blockIdx.x] : A(0);
+  const A g = dy != nullptr && active ? gates[n * C + c] : A(0);
   A acc = A(0);
-  for (int64_t i = threadIdx.x; i < hw; i += blockDim.x) {
+  for (int64_t i = threadIdx.y; active && i < hw; i += blockDim.y) {
     const int64_t h = i / W, w = i % W;
     const A xv = load_as<A>(x + sx.at(n, c, h, w));
     if (dy == nullptr) {
@@ -32,8 +33,8 @@ se_channel_sum_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict_
       acc += load_as<A>(dy + sdy.at(n, c, h, w)) * activate_grad_rt(post_act, xv * g) * xv;
     }
   }
-  acc = block_sum(acc, buf);
-  if (threadIdx.x == 0) out[blockIdx.x] = acc / scale_div;
+  acc = column_sum(acc, buf);
+  if (threadIdx.y == 0 && active) out[n * C + c] = acc / scale_div;
 }
 
 // The SE MLP of sample n, in one block: s[C] <- pooled[n], hidden[R] <- fc1(s) before the ReLU,

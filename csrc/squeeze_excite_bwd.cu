@@ -1,5 +1,5 @@
 // SE backward, from x, the saved per-sample pooled means and gates, and dy:
-//   1. d_gate[n, c] = sum_hw dy * post'(x * g) * x, one block per (sample, channel);
+//   1. d_gate[n, c] = sum_hw dy * post'(x * g) * x, per (sample, channel group) block;
 //   2. per sample: the MLP's backward (recomputing its hidden layer) -> d(pre-gate),
 //      d(pre-hidden), d(pooled);
 //   3. FC weight and bias gradients as sums over samples in sample order (no atomics);
@@ -94,8 +94,8 @@ void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, St
   auto st = reinterpret_cast<cudaStream_t>(stream);
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
-    se_channel_sum_kernel<T><<<N * C, kSeThreads, 0, st>>>(cptr<T>(x), Strides4(sx), cptr<T>(dy), Strides4(sdy),
-                                                           cptr<A>(gates), post_act, C, H, W, A(1), mptr<A>(d_gate));
+    se_channel_sum_kernel<T><<<dim3(N, channel_groups(C, channels_last)), reduce_block(channels_last), 0, st>>>(
+        cptr<T>(x), Strides4(sx), cptr<T>(dy), Strides4(sdy), cptr<A>(gates), post_act, C, H, W, A(1), mptr<A>(d_gate));
     check_launch("squeeze_excite backward (gate gradient)");
     const size_t smem = sizeof(A) * (2 * size_t(C) + 2 * size_t(R));
     MOBILEOPS_DISPATCH_GATE(gate, GATE, {

@@ -1,5 +1,5 @@
 // SE forward: two passes over x plus one small launch.
-//   1. pool: one block per (sample, channel) sums H*W values in a fixed tree order;
+//   1. pool: per (sample, channel group) block, sums of H*W values in a fixed tree order;
 //   2. MLP: one block per sample, FC1 -> ReLU -> FC2 -> gate, from the pooled means;
 //   3. scale: y = post_act(x * gate), elementwise in x's memory order.
 #include "squeeze_excite.cuh"
@@ -46,8 +46,8 @@ void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Stri
   auto st = reinterpret_cast<cudaStream_t>(stream);
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
-    se_channel_sum_kernel<T><<<N * C, kSeThreads, 0, st>>>(cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr,
-                                                           kNone, C, H, W, A(int64_t(H) * W), mptr<A>(pooled));
+    se_channel_sum_kernel<T><<<dim3(N, channel_groups(C, channels_last)), reduce_block(channels_last), 0, st>>>(
+        cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr, kNone, C, H, W, A(int64_t(H) * W), mptr<A>(pooled));
     check_launch("squeeze_excite forward (pool)");
     const size_t smem = sizeof(A) * (size_t(C) + hidden);
     MOBILEOPS_DISPATCH_GATE(gate, GATE, {

@@ -190,7 +190,7 @@ def test_many_position_chunks_merge_like_the_reference(cuda_on_cpu, monkeypatch,
     chunk length is forced to 7 here: 60 positions make 9 chunks, the last one short."""
     from mobileops.cuda import dwconv_bn_act as launcher
 
-    monkeypatch.setattr(launcher, "_chunking", lambda positions, channels: (7, -(-positions // 7)))
+    monkeypatch.setattr(launcher, "_chunking", lambda positions, channels, channels_last: (7, -(-positions // 7)))
     inputs = _dw_inputs(2, 3, 6, 5, 3, LAYOUTS[layout], seed=21)
 
     def conv(x, weight, gamma, beta, rm, rv):
@@ -201,6 +201,38 @@ def test_many_position_chunks_merge_like_the_reference(cuda_on_cpu, monkeypatch,
 
     for fn, grads in ((conv, (0, 1, 2, 3)), (bn, (0, 2, 3))):
         _assert_same(_run("cuda", fn, inputs, grads), _run("torch", fn, inputs, grads))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_channel_groups_with_a_partial_last_group(cuda_on_cpu, monkeypatch, layout):
+    """In channels_last the reducing kernels take 32 channels per block (a warp reads one
+    position's neighbouring channels), so 37 channels make one full group and one of 5 whose
+    other 27 lanes must neither read nor write; NCHW takes one channel per block. Several
+    position chunks per group, as above."""
+    from mobileops.cuda import dwconv_bn_act as launcher
+
+    monkeypatch.setattr(launcher, "_chunking", lambda positions, channels, channels_last: (7, -(-positions // 7)))
+    inputs = _dw_inputs(2, 37, 5, 4, 3, LAYOUTS[layout], seed=23)
+
+    def conv(x, weight, gamma, beta, rm, rv):
+        return ops.dwconv_bn_act(x, weight, gamma, beta, rm, rv, stride=2, activation="silu", training=True)
+
+    def conv_eval(x, weight, gamma, beta, rm, rv):  # running statistics: the du sums come from pass 2
+        return ops.dwconv_bn_act(x, weight, gamma, beta, rm, rv, activation="relu6")
+
+    def bn(x, weight, gamma, beta, rm, rv):
+        return ops.bn_act(x, gamma, beta, rm, rv, activation="hswish", training=True)
+
+    for fn, grads in ((conv, (0, 1, 2, 3)), (conv_eval, (0, 1, 2, 3)), (bn, (0, 2, 3))):
+        _assert_same(_run("cuda", fn, inputs, grads), _run("torch", fn, inputs, grads))
+    g = _gen(24)
+    se_inputs = [inputs[0], torch.randn(4, 37, generator=g, dtype=F64) / 4, torch.randn(4, generator=g, dtype=F64),
+                 torch.randn(37, 4, generator=g, dtype=F64) / 2, torch.randn(37, generator=g, dtype=F64)]
+
+    def se(*leaves):
+        return ops.squeeze_excite(*leaves, gate="sigmoid", post_act="relu6")
+
+    _assert_same(_run("cuda", se, se_inputs, range(5)), _run("torch", se, se_inputs, range(5)))
 
 
 def test_nan_and_inf_land_where_pytorch_puts_them(cuda_on_cpu):

@@ -82,13 +82,13 @@ def test_binding_checks_statistics_backward_and_se_arguments():
     ext = _extension()
     shape = [1, 4, 1, 1, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="at least 2 values per channel"):
-        ext.dwconv_bn_stats(0, 3, 1, (4, 1, 1, 1), 2, shape, 1, 1, 3, 4, 5, 6, 7, 0, 0, 0.1, 1e-5, 0)
+        ext.dwconv_bn_stats(0, 3, 1, (4, 1, 1, 1), 2, shape, 1, 1, 3, 4, 5, 6, 7, 0, 0, 0.1, 1e-5, False, 0)
     with pytest.raises(ValueError, match="chunks must tile"):
         ext.dwconv_bn_stats(0, 3, 1, (36, 9, 3, 1), 2, [1, 4, 3, 3, 3, 3, 1, 1], 4, 1, 3, 4, 5, 6, 7, 0, 0, 0.1,
-                            1e-5, 0)
+                            1e-5, False, 0)
     with pytest.raises(ValueError, match="running_mean and running_var come together"):
         ext.dwconv_bn_stats(0, 3, 1, (36, 9, 3, 1), 2, [1, 4, 3, 3, 3, 3, 1, 1], 9, 1, 3, 4, 5, 6, 7, 8, 0, 0.1,
-                            1e-5, 0)
+                            1e-5, False, 0)
     strides = (36, 9, 3, 1)
     with pytest.raises(ValueError, match="weight-gradient buffers come together"):
         ext.dwconv_bn_act_backward(0, 3, 0, 1, 1, strides, 2, strides, 3, 0, 0, 4, 5, 1e-5, [1, 4, 3, 3, 3, 3, 1, 1],

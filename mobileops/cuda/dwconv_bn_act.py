@@ -46,10 +46,14 @@ def _check(x: torch.Tensor, weight: Optional[torch.Tensor], *params: Optional[to
     return code
 
 
-def _chunking(positions: int, channels: int) -> Tuple[int, int]:
-    """(chunk, chunks): enough (chunk, channel) blocks to fill a GPU; a fixed function of the
-    shape, so the reduction order, and the result, never change between runs."""
-    chunks = max(1, min(math.ceil(positions / 1024), math.ceil(2048 / max(1, channels))))
+def _chunking(positions: int, channels: int, channels_last: bool) -> Tuple[int, int]:
+    """(chunk, chunks): enough (chunk, channel group) blocks to fill a GPU, at least 4 positions
+    per thread; a fixed function of the shape and layout, so the reduction order, and the
+    result, never change between runs. The reducing kernels' blocks are 32 channels x 8
+    position rows in channels_last and 1 channel x 256 rows otherwise (csrc/common.cuh,
+    reduce_block)."""
+    rows, groups = (8, math.ceil(channels / 32)) if channels_last else (256, channels)
+    chunks = max(1, min(math.ceil(positions / (4 * rows)), math.ceil(2048 / max(1, groups))))
     chunk = math.ceil(positions / chunks)
     return chunk, math.ceil(positions / chunk)
 
@@ -100,7 +104,8 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     c, positions = shape[1], shape[0] * shape[4] * shape[5]
     if positions < 2:
         raise ValueError(f"{_OP} (cuda backend): batch statistics need at least 2 values per channel")
-    chunk, chunks = _chunking(positions, c)
+    layout = ext.channels_last(x)
+    chunk, chunks = _chunking(positions, c, layout)
     parts = torch.empty((3, chunks, c), device=x.device, dtype=acc)
     mean = torch.empty(c, device=x.device, dtype=acc)
     rstd = torch.empty_like(mean)
@@ -111,7 +116,7 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     ext.extension().dwconv_bn_stats(
         code, k, ext.ptr(x), ext.strides(x), ext.ptr(conv_weight), shape, chunk, chunks, ext.ptr(parts[0]),
         ext.ptr(parts[1]), ext.ptr(parts[2]), ext.ptr(mean), ext.ptr(rstd), ext.ptr(run_mean), ext.ptr(run_var),
-        float(momentum), float(eps), stream)
+        float(momentum), float(eps), layout, stream)
     if update:
         for target, updated in ((running_mean, run_mean), (running_var, run_var)):
             if updated.data_ptr() != target.data_ptr():
@@ -138,7 +143,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     if dx.numel() == 0 or positions == 0:
         zeros = torch.zeros(c, device=x.device, dtype=acc)
         return dx.zero_(), torch.zeros_like(weight) if weight_grad else None, zeros, zeros.clone()
-    chunk, chunks = _chunking(positions, c)
+    chunk, chunks = _chunking(positions, c, ext.channels_last(dx))
     parts = torch.empty((2, chunks, c), device=x.device, dtype=acc)
     # separate tensors: the custom op's outputs must not share storage
     sums = [torch.empty(c, device=x.device, dtype=acc) for _ in range(2)]
