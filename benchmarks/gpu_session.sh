@@ -2,13 +2,15 @@
 # One GPU session on a fresh host without network, sized for one 10-minute call: install
 # without build isolation (builds the CUDA extension for MOBILEOPS_CUDA_ARCHS, default 90),
 # record the environment, run the test suite (GPU tests included) and then the benchmarks,
-# each under its own time limit. At most seven files land in OUT_DIR (env.txt, install.log,
-# tests.log, tests.xml, profile.txt, bench.log and the results JSON, which is rewritten after every case so
-# a benchmark stopped at its limit keeps what it measured). The exit status is the tests'.
+# each under its own time limit. At most eight files land in OUT_DIR (env.txt, install.log,
+# tests.log, tests.xml, profile.txt, host_overhead.jsonl, bench.log and the results JSON,
+# which is rewritten after every case so a benchmark stopped at its limit keeps what it
+# measured). The exit status is the tests'.
 #
 #   benchmarks/gpu_session.sh OUT_DIR [pytest arguments for the benchmarks]
 #
 # Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
+#              HOST_OVERHEAD  1: benchmarks/host_overhead.py --real into host_overhead.jsonl
 #              SESSION_TESTS  pytest arguments for the tests ("tests": tests/test_large_tensors.py
 #                             alone first, then the rest in parallel; "reliability": the same
 #                             file first, then tests/test_properties.py; "none" skips them)
@@ -38,6 +40,11 @@ if [ -n "${PROFILE_ARGS:-}" ]; then
     # shellcheck disable=SC2086
     timeout -s INT "${PROFILE_TIMEOUT:-150}" python benchmarks/profile_case.py $PROFILE_ARGS >"$OUT/profile.txt" 2>&1
     echo "profile done at $((SECONDS - began)) s"
+fi
+
+if [ "${HOST_OVERHEAD:-0}" = "1" ]; then
+    MOBILEOPS_AUTOTUNE=0 timeout -s INT 180 python benchmarks/host_overhead.py --real >"$OUT/host_overhead.jsonl" 2>&1
+    echo "host overhead done at $((SECONDS - began)) s"; cut -c1-400 "$OUT/host_overhead.jsonl"
 fi
 
 tests_rc=0

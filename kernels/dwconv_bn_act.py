@@ -414,7 +414,7 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[tor
                 ACT=ACTIVATION_CODES[activation], NORM=NORM_CODES[norm], HAS_GAMMA=gamma is not None,
                 HAS_BETA=beta is not None, INDEX64=common.index64(x, y), ACC=acc)
     common.launch(_forward_kernel, _forward_tuned,
-                  lambda m: common.channel_grid(n * triton.cdiv(ho * wo, m["BLOCK_P"]), c, m["BLOCK_C"]),
+                  lambda m: common.channel_grid(n * common.cdiv(ho * wo, m["BLOCK_P"]), c, m["BLOCK_C"]),
                   args, common.fixed_meta(x, reduction=False))
     return y
 
@@ -431,7 +431,7 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     acc, acc_t = common.acc_dtype(x)
     positions = ho * wo
     chunk = common.chunk_size(x, positions)
-    per_sample = triton.cdiv(positions, chunk)
+    per_sample = common.cdiv(positions, chunk)
     rows = n * per_sample
     part_mean = torch.empty((rows, c), device=x.device, dtype=acc_t)
     part_m2 = torch.empty_like(part_mean)
@@ -451,7 +451,7 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
                 run_mean_ptr=common.absent(running_mean, mean), run_var_ptr=common.absent(running_var, rstd),
                 C=c, ROWS=rows, chunks_per_sample=per_sample, CHUNK=chunk, P=positions,
                 eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo, UPDATE_RUNNING=update, ACC=acc)
-    common.launch(_stats_finalize_kernel, None, lambda m: (triton.cdiv(c, m["BLOCK_C"]),), args, _FINALIZE_META)
+    common.launch(_stats_finalize_kernel, None, lambda m: (common.cdiv(c, m["BLOCK_C"]),), args, _FINALIZE_META)
     return mean, rstd
 
 
@@ -483,7 +483,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         return dx.zero_(), dw, zeros, zeros.clone()
     weight = weight.contiguous()
     chunk = common.chunk_size(x, positions)
-    per_sample = triton.cdiv(positions, chunk)
+    per_sample = common.cdiv(positions, chunk)
     rows = n * per_sample
     index64 = common.index64(x, dy)
     shape_args = dict(C=c, H=h, W=w, HO=ho, WO=wo, K=k, STRIDE=stride, PAD=padding, INDEX64=index64, ACC=acc)
@@ -508,7 +508,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     eps_hi, eps_lo = common.split_float(eps)
     inv_hi, inv_lo = common.split_float(1.0 / (n * positions))
     stand_in = sums[0] if sums is not None else part_du
-    padded_taps = triton.next_power_of_2(taps)
+    padded_taps = common.next_power_of_2(taps)
     args = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, mean_ptr=common.absent(mean, weight),
                 var_ptr=common.absent(var, weight),
                 sum_du_ptr=stand_in, sum_dux_ptr=sums[1] if sums is not None else part_dux,
@@ -528,6 +528,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     args = dict(dz_ptr=dz, w_ptr=weight, dx_ptr=dx, **common.strides("sz", dz), **common.strides("sx", dx),
                 **shape_args)
     common.launch(_dx_kernel, _dx_tuned,
-                  lambda m: common.channel_grid(n * triton.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"]),
+                  lambda m: common.channel_grid(n * common.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"]),
                   args, common.fixed_meta(x, reduction=False))
     return dx, dw, sums[0], sums[1]

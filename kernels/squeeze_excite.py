@@ -230,7 +230,7 @@ def _channel_sums(x, dy, gate, post_act):
     n, c, h, w = x.shape
     acc, acc_t = common.acc_dtype(x)
     chunk = common.chunk_size(x, h * w)
-    per_sample = triton.cdiv(h * w, chunk)
+    per_sample = common.cdiv(h * w, chunk)
     parts = torch.empty((n * per_sample, c), device=x.device, dtype=acc_t)
     grad = dy is not None
     args = dict(x_ptr=x, dy_ptr=dy if grad else x, gate_ptr=gate if grad else parts, part_ptr=parts,
@@ -244,12 +244,12 @@ def _channel_sums(x, dy, gate, post_act):
 
 
 def _mlp_meta(r: int) -> dict:
-    return dict(BLOCK_R=triton.next_power_of_2(r), BLOCK_C=_MLP_BLOCK_C)
+    return dict(BLOCK_R=common.next_power_of_2(r), BLOCK_C=_MLP_BLOCK_C)
 
 
 def _elementwise_grid(x):
     n, c, h, w = x.shape
-    return lambda m: common.channel_grid(n * triton.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"])
+    return lambda m: common.channel_grid(n * common.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"])
 
 
 def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
@@ -322,6 +322,6 @@ def _outer_sum(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torc
     acc = tl.float64 if a.dtype == torch.float64 else tl.float32
     args = dict(a_ptr=a, b_ptr=b, out_ptr=out, N=n, M1=m1, M2=m2, ACC=acc)
     common.launch(_outer_sum_kernel, None,
-                  lambda m: common.channel_grid(triton.cdiv(m1, m["BLOCK_1"]), m2, m["BLOCK_2"]), args,
+                  lambda m: common.channel_grid(common.cdiv(m1, m["BLOCK_1"]), m2, m["BLOCK_2"]), args,
                   dict(BLOCK_1=32, BLOCK_2=32))
     return out

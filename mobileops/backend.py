@@ -140,7 +140,14 @@ def launcher_loader(backend: str, op: str) -> Callable[[], Any]:
     """A function importing the launcher module of ``op`` on ``backend`` on first call (Triton
     decides at kernel-definition time whether to interpret, so nothing is imported early)."""
     name = f"{_LAUNCHER_PACKAGES[backend]}.{op}"
-    return lambda: importlib.import_module(name)
+    loaded = []
+
+    def load():
+        if not loaded:  # import_module itself costs microseconds on every call
+            loaded.append(importlib.import_module(name))
+        return loaded[0]
+
+    return load
 
 
 def backend_status() -> Dict[str, Optional[str]]:

@@ -148,3 +148,26 @@ def test_detector_train_step_rows_report_images_per_second():
         assert row["images_per_s"][name] == pytest.approx(2 / (ms * 1e-3))
     table = "\n".join(report.group_table([row]))
     assert "eager img/s" in table and "mobileops_torch img/s" in table
+
+
+def test_host_overhead_script_times_every_op_with_stubbed_launches(monkeypatch, capsys):
+    """benchmarks/host_overhead.py runs on CPU (interpreter), one JSON row per op, and leaves
+    the real launcher in place afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    from mobileops.kernels import _common
+
+    real_launch = _common.launch
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "host_overhead.py"
+    spec = importlib.util.spec_from_file_location("host_overhead", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr("sys.argv", ["host_overhead.py", "--iterations", "2", "--repeats", "1"])
+    script.main()
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["op"] for r in rows] == list(script._calls(torch.device("cpu"), torch.float32))
+    assert all(r["mode"] == "stubbed launches" and r["us_per_call"] > 0 and r["torch"] == torch.__version__
+               for r in rows)
+    assert _common.launch is real_launch

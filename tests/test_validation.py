@@ -114,19 +114,27 @@ def test_every_op_and_error_kind_is_covered():
 def test_running_statistics_must_not_alias_inputs_or_each_other(op, backend_name):
     x = _x()
     storage = torch.zeros(2 * C)
-    aliased = {
-        "running_mean and running_var share memory": dict(running_mean=storage[:C], running_var=storage[:C]),
-        "running_var and bn_weight share memory": dict(bn_weight=storage[:C], running_var=storage[:C]),
-        "running_mean and x share memory": dict(running_mean=x[0, 0, 0, :C]),
-        "must not repeat elements": dict(running_mean=torch.zeros(1).expand(C)),
-    }
+    aliased = [
+        ("running_mean and running_var share memory", dict(running_mean=storage[:C], running_var=storage[:C])),
+        ("running_var and bn_weight share memory", dict(bn_weight=storage[:C], running_var=storage[:C])),
+        # a module's affine weight is an nn.Parameter, not a plain tensor
+        ("running_var and bn_weight share memory",
+         dict(bn_weight=torch.nn.Parameter(storage[:C], requires_grad=False), running_var=storage[:C])),
+        ("running_mean and x share memory", dict(running_mean=x[0, 0, 0, :C])),
+        ("must not repeat elements", dict(running_mean=torch.zeros(1).expand(C))),
+    ]
+    # x a strided (non-dense) view: its span is walked from its strides
+    x_big = torch.randn(2, C, 5, 12)
+    aliased_strided = dict(running_mean=x_big[1, 0, 0, :C])
     if op == "dwconv_bn_act":
         weight = torch.randn(C, 1, 3, 3)
-        aliased["running_mean and weight share memory"] = dict(weight=weight, running_mean=weight.view(-1)[:C])
+        aliased.append(("running_mean and weight share memory", dict(weight=weight, running_mean=weight.view(-1)[:C])))
     with mobileops.use_backend(backend_name):
-        for match, over in aliased.items():
+        for match, over in aliased:
             with pytest.raises(ValueError, match=match):
                 _call(op, x, **over)
+        with pytest.raises(ValueError, match="running_mean and x share memory"):
+            _call(op, x_big[..., ::2], **aliased_strided)
         # neighbouring slices of one buffer are fine, and so is any aliasing when nothing is written
         rm, rv = storage[:C], storage[C:].fill_(1.0)
         y = _call(op, x, running_mean=rm, running_var=rv)

@@ -47,7 +47,7 @@ def check_tensor(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, *
         raise TypeError(f"{op}: {name} is required, got None")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)} to match x of shape "
                          f"{tuple(x.shape)}, got {tuple(t.shape)}")
     if t.device != x.device:
@@ -57,6 +57,11 @@ def check_tensor(op: str, name: str, t, shape: Sequence[int], x: torch.Tensor, *
     if same_dtype and t.dtype != x.dtype and not autocast_on(x.device):
         raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has {x.dtype}; cast one of them "
                         "or run under torch.autocast")
+
+
+def _is_real(value) -> bool:
+    # A plain float first: the ABC check is several times slower, and this runs on every call.
+    return type(value) is float or isinstance(value, numbers.Real)
 
 
 def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running_var,
@@ -72,17 +77,25 @@ def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running
         raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
     if not isinstance(training, bool):
         raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
-    if not isinstance(momentum, numbers.Real) or not 0.0 <= float(momentum) <= 1.0:
+    if not _is_real(momentum) or not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{op}: momentum must be a number in [0, 1], got {momentum!r}")
-    if not isinstance(eps, numbers.Real) or not float(eps) > 0.0:
+    if not _is_real(eps) or not float(eps) > 0.0:
         raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
     if training and running_mean is not None:
         check_written_in_place(op, {"running_mean": running_mean, "running_var": running_var},
                                {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias, **(also or {})})
 
 
+def _has_memory(t) -> bool:
+    # Plain tensors and parameters; fake, functional and other subclasses (tracing) and the meta
+    # device have no memory to compare.
+    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta and t.numel() > 0
+
+
 def _byte_span(t: torch.Tensor) -> tuple:
     start = t.data_ptr()
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):  # dense: no stride walk
+        return start, start + t.nbytes
     return start, start + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
@@ -90,20 +103,21 @@ def check_written_in_place(op: str, written: dict, read: dict) -> None:
     """Tensors an op updates in place (by name) must not repeat an element (a stride-0
     expansion), nor share memory with each other or with the op's inputs ``read``: the result
     would depend on the order in which the kernel's threads write. Checked on real tensors only
-    (fake, meta and traced tensors have no memory to compare)."""
+    (fake, meta and traced tensors have no memory to compare). Called on every training step,
+    so it is kept cheap."""
     if torch.compiler.is_compiling():
         return
-    spans = {name: (t.device, *_byte_span(t)) for name, t in {**read, **written}.items()
-             if type(t) is torch.Tensor and t.device.type != "meta" and t.numel() > 0}
-    for name, t in written.items():
-        if name not in spans:
-            continue
-        if any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
+    spans = [(name, t.device, *_byte_span(t)) for name, t in (*written.items(), *read.items())
+             if t is not None and _has_memory(t)]
+    for i, (name, device, begin, end) in enumerate(spans):
+        if name not in written:
+            break  # written tensors come first; each pair is compared once
+        t = written[name]
+        if not t.is_contiguous() and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
             raise ValueError(f"{op}: {name} is updated in place, so it must not repeat elements (it has "
                              f"stride {tuple(t.stride())}, e.g. from expand()); pass a tensor of its own")
-        device, begin, end = spans.pop(name)  # popped: each pair is compared once
-        for other, (other_device, other_begin, other_end) in spans.items():
-            if other_device == device and begin < other_end and other_begin < end:
+        for other, other_device, other_begin, other_end in spans[i + 1:]:
+            if begin < other_end and other_begin < end and other_device == device:
                 raise ValueError(f"{op}: {name} and {other} share memory, but {name} is updated in place; "
                                  "pass separate tensors")
 
