@@ -140,12 +140,10 @@ def launcher_loader(backend: str, op: str) -> Callable[[], Any]:
     """A function importing the launcher module of ``op`` on ``backend`` on first call (Triton
     decides at kernel-definition time whether to interpret, so nothing is imported early)."""
     name = f"{_LAUNCHER_PACKAGES[backend]}.{op}"
-    loaded = []
 
+    @functools.lru_cache(maxsize=None)  # import_module itself costs microseconds on every call
     def load():
-        if not loaded:  # import_module itself costs microseconds on every call
-            loaded.append(importlib.import_module(name))
-        return loaded[0]
+        return importlib.import_module(name)
 
     return load
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mobileops import ops
+from mobileops.ops._checks import autocast_on
 from mobileops.nn.activation import activation_name
 
 
@@ -89,6 +90,6 @@ def _check_conv_input(x, conv) -> None:
         raise ValueError(f"{type(conv).__name__}: input is on {x.device} but the block's weights are on "
                          f"{weight.device}; move the input or the model")
     # Under autocast the ops cast input and weights to one dtype, as F.conv2d does.
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != weight.dtype and not autocast_on(x.device):
         raise TypeError(f"{type(conv).__name__}: input has dtype {x.dtype} but the block's weights have "
                         f"{weight.dtype}; cast the input or the model, or run under torch.autocast")
