@@ -28,7 +28,8 @@ grad_sums_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x
   __shared__ A buf[kReduceThreads];
   const int64_t c = block_channel();
   const bool active = c < s.C;
-  const ChannelParams<A> p(gamma, beta, mean, rstd, kNormBatch, A(0), active ? c : 0);
+  const int64_t cs = active ? c : 0;  // a channel that exists, for the per-channel reads
+  const ChannelParams<A> p(gamma, beta, mean, rstd, kNormBatch, A(0), cs);
   const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
   A sdu = A(0), sdux = A(0);
