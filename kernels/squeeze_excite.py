@@ -112,15 +112,23 @@ def _mlp_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, 
     """One sample: pooled mean, hidden = relu(fc1), gate = gate(fc2(hidden))."""
     n = tl.program_id(0)
     inv_hw = tl.cast(inv_hw_hi, ACC) + tl.cast(inv_hw_lo, ACC)
+    r = tl.arange(0, BLOCK_R)
+    rmask = r < R
+    # fc1 from the pooled values in registers: reading back the pooled_ptr just stored would
+    # race, since other threads of the program stored them and nothing orders global memory
+    # between threads (on an H100 that gave a stale gate now and then). Same adds, in the same
+    # order, as _hidden, which the backward uses on the stored values.
+    h = tl.zeros([BLOCK_R], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < C
         pooled = _sample_channel_sums(part_ptr, n, c, cmask, C, chunks_per_sample, ACC, BLOCK_C) * inv_hw
         tl.store(pooled_ptr + n * C + c, pooled, mask=cmask)
-    r = tl.arange(0, BLOCK_R)
-    rmask = r < R
-    h = tl.maximum(_hidden(pooled_ptr, w1_ptr, b1_ptr, n, r, rmask, C, HAS_B1, ACC, BLOCK_R, BLOCK_C), 0.0,
-                   propagate_nan=tl.PropagateNan.ALL)
+        w1 = tl.load(w1_ptr + r[:, None] * C + c[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+        h += tl.sum(w1.to(ACC) * pooled[None, :], axis=1)
+    if HAS_B1:
+        h += tl.load(b1_ptr + r, mask=rmask, other=0.0).to(ACC)
+    h = tl.maximum(h, 0.0, propagate_nan=tl.PropagateNan.ALL)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < C

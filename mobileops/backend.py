@@ -29,13 +29,6 @@ CHOICES = ("auto",) + BACKENDS
 #: names the device it was measured on. An explicit ``set_backend("cuda")`` works regardless.
 AUTO_PREFERS_CUDA: Dict[str, str] = {}
 
-#: Training and gradient calls on inputs this large are refused by the fused backends until a
-#: GPU run of tests/test_large_tensors.py passes: on an H100 (2026-11-22) the CUDA backward
-#: raised an illegal memory access at 2.15e9 elements (not yet located), and the Triton run was
-#: never checked against a sound reference (that test's float16 reference weight gradient
-#: overflowed to inf), while inference agreed with torch on both.
-UNVERIFIED_TRAINING_ELEMENTS = 2 ** 31
-
 #: Inference calls on CUDA tensors with at least this many elements take the fused kernels
 #: under ``auto``. Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-22.json,
 #: fp16, batch 32, channels_last): Triton dwconv_bn_act / bn_act inference ran 2.0x / 3.2x
@@ -243,16 +236,10 @@ def resolve(op: str, device: torch.device, *, inference: bool = False, numel: Op
     ignores them. An empty input (``numel == 0``) never reaches a kernel: once the selection
     is checked, the torch composition produces the empty output, as PyTorch would, with no
     launch and the running statistics untouched. While exporting (:func:`exporting`) every op
-    records the torch composition too, so exported graphs hold standard operators only. The
-    fused backends refuse calls that need a gradient or batch statistics on inputs of
-    :data:`UNVERIFIED_TRAINING_ELEMENTS` or more elements (BackendUnavailableError)."""
+    records the torch composition too, so exported graphs hold standard operators only."""
     name, impl = _resolve(op, device, inference, numel or 0)
     if name != "torch" and (numel == 0 or exporting()):
         name, impl = "torch", _impls[op]["torch"]
-    if name != "torch" and not inference and (numel or 0) >= UNVERIFIED_TRAINING_ELEMENTS:
-        raise BackendUnavailableError(
-            f"{op}: backend {name!r} refuses training (or gradient) calls on {numel} elements: past 2**31 "
-            "elements its backward is not verified on a GPU (tests/test_large_tensors.py); use the torch backend")
     return _recorded(op, name, impl) if _recorders else impl
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mobileops
-from mobileops import backend, ops
+from mobileops import ops
 
 from helpers import relative_norm_error, runnable_backends
 
@@ -47,21 +47,6 @@ def test_triton_launchers_choose_64_bit_offsets_past_2_31(monkeypatch, layout):
     # ... and any operand of the call decides (output, gradients)
     assert common.index64(just_fits, big)
     assert not common.index64(torch.empty(0, 64, 4100, 4100, device="meta"))
-
-
-@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
-def test_fused_backends_refuse_training_past_2_31_elements(monkeypatch, backend_name):
-    """Until the GPU training test below passes, the fused backends refuse such calls instead of
-    risking wrong gradients or a memory fault; inference and the torch backend go on."""
-    monkeypatch.setattr(backend, "_backend_problem", lambda name, device: None)
-    device = torch.device("cuda")
-    with mobileops.use_backend(backend_name):
-        with pytest.raises(backend.BackendUnavailableError, match="refuses training"):
-            backend.resolve("dwconv_bn_act", device, inference=False, numel=LIMIT)
-        backend.resolve("dwconv_bn_act", device, inference=False, numel=LIMIT - 1)
-        backend.resolve("dwconv_bn_act", device, inference=True, numel=LIMIT)
-    with mobileops.use_backend("torch"):
-        backend.resolve("dwconv_bn_act", device, inference=False, numel=LIMIT)
 
 
 def test_interpreter_always_runs_the_64_bit_path(monkeypatch):
@@ -139,49 +124,110 @@ def test_inference_past_2_31_elements(backend_name, layout):
 GROUP = 4  # channels per float64 reference pass: 1.07 GB per tensor, ~30 GB peak in all
 
 
+def _channelwise_training(op):
+    """(leaf parameters, running statistics or [], call(x, params, stats)) of a per-channel op
+    in training: dwconv_bn_act and bn_act with batch statistics, dwconv_act with a bias."""
+    weight, gamma, beta, rm, rv = _params(SHAPE[1], 3)
+    if op == "dwconv_bn_act":
+        return [weight, gamma, beta], [rm, rv], lambda x, p, s: ops.dwconv_bn_act(
+            x, *p, *s, activation="silu", training=True, momentum=0.5)
+    if op == "bn_act":
+        return [gamma, beta], [rm, rv], lambda x, p, s: ops.bn_act(
+            x, *p, *s, activation="silu", training=True, momentum=0.5)
+    return [weight, beta.half()], [], lambda x, p, s: ops.dwconv_act(x, *p, activation="silu")
+
+
 @needs_big_gpu
 @pytest.mark.parametrize("backend_name", [b for b in GPU_BACKENDS if b != "torch"])
-def test_training_forward_and_backward_past_2_31_elements(monkeypatch, backend_name):
-    """Training forward (batch statistics, running-statistic update) and backward of
-    dwconv_bn_act at 2.15e9 elements. The reference is the torch composition in float64, run
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "bn_act", "dwconv_act"])
+def test_training_forward_and_backward_past_2_31_elements(backend_name, layout, op):
+    """Training forward (batch statistics, running-statistic update) and backward of the
+    per-channel ops at 2.15e9 elements. The reference is the torch composition in float64, run
     GROUP channels at a time (a depthwise conv and BatchNorm never mix channels), so it needs
     no large-tensor kernel of PyTorch's and no float16 sums. The bounds are a few float16
     rounding steps: a wrong address moves a conv sum by a whole unit, far more. SiLU, which has
     no kinks, keeps float32-vs-float64 rounding from flipping a derivative."""
-    monkeypatch.setattr(backend, "UNVERIFIED_TRAINING_ELEMENTS", 2 ** 62)  # measure the kernels themselves
-    x = _integer_input(torch.channels_last, seed=0).requires_grad_(True)
+    x = _integer_input(layout, seed=0).requires_grad_(True)
     # independent of x: with dy = x / 4 the weight gradient is ~4e6, past float16's range
-    dy = _integer_input(torch.channels_last, seed=1).mul_(0.25)
-    weight, gamma, beta, rm, rv = _params(SHAPE[1], 3)
-    params = [t.requires_grad_(True) for t in (weight, gamma, beta)]
+    dy = _integer_input(layout, seed=1).mul_(0.25)
+    params, stats, call = _channelwise_training(op)
+    params = [t.requires_grad_(True) for t in params]
     with mobileops.use_backend(backend_name):
-        y = ops.dwconv_bn_act(x, *params, rm, rv, activation="silu", training=True, momentum=0.5)
+        y = call(x, params, stats)
     _synchronized(f"{backend_name} forward")
+    assert y.is_contiguous(memory_format=layout)
     y.backward(dy)
     _synchronized(f"{backend_name} backward")
     y = y.detach()
     worst, scale = {"y": 0.0, "dx": 0.0}, {"y": 0.0, "dx": 0.0}
-    reference = {"dweight": [], "dgamma": [], "dbeta": [], "running_mean": [], "running_var": []}
+    names = [f"d{i}" for i in range(len(params))] + ["running_mean", "running_var"][:len(stats)]
+    reference = {name: [] for name in names}
     for c0 in range(0, SHAPE[1], GROUP):
         part = slice(c0, c0 + GROUP)
         x64 = x.detach()[:, part].double().requires_grad_(True)
-        w64, g64, b64 = (t.detach()[part].double().requires_grad_(True) for t in params)
-        rm64 = torch.zeros(GROUP, dtype=torch.float64, device="cuda")
-        rv64 = torch.ones(GROUP, dtype=torch.float64, device="cuda")
+        p64 = [t.detach()[part].double().requires_grad_(True) for t in params]
+        s64 = [torch.zeros(GROUP, dtype=torch.float64, device="cuda"),
+               torch.ones(GROUP, dtype=torch.float64, device="cuda")][:len(stats)]
         with mobileops.use_backend("torch"):
-            y64 = ops.dwconv_bn_act(x64, w64, g64, b64, rm64, rv64, activation="silu", training=True, momentum=0.5)
+            y64 = call(x64, p64, s64)
         y64.backward(dy[:, part].double())
         for what, got, want in (("y", y[:, part], y64.detach()), ("dx", x.grad[:, part], x64.grad)):
             worst[what] = max(worst[what], (got.double() - want).abs().max().item())
             scale[what] = max(scale[what], want.abs().max().item())
-        for what, want in zip(reference, (w64.grad, g64.grad, b64.grad, rm64, rv64)):
-            reference[what].append(want)
+        for name, want in zip(names, [t.grad for t in p64] + s64):
+            reference[name].append(want)
         del x64, y64
     for what in worst:
-        assert worst[what] <= 2e-3 * scale[what], (f"{what} ({backend_name}): max error {worst[what]:.3g} "
+        assert worst[what] <= 2e-3 * scale[what], (f"{op} {what} ({backend_name}): max error {worst[what]:.3g} "
                                                    f"at scale {scale[what]:.3g}")
-    for what, got in zip(reference, (weight.grad, gamma.grad, beta.grad, rm, rv)):
-        want = torch.cat(reference[what])
+    for name, got in zip(names, [t.grad for t in params] + stats):
+        want = torch.cat(reference[name])
         rel = relative_norm_error(got, want)
-        assert rel <= 5e-3, (f"{what} ({backend_name}): relative error {rel:.3g}; all finite: "
+        assert rel <= 5e-3, (f"{op} {name} ({backend_name}): relative error {rel:.3g}; all finite: "
                              f"{bool(got.isfinite().all())}")
+
+
+@needs_big_gpu
+@pytest.mark.parametrize("backend_name", [b for b in GPU_BACKENDS if b != "torch"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_squeeze_excite_backward_past_2_31_elements(backend_name, layout):
+    """SE forward and backward at 2.15e9 elements against the torch composition in float32
+    run one sample at a time (SE mixes channels, not samples; the samples' weight gradients
+    add up). A float32 reference of a whole sample is 4.3 GB per tensor, where a float64 one
+    would not fit beside the float16 operands."""
+    x = _integer_input(layout, seed=0).requires_grad_(True)
+    dy = _integer_input(layout, seed=1).mul_(0.25)
+    c, hidden = SHAPE[1], 16
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(hidden, c, generator=g) / 8, 0.1 * torch.randn(hidden, generator=g),
+               torch.randn(c, hidden, generator=g) / 4, 0.1 * torch.randn(c, generator=g)]
+    weights = [w.half().cuda().requires_grad_(True) for w in weights]
+    with mobileops.use_backend(backend_name):
+        y = ops.squeeze_excite(x, *weights, post_act="hswish")
+    _synchronized(f"{backend_name} forward")
+    assert y.is_contiguous(memory_format=layout)
+    y.backward(dy)
+    _synchronized(f"{backend_name} backward")
+    y = y.detach()
+    worst, scale = {"y": 0.0, "dx": 0.0}, {"y": 0.0, "dx": 0.0}
+    grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    for n in range(SHAPE[0]):
+        x32 = x.detach()[n:n + 1].float().requires_grad_(True)
+        w32 = [w.detach().float().requires_grad_(True) for w in weights]
+        with mobileops.use_backend("torch"):
+            y32 = ops.squeeze_excite(x32, *w32, post_act="hswish")
+        y32.backward(dy[n:n + 1].float())
+        for what, got, want in (("y", y[n:n + 1], y32.detach()), ("dx", x.grad[n:n + 1], x32.grad)):
+            worst[what] = max(worst[what], _max_abs_diff(got, want))
+            scale[what] = max(scale[what], want.abs().max().item())
+        for total, w in zip(grads, w32):
+            total += w.grad
+        del x32, y32
+        torch.cuda.empty_cache()
+    for what in worst:
+        assert worst[what] <= 2e-3 * scale[what], (f"squeeze_excite {what} ({backend_name}): max error "
+                                                   f"{worst[what]:.3g} at scale {scale[what]:.3g}")
+    for i, (w, want) in enumerate(zip(weights, grads)):
+        rel = relative_norm_error(w.grad, want)
+        assert rel <= 5e-3, f"squeeze_excite weight gradient {i} ({backend_name}): relative error {rel:.3g}"

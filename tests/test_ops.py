@@ -9,7 +9,7 @@ import mobileops
 from mobileops import ops
 
 from mobileops import reference as ref_blocks
-from helpers import backend_params
+from helpers import backend_params, runnable_backends
 from helpers import assert_within_bound
 
 ACT_MODULES = {
@@ -237,6 +237,28 @@ def test_squeeze_excite_without_biases():
     w1, w2 = torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     gate = torch.sigmoid(F.relu(x.mean((2, 3)) @ w1.t()) @ w2.t())
     torch.testing.assert_close(ops.squeeze_excite(x, w1, None, w2, None, gate="sigmoid"), x * gate[:, :, None, None])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend_name", [b for b in runnable_backends("squeeze_excite", "cuda") if b != "torch"]
+                         if torch.cuda.is_available() else [])
+def test_squeeze_excite_gates_right_on_the_first_call_of_each_variant(backend_name):
+    """Regression: the Triton SE MLP read back pooled means that other threads of its program
+    had just stored, with nothing ordering the two; on an H100 the first call of a freshly
+    compiled variant (C=1, hidden 5, float32) once gave gates off by 1e-3. Each channel count
+    and hidden width here is a new variant (Triton specialises on 1 and multiples of 16), and
+    each is checked on its first call and on two more, on fresh memory."""
+    g = torch.Generator().manual_seed(5)
+    for c, hidden in [(1, 5), (1, 1), (3, 2), (16, 3), (24, 7), (32, 8), (33, 16), (48, 12), (64, 16)]:
+        for call in range(3):
+            x = torch.randn(3, c, 28, 3, generator=g).cuda()
+            w1, w2 = torch.randn(hidden, c, generator=g).cuda(), torch.randn(c, hidden, generator=g).cuda()
+            with mobileops.use_backend("torch"):
+                ref64 = ops.squeeze_excite(x.double(), w1.double(), None, w2.double(), None, post_act="hswish")
+                out_torch = ops.squeeze_excite(x, w1, None, w2, None, post_act="hswish")
+            with mobileops.use_backend(backend_name):
+                out = ops.squeeze_excite(x, w1, None, w2, None, post_act="hswish")
+            assert_within_bound(out, ref64, out_torch, f"{backend_name}: C={c} hidden={hidden} call {call}")
 
 
 def test_activation_by_name():
