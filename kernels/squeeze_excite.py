@@ -116,7 +116,7 @@ def _mlp_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, 
     rmask = r < R
     # fc1 from the pooled values in registers: reading back the pooled_ptr just stored would
     # race, since other threads of the program stored them and nothing orders global memory
-    # between threads (on an H100 that gave a stale gate now and then). Same adds, in the same
+    # between threads (an H100 run once gave a stale gate on a first call). Same adds, in the same
     # order, as _hidden, which the backward uses on the stored values.
     h = tl.zeros([BLOCK_R], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
