@@ -8,9 +8,10 @@ On a GPU with enough free memory the ops run on a real (2, 64, 4100, 4100) float
 (2.15e9 elements, 4.3 GB) and must agree with the torch backend everywhere, including the
 elements whose offsets pass 2**31. That test checks addressing, not rounding (the precision
 tests do that): integer-valued data keeps the convolution exact, so a wrong address shows up
-as an error of whole units, far above the tolerance. The training tests' references are float64,
-computed a few channels at a time (float32 one sample at a time for SE, which mixes channels). The CUDA kernels' offsets past 2**31 are also checked on CPU,
-emulated (tests/test_cuda_emulated.py)."""
+as an error of whole units, far above the tolerance. The training tests' references are
+float64, computed a few channels at a time (float32 one sample at a time for SE, which mixes
+channels). The CUDA kernels' offsets past 2**31 are also checked on CPU, emulated
+(tests/test_cuda_emulated.py)."""
 
 import pytest
 import torch
