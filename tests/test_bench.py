@@ -83,6 +83,51 @@ def test_blocks_and_detectors_agree_across_implementations():
         "each implementation trains its own copy"
 
 
+def test_disagreement_rule():
+    assert run._disagreement(0.01, None, None, 0.02) is None
+    assert "differs from eager by 0.03" in run._disagreement(0.03, None, None, 0.02)
+    # under autocast: twice eager's own error from float32, plus the bound
+    assert run._disagreement(0.09, 0.05, 0.04, 0.02) is None
+    assert run._disagreement(0.09, 0.10, 0.04, 0.02) is None
+    assert "more than twice eager's" in run._disagreement(0.09, 0.11, 0.04, 0.02)
+
+
+def test_under_autocast_eagers_own_rounding_is_allowed_and_a_real_error_is_not():
+    """measure() under bf16 autocast, with implementations whose error is known: eager's
+    module, and the same module off by a set fraction. Off by about eager's own rounding
+    (further from eager than the plain bound) is timed; off by 10x that is refused."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64))
+    x = torch.randn(16, 64)
+
+    def under_autocast(fn):
+        def run(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(x)
+        return run
+
+    with torch.no_grad():
+        exact = module(x)
+        own = ((under_autocast(module)(x).double() - exact).abs().max() / exact.abs().max()).item()
+    assert own > 1e-3, "bf16 rounds visibly here"
+
+    def off_by(fraction):
+        return under_autocast(lambda x: module(x) + fraction * exact.abs().max() * torch.sign(exact))
+
+    case = cases.Case("block", "toy", "inference", "bf16", "nchw", 16, (64,), (), "", needs_cuda=False)
+    for fraction, allowed in ((own, True), (10 * own, False)):
+        env = cases.Setup({"eager": under_autocast(module), "mobileops_toy": off_by(fraction)}, x,
+                          modules={"eager": module}, autocast_dtype=torch.bfloat16)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(run.AGREEMENT, "bf16", own / 10)
+            row = run.measure(case, CPU, 1e10, env=env)
+        assert row["agreement"]["mobileops_toy"] > own / 10, "the plain bound alone refuses both"
+        assert set(row["float32_difference"]) == {"eager", "mobileops_toy"}
+        assert ("mobileops_toy" in row["times_ms"]) == allowed, row["errors"]
+        if not allowed:
+            assert "more than twice eager's" in row["errors"]["mobileops_toy"]
+
+
 def test_gpu_cases_refuse_a_cpu():
     gpu_case = cases.op_cases("quick")[0]
     with pytest.raises(ValueError, match="needs a CUDA device"):

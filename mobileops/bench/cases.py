@@ -512,11 +512,7 @@ def timed_function(case: Case, env: Setup, name: str) -> Callable[[], object]:
     raise ValueError(f"unknown mode {case.mode!r}")
 
 
-def first_output(case: Case, env: Setup, name: str) -> List[torch.Tensor]:
-    """One forward of implementation ``name`` (no autograd), flattened to a list of tensors,
-    for checking that every implementation computes the same thing before timing it."""
-    with torch.no_grad():
-        out = env.impls[name](env.x)
+def _flat(out) -> List[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     flat: List[torch.Tensor] = []
@@ -525,6 +521,23 @@ def first_output(case: Case, env: Setup, name: str) -> List[torch.Tensor]:
     return flat
 
 
+def first_output(case: Case, env: Setup, name: str) -> List[torch.Tensor]:
+    """One forward of implementation ``name`` (no autograd), flattened to a list of tensors,
+    for checking that every implementation computes the same thing before timing it."""
+    with torch.no_grad():
+        return _flat(env.impls[name](env.x))
+
+
+def float32_output(env: Setup) -> Optional[List[torch.Tensor]]:
+    """Eager's module run in float32 without autocast, flattened like :func:`first_output`:
+    the reference that autocast implementations (eager's included) are measured against.
+    None where the case runs without autocast."""
+    if env.autocast_dtype is None or "eager" not in env.modules:
+        return None
+    with torch.no_grad():
+        return _flat(env.modules["eager"](env.x.float()))
+
+
 __all__ = ["Case", "DETECTORS", "DTYPES", "LAYOUTS", "SCOPES", "Setup", "all_cases", "block_cases", "block_shapes",
-           "detector_cases", "first_output", "mobileops_backends", "op_cases", "op_shapes", "setup", "stand_in_loss",
-           "timed_function"]
+           "detector_cases", "first_output", "float32_output", "mobileops_backends", "op_cases", "op_shapes",
+           "setup", "stand_in_loss", "timed_function"]

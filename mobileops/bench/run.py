@@ -16,6 +16,8 @@ from mobileops.bench import timing
 #: Largest relative difference (max |a - b| / max |b|) allowed between an implementation's
 #: outputs and eager's before its time is reported: a benchmark of a wrong result is void.
 #: Wide enough for one rounding of the dtype through a deep network, far below a real bug.
+#: Under autocast an implementation further from eager than this still passes when its own
+#: difference from eager run in float32 is at most twice eager's plus this (see _disagreement).
 AGREEMENT = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
 
 #: The order in which baselines are compared against (ratios are baseline_time / impl_time).
@@ -34,6 +36,27 @@ def _relative_difference(got: List[torch.Tensor], want: List[torch.Tensor]) -> f
     return worst
 
 
+def _disagreement(vs_eager: float, own_error: Optional[float], eager_error: Optional[float],
+                  bound: float) -> Optional[str]:
+    """Why an implementation's outputs do not count as eager's, or None when they do.
+
+    Within ``bound`` of eager passes. Otherwise, under autocast (``own_error`` and
+    ``eager_error``: the implementation's and eager's differences from eager in float32), the
+    flash-attention rule decides: no more than twice eager's own error plus ``bound``. A
+    training-mode forward of a whole detector is the case for it: BatchNorm on batch
+    statistics amplifies each layer's rounding, so eager itself lies several percent from the
+    exact result (float16 autocast, yolov5n-c3uib at 64x64 on a CPU: 3.8% from float64) and
+    two correct implementations can be further apart than ``bound``."""
+    if vs_eager <= bound:
+        return None
+    if own_error is None or eager_error is None:
+        return f"output differs from eager by {vs_eager:.3g} (bound {bound})"
+    if own_error <= 2 * eager_error + bound:
+        return None
+    return (f"output differs from eager by {vs_eager:.3g} (bound {bound}) and from float32 by {own_error:.3g}, "
+            f"more than twice eager's {eager_error:.3g} plus {bound}")
+
+
 def _launch_bound(case: case_lib.Case) -> bool:
     """Batch-1 inference is dominated by launches: time it as CUDA-graph replays."""
     return case.batch == 1 and case.mode in ("inference", "forward")
@@ -44,7 +67,8 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     """Time every implementation of ``case`` on ``device`` and return one results row.
 
     The row holds the case's fields, ``times_ms`` (median per implementation), ``timer``,
-    ``agreement`` (each implementation's relative difference from eager), ``errors`` (an
+    ``agreement`` (each implementation's relative difference from eager), under autocast
+    ``float32_difference`` (eager's and each implementation's from eager in float32), ``errors`` (an
     implementation that failed or disagreed, with the reason; it gets no time), the ratios
     ``<impl>_speedup_vs_<baseline>``, ``min_bytes`` and ``<impl>_fraction_of_copy`` where the
     mode has a byte floor, ``peak_memory_bytes`` per implementation for training modes on
@@ -57,14 +81,23 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
                timer=("cuda_graph" if _launch_bound(case) else "cuda_events") if device.type == "cuda"
                else "perf_counter_interleaved")
     reference = case_lib.first_output(case, env, "eager")
+    exact = case_lib.float32_output(env)
+    if exact is not None:
+        row["float32_difference"] = {"eager": _relative_difference(reference, exact)}
     ready = {}
     for name in env.impls:
         try:
             if name != "eager":
-                diff = _relative_difference(case_lib.first_output(case, env, name), reference)
+                out = case_lib.first_output(case, env, name)
+                diff = _relative_difference(out, reference)
                 row["agreement"][name] = diff
-                if not diff <= AGREEMENT[case.dtype]:
-                    row["errors"][name] = f"output differs from eager by {diff:.3g} (bound {AGREEMENT[case.dtype]})"
+                own = None
+                if exact is not None:
+                    own = row["float32_difference"][name] = _relative_difference(out, exact)
+                problem = _disagreement(diff, own, row.get("float32_difference", {}).get("eager"),
+                                        AGREEMENT[case.dtype])
+                if problem:
+                    row["errors"][name] = problem
                     continue
             fn = case_lib.timed_function(case, env, name)
             if device.type == "cuda":
