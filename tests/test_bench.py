@@ -101,10 +101,10 @@ def test_under_autocast_eagers_own_rounding_is_allowed_and_a_real_error_is_not()
     x = torch.randn(16, 64)
 
     def under_autocast(fn):
-        def run(x):
+        def call(x):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return fn(x)
-        return run
+        return call
 
     with torch.no_grad():
         exact = module(x)
