@@ -125,6 +125,28 @@ def test_inference_past_2_31_elements(backend_name, layout):
 GROUP = 4  # channels per float64 reference pass: 1.07 GB per tensor, ~30 GB peak in all
 
 
+def _fused_forward_backward(backend_name, layout, call):
+    """(x, dy, y): y = call(x) run forward and backward with dy on ``backend_name``, where x and
+    dy are independent integer-valued tensors in ``layout``; a fault fails naming its pass."""
+    x = _integer_input(layout, seed=0).requires_grad_(True)
+    # independent of x: with dy = x / 4 the weight gradient is ~4e6, past float16's range
+    dy = _integer_input(layout, seed=1).mul_(0.25)
+    with mobileops.use_backend(backend_name):
+        y = call(x)
+    _synchronized(f"{backend_name} forward")
+    assert y.is_contiguous(memory_format=layout)
+    y.backward(dy)
+    _synchronized(f"{backend_name} backward")
+    return x, dy, y.detach()
+
+
+def _assert_within_rounding(op, backend_name, worst, scale):
+    """max |ours - reference| per result within a few float16 rounding steps of its scale."""
+    for what in worst:
+        assert worst[what] <= 2e-3 * scale[what], (f"{op} {what} ({backend_name}): max error {worst[what]:.3g} "
+                                                   f"at scale {scale[what]:.3g}")
+
+
 def _channelwise_training(op):
     """(leaf parameters, running statistics or [], call(x, params, stats)) of a per-channel op
     in training: dwconv_bn_act and bn_act with batch statistics, dwconv_act with a bias."""
@@ -149,18 +171,9 @@ def test_training_forward_and_backward_past_2_31_elements(backend_name, layout, 
     no large-tensor kernel of PyTorch's and no float16 sums. The bounds are a few float16
     rounding steps: a wrong address moves a conv sum by a whole unit, far more. SiLU, which has
     no kinks, keeps float32-vs-float64 rounding from flipping a derivative."""
-    x = _integer_input(layout, seed=0).requires_grad_(True)
-    # independent of x: with dy = x / 4 the weight gradient is ~4e6, past float16's range
-    dy = _integer_input(layout, seed=1).mul_(0.25)
     params, stats, call = _channelwise_training(op)
     params = [t.requires_grad_(True) for t in params]
-    with mobileops.use_backend(backend_name):
-        y = call(x, params, stats)
-    _synchronized(f"{backend_name} forward")
-    assert y.is_contiguous(memory_format=layout)
-    y.backward(dy)
-    _synchronized(f"{backend_name} backward")
-    y = y.detach()
+    x, dy, y = _fused_forward_backward(backend_name, layout, lambda x: call(x, params, stats))
     worst, scale = {"y": 0.0, "dx": 0.0}, {"y": 0.0, "dx": 0.0}
     names = [f"d{i}" for i in range(len(params))] + ["running_mean", "running_var"][:len(stats)]
     reference = {name: [] for name in names}
@@ -179,9 +192,7 @@ def test_training_forward_and_backward_past_2_31_elements(backend_name, layout, 
         for name, want in zip(names, [t.grad for t in p64] + s64):
             reference[name].append(want)
         del x64, y64
-    for what in worst:
-        assert worst[what] <= 2e-3 * scale[what], (f"{op} {what} ({backend_name}): max error {worst[what]:.3g} "
-                                                   f"at scale {scale[what]:.3g}")
+    _assert_within_rounding(op, backend_name, worst, scale)
     for name, got in zip(names, [t.grad for t in params] + stats):
         want = torch.cat(reference[name])
         rel = relative_norm_error(got, want)
@@ -197,20 +208,13 @@ def test_squeeze_excite_backward_past_2_31_elements(backend_name, layout):
     run one sample at a time (SE mixes channels, not samples; the samples' weight gradients
     add up). A float32 reference of a whole sample is 4.3 GB per tensor, where a float64 one
     would not fit beside the float16 operands."""
-    x = _integer_input(layout, seed=0).requires_grad_(True)
-    dy = _integer_input(layout, seed=1).mul_(0.25)
     c, hidden = SHAPE[1], 16
     g = torch.Generator().manual_seed(2)
     weights = [torch.randn(hidden, c, generator=g) / 8, 0.1 * torch.randn(hidden, generator=g),
                torch.randn(c, hidden, generator=g) / 4, 0.1 * torch.randn(c, generator=g)]
     weights = [w.half().cuda().requires_grad_(True) for w in weights]
-    with mobileops.use_backend(backend_name):
-        y = ops.squeeze_excite(x, *weights, post_act="hswish")
-    _synchronized(f"{backend_name} forward")
-    assert y.is_contiguous(memory_format=layout)
-    y.backward(dy)
-    _synchronized(f"{backend_name} backward")
-    y = y.detach()
+    x, dy, y = _fused_forward_backward(backend_name, layout,
+                                       lambda x: ops.squeeze_excite(x, *weights, post_act="hswish"))
     worst, scale = {"y": 0.0, "dx": 0.0}, {"y": 0.0, "dx": 0.0}
     grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     for n in range(SHAPE[0]):
@@ -226,9 +230,7 @@ def test_squeeze_excite_backward_past_2_31_elements(backend_name, layout):
             total += w.grad
         del x32, y32
         torch.cuda.empty_cache()
-    for what in worst:
-        assert worst[what] <= 2e-3 * scale[what], (f"squeeze_excite {what} ({backend_name}): max error "
-                                                   f"{worst[what]:.3g} at scale {scale[what]:.3g}")
+    _assert_within_rounding("squeeze_excite", backend_name, worst, scale)
     for i, (w, want) in enumerate(zip(weights, grads)):
         rel = relative_norm_error(w.grad, want)
         assert rel <= 5e-3, f"squeeze_excite weight gradient {i} ({backend_name}): relative error {rel:.3g}"
