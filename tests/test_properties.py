@@ -88,11 +88,15 @@ def bn_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as_dtype(tensors, dtype, bn_params):
+    """``tensors`` converted to ``dtype``, the last ``bn_params`` of them to bn_dtype."""
+    return [t.detach().to(dtype if i < len(tensors) - bn_params else bn_dtype(dtype)) for i, t in enumerate(tensors)]
+
+
 def _run(backend_name, fn, tensors, dtype, dy, bn_params, emulation=None):
-    """fn on leaves converted to ``dtype`` (the last ``bn_params`` of them to bn_dtype);
-    returns the output and every gradient. ``emulation``: run ``cuda`` on the emulated build."""
-    leaves = [t.detach().to(dtype if i < len(tensors) - bn_params else bn_dtype(dtype)).requires_grad_(True)
-              for i, t in enumerate(tensors)]
+    """fn on leaves converted to ``dtype`` (see _as_dtype); returns the output and every
+    gradient. ``emulation``: run ``cuda`` on the emulated build."""
+    leaves = [t.requires_grad_(True) for t in _as_dtype(tensors, dtype, bn_params)]
     emulated = backend_name == "cuda" and emulation is not None
     with cuda_backend_on_cpu(emulation) if emulated else contextlib.nullcontext():  # the backward too
         with mobileops.use_backend(backend_name):
@@ -109,8 +113,7 @@ def _assert_agree(backends, fn, tensors, dtype, dy, what, bn_params=0, emulation
     # dtype, BatchNorm tensors to bn_dtype): otherwise it also measures the inputs' rounding,
     # which for a one-element reduction (dgamma of one channel) can exceed twice torch's error
     # by luck of cancellation alone (seen on an H100: fp16 weights rounded, 2.8e-4 vs 7e-5).
-    rounded = [t.detach().to(dtype if i < len(tensors) - bn_params else bn_dtype(dtype)).double()
-               for i, t in enumerate(tensors)]
+    rounded = _as_dtype(tensors, dtype, bn_params)
     ref = _run("torch", fn, rounded, torch.float64, dy.to(dtype).double(), bn_params)
     base = _run("torch", fn, tensors, dtype, dy, bn_params) if dtype != torch.float64 else None
     for backend_name in backends:
