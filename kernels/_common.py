@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -131,7 +130,7 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -169,7 +168,7 @@ def chunk_size(x: torch.Tensor, positions: int) -> int:
 GRID_YZ_LIMIT = 65535
 
 
-def channel_grid(programs: int, channels: int, block_c: int) -> Tuple[int, int, int]:
+def channel_grid(programs: int, channels: int, block_c: int) -> tuple[int, int, int]:
     """A launch grid of ``programs`` (position tiles or chunks, on x) by the channel blocks of
     ``channels``. The channel blocks fill y up to :data:`GRID_YZ_LIMIT` and go on along z
     (:func:`channel_block` reads both), so a launch never fails for its channel count; the
@@ -179,7 +178,7 @@ def channel_grid(programs: int, channels: int, block_c: int) -> Tuple[int, int, 
     return programs, y, cdiv(blocks, y)
 
 
-def launch(kernel, tuned, grid_of, args: dict, meta: Optional[dict]) -> None:
+def launch(kernel, tuned, grid_of, args: dict, meta: dict | None) -> None:
     """Run ``kernel`` with the fixed ``meta`` (interpreter, deterministic mode) or autotuned.
 
     ``grid_of(meta)`` maps the block sizes to the launch grid."""
@@ -196,7 +195,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("MOBILEOPS_AUTOTUNE", "1") != "0"
 
 
-def fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> Optional[dict]:
+def fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> dict | None:
     deterministic = reduction and torch.are_deterministic_algorithms_enabled()
     if COMPILED_FOR_INTERPRETER or not autotune_enabled() or deterministic:
         return default_meta(x, taps)
@@ -219,7 +218,7 @@ def acc_dtype(x: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=256)  # eps and momentum repeat call after call
-def split_float(value: float) -> Tuple[float, float]:
+def split_float(value: float) -> tuple[float, float]:
     """``value`` as an fp32 pair hi + lo (Triton passes Python floats as fp32): float64
     kernels add them back exactly enough for 1e-15 relative precision."""
     hi = float(np.float32(value))
@@ -248,13 +247,13 @@ def sum_rows(parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 
-def absent(t: Optional[torch.Tensor], stand_in: torch.Tensor) -> torch.Tensor:
+def absent(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     # Triton needs a pointer for every argument; a HAS_*/NORM flag keeps the stand-in unread.
     return t if t is not None else stand_in
 
 
-@functools.lru_cache(maxsize=None)
-def _stride_names(prefix: str) -> Tuple[str, ...]:
+@functools.cache
+def _stride_names(prefix: str) -> tuple[str, ...]:
     return tuple(f"{prefix}{d}" for d in "nchw")
 
 

@@ -33,7 +33,6 @@ configuration won the tuning, and everything does when ``MOBILEOPS_AUTOTUNE=0``.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -356,7 +355,7 @@ _dx_tuned = triton.autotune(common.configs(4096),
                             key=["C", "H", "W", "HO", "WO", "szc", "sxc", "K", "STRIDE"])(_dx_kernel)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grad_input_tuned(taps: int):
     # The weight-gradient gather holds a [BLOCK_P, TAPS, BLOCK_C] tile: keep it small.
     return triton.autotune(common.configs(max(128, 8192 // taps)),
@@ -386,8 +385,8 @@ def _common(x, weight, stride, padding):
 # ----------------------------------------------------------------------------------------------
 
 
-def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-            beta: Optional[torch.Tensor], mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
+def forward(x: torch.Tensor, weight: torch.Tensor | None, gamma: torch.Tensor | None,
+            beta: torch.Tensor | None, mean: torch.Tensor | None, var: torch.Tensor | None,
             *, out: torch.Tensor, stride: int, padding: int, activation: str, norm: str,
             eps: float) -> torch.Tensor:
     """Write y = act((conv(x) - mean) * rstd * gamma + beta) into ``out`` (N, C, H_out, W_out),
@@ -419,9 +418,9 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[tor
     return y
 
 
-def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], *, stride: int, padding: int, momentum: float,
-                eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def batch_stats(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torch.Tensor | None,
+                running_var: torch.Tensor | None, *, stride: int, padding: int, momentum: float,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and rstd = 1/sqrt(biased var + eps) of conv(x), in float32
     (float64 for float64 input). Updates ``running_mean``/``running_var`` in place when given.
     Needs at least two values per channel (the caller checks)."""
@@ -455,8 +454,8 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     return mean, rstd
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-             beta: Optional[torch.Tensor], mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gamma: torch.Tensor | None,
+             beta: torch.Tensor | None, mean: torch.Tensor | None, var: torch.Tensor | None,
              *, stride: int, padding: int, activation: str, norm: str, eps: float,
              weight_grad: bool, memory_format: torch.memory_format):
     """Gradients of :func:`forward` (for ``norm="batch"``: of the whole batch-statistics
@@ -489,7 +488,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     shape_args = dict(C=c, H=h, W=w, HO=ho, WO=wo, K=k, STRIDE=stride, PAD=padding, INDEX64=index64, ACC=acc)
     param_args = dict(gamma_ptr=common.absent(gamma, weight), beta_ptr=common.absent(beta, weight),
                       HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
-    chunk_grid = lambda m: common.channel_grid(rows, c, m["BLOCK_C"])  # noqa: E731
+    chunk_grid = lambda m: common.channel_grid(rows, c, m["BLOCK_C"])
     sums = None
     if norm == NORM_BATCH:
         part_du = torch.empty((rows, c), device=x.device, dtype=acc_t)

@@ -19,8 +19,6 @@ atomics: every reduction adds per-program or per-sample partials in a fixed orde
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -260,9 +258,9 @@ def _elementwise_grid(x):
     return lambda m: common.channel_grid(n * common.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"])
 
 
-def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-            b2: Optional[torch.Tensor], *, out: torch.Tensor, gate: str,
-            post_act: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+            b2: torch.Tensor | None, *, out: torch.Tensor, gate: str,
+            post_act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Write the SE output into ``out`` (any strides); returns ``(out, pooled, gate)``, the
     last two (N, C) in float32 (float64 for float64 x) for the backward."""
     common.check_device(x)
@@ -286,8 +284,8 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: t
     return out, pooled, gates
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-             b2: Optional[torch.Tensor], pooled: torch.Tensor, gates: torch.Tensor, *, gate: str, post_act: str,
+def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None, pooled: torch.Tensor, gates: torch.Tensor, *, gate: str, post_act: str,
              memory_format: torch.memory_format):
     """Gradients of :func:`forward`: ``(dx, dw1, db1 or None, dw2, db2 or None)``, the weight
     gradients in the weights' dtypes."""

@@ -9,13 +9,32 @@
   :func:`backend_status`, env var ``MOBILEOPS_BACKEND``.
 """
 
-from mobileops.backend import (BackendUnavailableError, available_backends, backend_status,
-                               get_backend, set_backend, use_backend)
-from mobileops import ops  # noqa: E402 - registers the torch backend's implementations
-from mobileops.nn import (C3, C3_UIB, SPPF, Bottleneck, Concat, Conv, Conv3BN, Detect, MobileNetv3,
-                          SELayer, UniversalInvertedBottleneckBlock, h_sigmoid, h_swish,
-                          make_divisible)
+from mobileops import ops
+from mobileops.backend import (
+                               BackendUnavailableError,
+                               available_backends,
+                               backend_status,
+                               get_backend,
+                               set_backend,
+                               use_backend,
+)
 from mobileops.convert import ConversionReport, convert
+from mobileops.nn import (
+                               C3,
+                               C3_UIB,
+                               SPPF,
+                               Bottleneck,
+                               Concat,
+                               Conv,
+                               Conv3BN,
+                               Detect,
+                               MobileNetv3,
+                               SELayer,
+                               UniversalInvertedBottleneckBlock,
+                               h_sigmoid,
+                               h_swish,
+                               make_divisible,
+)
 
 __version__ = "0.1.0"
 

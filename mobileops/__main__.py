@@ -6,7 +6,6 @@ import argparse
 import platform
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 
 def _info(args) -> int:
@@ -36,7 +35,7 @@ def _check(args) -> int:
         import triton
 
         print(f"triton {triton.__version__}")
-    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+    except Exception as exc:
         print(f"triton: not importable ({type(exc).__name__}: {exc})")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -143,7 +142,7 @@ def _build(args) -> int:
     return subprocess.run([sys.executable, "-m", "mobileops", "check"], cwd=root).returncode
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mobileops`` and the ``mobileops`` script."""
     parser = argparse.ArgumentParser(prog="python -m mobileops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

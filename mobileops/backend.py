@@ -17,7 +17,8 @@ import contextlib
 import functools
 import importlib
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ CHOICES = ("auto",) + BACKENDS
 #: Ops for which ``auto`` tries the CUDA extension before Triton on CUDA tensors. It stays empty
 #: until a GPU benchmark (``pytest benchmarks``) has shown the extension faster; the entry then
 #: names the device it was measured on. An explicit ``set_backend("cuda")`` works regardless.
-AUTO_PREFERS_CUDA: Dict[str, str] = {}
+AUTO_PREFERS_CUDA: dict[str, str] = {}
 
 #: Inference calls on CUDA tensors with at least this many elements take the fused kernels
 #: under ``auto``. Measured on an H100 (benchmarks/results/nvidia-h100-80gb-hbm3-2026-11-22.json,
@@ -37,10 +38,10 @@ AUTO_PREFERS_CUDA: Dict[str, str] = {}
 AUTO_KERNEL_MIN_ELEMENTS = 2 ** 27
 ENV_VAR = "MOBILEOPS_BACKEND"
 
-_impls: Dict[str, Dict[str, Callable]] = {}
-_selected: Optional[str] = None
-_override_stack: List[str] = []
-_recorders: List[List[dict]] = []
+_impls: dict[str, dict[str, Callable]] = {}
+_selected: str | None = None
+_override_stack: list[str] = []
+_recorders: list[list[dict]] = []
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,19 +71,19 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _import_error(module: str) -> Optional[str]:
+@functools.cache
+def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - any import failure makes the backend unavailable
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
 # Asked on every op call: the answer (extension loads, runtime sees a device) is fixed for the
 # life of the process, and asking the runtime each time costs host time.
-@functools.lru_cache(maxsize=None)
-def _cuda_extension_status() -> Optional[str]:
+@functools.cache
+def _cuda_extension_status() -> str | None:
     err = _import_error("mobileops._C")
     if err is not None:
         return f"the CUDA extension mobileops._C is not built or does not load ({err})"
@@ -101,7 +102,7 @@ def _cuda_extension_status() -> Optional[str]:
 # torch.compile evaluates this once while tracing and keeps the answer (it imports modules and
 # asks the CUDA runtime, which cannot be traced).
 @torch.compiler.assume_constant_result
-def _backend_problem(backend: str, device: Optional[torch.device]) -> Optional[str]:
+def _backend_problem(backend: str, device: torch.device | None) -> str | None:
     """Why ``backend`` cannot run on ``device`` (None: on any device here), or None."""
     if backend == "torch":
         return None
@@ -134,25 +135,25 @@ def launcher_loader(backend: str, op: str) -> Callable[[], Any]:
     decides at kernel-definition time whether to interpret, so nothing is imported early)."""
     name = f"{_LAUNCHER_PACKAGES[backend]}.{op}"
 
-    @functools.lru_cache(maxsize=None)  # import_module itself costs microseconds on every call
+    @functools.cache  # import_module itself costs microseconds on every call
     def load():
         return importlib.import_module(name)
 
     return load
 
 
-def backend_status() -> Dict[str, Optional[str]]:
+def backend_status() -> dict[str, str | None]:
     """Map each backend name to None if it is available here, else the reason it is not."""
     return {name: _backend_problem(name, None) for name in BACKENDS}
 
 
-def implemented_ops(backend: str) -> List[str]:
+def implemented_ops(backend: str) -> list[str]:
     """Names of the fused ops that ``backend`` implements (available here or not)."""
     backend = _check_choice(backend, "implemented_ops")
     return sorted(op for op, table in _impls.items() if backend in table)
 
 
-def available_backends() -> List[str]:
+def available_backends() -> list[str]:
     """Names of the backends that can run at least one op on this machine."""
     return [name for name, problem in backend_status().items() if problem is None]
 
@@ -201,7 +202,7 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def record_calls() -> Iterator[List[dict]]:
+def record_calls() -> Iterator[list[dict]]:
     """Record every fused-op call made inside the ``with`` block, e.g. to list the real layer
     shapes of a model (run it on the meta device: nothing is computed then).
 
@@ -209,7 +210,7 @@ def record_calls() -> Iterator[List[dict]]:
     that ran), ``inputs`` (``(shape, dtype)`` of each tensor argument, None for absent ones)
     and ``options`` (the keyword arguments: stride, activation, training...).
     """
-    calls: List[dict] = []
+    calls: list[dict] = []
     _recorders.append(calls)
     try:
         yield calls
@@ -228,7 +229,7 @@ def _recorded(op: str, name: str, impl: Callable) -> Callable:
     return run
 
 
-def resolve(op: str, device: torch.device, *, inference: bool = False, numel: Optional[int] = None) -> Callable:
+def resolve(op: str, device: torch.device, *, inference: bool = False, numel: int | None = None) -> Callable:
     """Return the implementation of ``op`` for tensors on ``device`` under the current selection.
 
     ``inference`` (no gradient needed, BatchNorm not in training mode) and ``numel`` (the

@@ -21,8 +21,8 @@ such run as one fused op. Forward hooks registered on a replaced block are not c
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class FusedSequential(nn.Sequential):
         return x
 
 
-def _fusable_run(layers: List[nn.Module], i: int) -> int:
+def _fusable_run(layers: list[nn.Module], i: int) -> int:
     """3 (conv, BN, activation), 2 (conv, BN) or 0 for the run starting at ``layers[i]``."""
     if not (is_same_padded_depthwise(layers[i]) and layers[i].bias is None
             and i + 1 < len(layers) and type(layers[i + 1]) is nn.BatchNorm2d):
@@ -68,9 +68,9 @@ class ConversionReport:
     """What :func:`convert` did: ``(path, old class, new class)`` per replaced module and
     ``(path, class, reason)`` per recognised module left alone."""
 
-    replaced: List[Tuple[str, str, str]] = field(default_factory=list)
-    skipped: List[Tuple[str, str, str]] = field(default_factory=list)
-    model: Optional[nn.Module] = field(default=None, repr=False)
+    replaced: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    model: nn.Module | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} module(s)"]
@@ -162,7 +162,7 @@ def _conv3bn_args(m):
 
 
 #: seed class name -> (mobileops class, reader of its positional constructor arguments)
-CONVERTERS: Dict[str, Tuple[type, Callable]] = {
+CONVERTERS: dict[str, tuple[type, Callable]] = {
     "Conv": (yolov5.Conv, _conv_args),
     "Bottleneck": (yolov5.Bottleneck, _bottleneck_args),
     "C3": (yolov5.C3, _c3_args),
@@ -178,7 +178,7 @@ _REFERENCE_NAMES = {"RefConv": "Conv", "RefBottleneck": "Bottleneck", "RefC3": "
                     "RefMobileNetv3": "MobileNetv3", "RefSELayer": "SELayer", "RefConv3BN": "Conv3BN"}
 
 
-def _converter(module: nn.Module) -> Optional[Tuple[type, Callable]]:
+def _converter(module: nn.Module) -> tuple[type, Callable] | None:
     name = type(module).__name__
     target = CONVERTERS.get(_REFERENCE_NAMES.get(name, name))
     if target is None or type(module) is target[0]:
@@ -243,7 +243,7 @@ def convert(model: nn.Module, inplace: bool = True) -> ConversionReport:
         try:
             root = _rebuild(root, *target)
             report.replaced.append(("", type(model).__name__, type(root).__name__))
-        except Exception as error:  # noqa: BLE001 - any mismatch leaves the block as it was
+        except Exception as error:
             report.skipped.append(("", type(root).__name__, f"{type(error).__name__}: {error}"))
     else:
         _convert_children(root, "", report)
@@ -263,7 +263,7 @@ def _convert_children(parent: nn.Module, prefix: str, report: ConversionReport) 
             continue
         try:
             new = _rebuild(child, *target)
-        except Exception as error:  # noqa: BLE001 - any mismatch leaves the block as it was
+        except Exception as error:
             report.skipped.append((path, type(child).__name__, f"{type(error).__name__}: {error}"))
             _convert_children(child, path, report)
             continue

@@ -22,13 +22,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("unset TRITON_INTERPRET: the kernels must be defined for the compiler")
 os.environ["MOBILEOPS_AUTOTUNE"] = "0"  # the fixed configuration: one compile per launch
 
-from triton import compile as triton_compile  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton import compile as triton_compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from mobileops.kernels import _common as common  # noqa: E402
-from mobileops.kernels import dwconv_bn_act as kernels  # noqa: E402
-from mobileops.kernels import squeeze_excite as se_kernels  # noqa: E402
+from mobileops.kernels import _common as common
+from mobileops.kernels import dwconv_bn_act as kernels
+from mobileops.kernels import squeeze_excite as se_kernels
 
 TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
 

@@ -65,7 +65,8 @@ def assert_modules_match(ours: nn.Module, ref: nn.Module, x: torch.Tensor, *, tr
         x_ref = x.detach().clone().requires_grad_(True)
         x_ours = x.detach().clone().requires_grad_(True)
         y_ref, y_ours = ref(x_ref), ours(x_ours)
-        torch.testing.assert_close(y_ours, y_ref, rtol=rtol, atol=atol, msg=lambda m: f"output (step {step}): {m}")
+        torch.testing.assert_close(y_ours, y_ref, rtol=rtol, atol=atol,
+                                   msg=lambda m, step=step: f"output (step {step}): {m}")
         grad = torch.randn_like(y_ref)
         ref.zero_grad()
         ours.zero_grad()

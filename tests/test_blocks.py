@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from helpers import assert_modules_match, count_bn, load_from, randomize_bn
 from torch import nn
 
 import mobileops
 from mobileops import nn as mnn
-
 from mobileops import reference as ref_blocks
-from helpers import assert_modules_match, count_bn, load_from, randomize_bn
 
 UIB_CONFIGS = [
     # inp, oup, start_k, middle_k, middle_downsample, stride, expand_ratio
@@ -128,7 +127,8 @@ def test_uib_official_options():
     with torch.no_grad():
         ours.layer_scale.gamma.copy_(torch.linspace(0.5, 2.0, 16))
     x = _input(16)
-    torch.testing.assert_close(ours(x), x + ref(x) * torch.linspace(0.5, 2.0, 16, dtype=torch.float64).view(1, -1, 1, 1))
+    scale = torch.linspace(0.5, 2.0, 16, dtype=torch.float64).view(1, -1, 1, 1)
+    torch.testing.assert_close(ours(x), x + ref(x) * scale)
     # residual only applies where shapes allow it
     assert not mnn.UniversalInvertedBottleneckBlock(16, 24, residual=True).use_residual
     assert not mnn.UniversalInvertedBottleneckBlock(16, 16, stride=2, residual=True).use_residual
@@ -229,7 +229,8 @@ def _in_channels(module):
     return first_conv.in_channels
 
 
-@pytest.mark.parametrize("make,c_in", [(lambda: mnn.C3_UIB(16, 32), 16), (lambda: mnn.MobileNetv3(24, 40, 72, 5, 2, 1, 0), 24),
+@pytest.mark.parametrize("make,c_in", [(lambda: mnn.C3_UIB(16, 32), 16),
+                                       (lambda: mnn.MobileNetv3(24, 40, 72, 5, 2, 1, 0), 24),
                                        (lambda: mnn.UniversalInvertedBottleneckBlock(8, 8), 8),
                                        (lambda: mnn.Conv3BN(3, 16, 2), 3), (lambda: mnn.Conv(8, 16, 3, 2), 8),
                                        (lambda: mnn.Conv(8, 8, 3, 1, None, 8), 8), (lambda: mnn.Bottleneck(16, 16), 16),
@@ -237,7 +238,8 @@ def _in_channels(module):
                          ids=["c3uib", "mnv3", "uib", "conv3bn", "conv", "dwconv", "bottleneck", "c3", "sppf"])
 def test_blocks_reject_bad_input(make, c_in):
     block = make()
-    with pytest.raises(ValueError, match=rf"expected a floating \(N, {c_in}, H, W\) tensor, got shape \(2, {c_in + 1}, 8, 8\)"):
+    expected = rf"expected a floating \(N, {c_in}, H, W\) tensor, got shape \(2, {c_in + 1}, 8, 8\)"
+    with pytest.raises(ValueError, match=expected):
         block(torch.randn(2, c_in + 1, 8, 8))
     with pytest.raises(ValueError, match="got shape"):
         block(torch.randn(c_in, 8, 8))

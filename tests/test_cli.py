@@ -28,7 +28,7 @@ def test_info_fused_has_no_bn_parameters(capsys):
     fused = capsys.readouterr().out.splitlines()[-1]
     assert main(["info", "yolov5n-c3uib", "--img", "320"]) == 0
     plain = capsys.readouterr().out.splitlines()[-1]
-    count = lambda line: int(line.split(" parameters")[0].split()[-1].replace(",", ""))  # noqa: E731
+    count = lambda line: int(line.split(" parameters")[0].split()[-1].replace(",", ""))
     assert "(fused)" in fused and count(fused) < count(plain)
 
 

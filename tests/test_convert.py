@@ -5,13 +5,12 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 
 import mobileops
 from mobileops import backend, reference, yolo
 from mobileops.convert import FusedSequential
-
-from helpers import randomize_bn
 
 
 def _outputs(model, x, train):

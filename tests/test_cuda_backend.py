@@ -5,12 +5,11 @@ test_dwconv_bn_act_triton.py (both parametrized over the GPU backends). Skipped 
 
 import pytest
 import torch
+from helpers import relative_norm_error
 
 import mobileops
 from mobileops import backend, ops
 from mobileops.bench.cases import op_shapes
-
-from helpers import relative_norm_error
 
 CUDA = torch.cuda.is_available() and backend.backend_status()["cuda"] is None
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and the built extension")

@@ -7,12 +7,11 @@ Every CUDA thread is an OS thread here, so the shapes are tiny."""
 
 import pytest
 import torch
+from helpers import assert_nan_and_inf_land_as_with_torch, assert_within_bound, cuda_backend_on_cpu
 
 import mobileops
 from mobileops import ops
 from mobileops.cuda import _extension
-
-from helpers import assert_nan_and_inf_land_as_with_torch, assert_within_bound, cuda_backend_on_cpu
 
 F64 = torch.float64
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}

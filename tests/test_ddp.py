@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import randomize_bn
 from torch import nn
 
 import mobileops
-
-from helpers import randomize_bn
 
 STEPS, WORLD = 2, 2
 

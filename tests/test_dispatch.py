@@ -4,12 +4,11 @@ tracing (meta tensors here) must still go through the custom ops."""
 
 import pytest
 import torch
+from helpers import DEVICES, runnable_backends
 
 import mobileops
 from mobileops import backend, ops
 from mobileops.ops import _dispatch
-
-from helpers import DEVICES, runnable_backends
 
 KERNEL_BACKENDS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES
                    for b in runnable_backends("dwconv_bn_act", d) if b != "torch"]

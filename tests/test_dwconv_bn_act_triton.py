@@ -9,12 +9,11 @@ import functools
 
 import pytest
 import torch
+from helpers import FLOORS, assert_within_bound, relative_norm_error
 from torch import nn
 
 import mobileops
 from mobileops import ops, yolo
-
-from helpers import FLOORS, assert_within_bound, relative_norm_error
 
 pytest.importorskip("triton")
 
@@ -242,7 +241,7 @@ def test_kernels_refuse_the_wrong_device_for_how_they_were_defined(monkeypatch):
 
 # ---- GPU: the detectors' real layer shapes, low precision, CUDA graphs -----------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _detector_layers():
     """Unique (C, H, W, K, stride, activation) of every dwconv_bn_act of both detectors at 640."""
     layers = collections.OrderedDict()

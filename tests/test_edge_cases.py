@@ -6,11 +6,10 @@ import io
 
 import pytest
 import torch
+from helpers import DEVICES, assert_nan_and_inf_land_as_with_torch, runnable_backends
 
 import mobileops
 from mobileops import backend, ops, yolo
-
-from helpers import DEVICES, assert_nan_and_inf_land_as_with_torch, runnable_backends
 
 BACKENDS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in runnable_backends("dwconv_bn_act", d)]
 

@@ -7,11 +7,10 @@ import io
 
 import pytest
 import torch
+from helpers import DEVICES, runnable_backends
 
 import mobileops
 from mobileops import backend, yolo
-
-from helpers import DEVICES, runnable_backends
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

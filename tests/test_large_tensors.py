@@ -15,11 +15,10 @@ channels). The CUDA kernels' offsets past 2**31 are also checked on CPU, emulate
 
 import pytest
 import torch
+from helpers import relative_norm_error, runnable_backends
 
 import mobileops
 from mobileops import ops
-
-from helpers import relative_norm_error, runnable_backends
 
 LIMIT = 2 ** 31
 SHAPE = (2, 64, 4100, 4100)

@@ -3,14 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_within_bound, backend_params, runnable_backends
 from torch import nn
 
 import mobileops
 from mobileops import ops
-
 from mobileops import reference as ref_blocks
-from helpers import backend_params, runnable_backends
-from helpers import assert_within_bound
 
 ACT_MODULES = {
     "none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "hswish": ref_blocks.RefHSwish,
@@ -80,7 +78,8 @@ def test_dwconv_bn_act_float64_parity(device, backend_name, layout, training, ac
     y_ref.backward(grad)
 
     xo = _leaf(x, device, layout=LAYOUTS[layout])
-    w, gamma, beta = (_leaf(t, device) for t in (conv.weight, _bn_module(x.shape[1]).weight, _bn_module(x.shape[1]).bias))
+    bn = _bn_module(x.shape[1])
+    w, gamma, beta = (_leaf(t, device) for t in (conv.weight, bn.weight, bn.bias))
     fresh = _bn_module(x.shape[1])
     rm, rv = fresh.running_mean.to(device), fresh.running_var.to(device)
     with mobileops.use_backend(backend_name):
@@ -103,8 +102,8 @@ def test_dwconv_bn_act_low_precision_bound(device, backend_name, dtype, training
     x, seq = _dw_reference((2, 24, 15, 15, 5, 2), "hswish", training)
     y_ref = seq(x).detach()
     conv, bn = seq[0], _bn_module(24)
-    args = lambda: (x.to(device, dtype), conv.weight.detach().to(device, dtype), bn.weight.detach().float().to(device),  # noqa: E731
-                    bn.bias.detach().float().to(device), bn.running_mean.float().to(device), bn.running_var.float().to(device))
+    args = lambda: (x.to(device, dtype), conv.weight.detach().to(device, dtype),
+                    *(t.detach().float().to(device) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)))
     kwargs = dict(stride=2, activation="hswish", training=training, momentum=0.2, eps=1e-3)
     with mobileops.use_backend("torch"):
         y_torch = ops.dwconv_bn_act(*args(), **kwargs)

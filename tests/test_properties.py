@@ -15,11 +15,10 @@ import os
 
 import pytest
 import torch
+from helpers import DEVICES, assert_within_bound, cuda_backend_on_cpu, runnable_backends
 
 import mobileops
 from mobileops import ops
-
-from helpers import DEVICES, assert_within_bound, cuda_backend_on_cpu, runnable_backends
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -123,7 +122,7 @@ def _assert_agree(backends, fn, tensors, dtype, dy, what, bn_params=0, emulation
             for i, (o, r) in enumerate(zip(ours, ref)):
                 assert not torch.isnan(o).any(), f"{where}: NaN in result {i}"
                 torch.testing.assert_close(o, r, rtol=0, atol=1e-9 * max(r.abs().max().item(), 1.0),
-                                           msg=lambda m, i=i: f"{where}: result {i}: {m}")
+                                           msg=lambda m, i=i, where=where: f"{where}: result {i}: {m}")
         else:
             for i, (o, r, b) in enumerate(zip(ours, ref, base)):
                 assert_within_bound(o, r, b, f"{where}: result {i}")

@@ -6,10 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from mobileops import reference as ref_blocks
 from mobileops.nn import fold_bn_into_conv, make_divisible
 from mobileops.yolo import ceil_to_multiple
-
-from mobileops import reference as ref_blocks
 
 
 @given(st.floats(min_value=0.5, max_value=5000, allow_nan=False), st.sampled_from([1, 4, 8, 16]))

@@ -4,11 +4,10 @@ low precision with poisoned allocations, determinism. CPU interpreter without a 
 
 import pytest
 import torch
+from helpers import FLOORS, assert_within_bound, relative_norm_error
 
 import mobileops
 from mobileops import ops, yolo
-
-from helpers import FLOORS, assert_within_bound, relative_norm_error
 
 pytest.importorskip("triton")
 

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICES, runnable_backends
 
 import mobileops
 from mobileops import backend, ops
-
-from helpers import DEVICES, runnable_backends
 
 BACKENDS = [pytest.param(b, id=b) for b in runnable_backends("dwconv_bn_act", DEVICES[0])]
 C = 4

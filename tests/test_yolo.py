@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from helpers import count_bn, randomize_bn
 from torch import nn
 
+from mobileops import reference as ref_blocks
 from mobileops import yolo
 from mobileops.nn import Detect
-
-from mobileops import reference as ref_blocks
-from helpers import count_bn, randomize_bn
 
 CONFIGS = ["yolov5n", "yolov5s", "yolov5n-c3uib", "yolov5-mobilenetv3"]
 PUBLISHED = {"yolov5n": (1_872_157, 4.5), "yolov5s": (7_235_389, 16.5)}

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -74,8 +74,8 @@ class Case:
     dtype: str
     layout: str
     batch: int
-    shape: Tuple[int, int, int]
-    options: Tuple[Tuple[str, object], ...] = ()
+    shape: tuple[int, int, int]
+    options: tuple[tuple[str, object], ...] = ()
     detector: str = ""
     needs_cuda: bool = True
 
@@ -117,27 +117,27 @@ class Setup:
     of times the mode allows), None where no floor is defined.
     """
 
-    impls: Dict[str, Callable[[torch.Tensor], object]]
+    impls: dict[str, Callable[[torch.Tensor], object]]
     x: torch.Tensor
-    dy: Optional[torch.Tensor] = None
-    parameters: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
-    modules: Dict[str, nn.Module] = field(default_factory=dict)
-    min_bytes: Optional[int] = None
-    autocast_dtype: Optional[torch.dtype] = None
+    dy: torch.Tensor | None = None
+    parameters: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    min_bytes: int | None = None
+    autocast_dtype: torch.dtype | None = None
 
 
 # ----------------------------------------------------------------------------- real shapes
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(cfg: str, blocks: str = "mobileops") -> nn.Module:
     torch.manual_seed(0)
     return yolo.build(cfg, blocks=blocks)
 
 
-@functools.lru_cache(maxsize=None)
-def op_shapes() -> Dict[str, List[Tuple[Tuple[int, int, int], Tuple[Tuple[str, object], ...], str]]]:
+@functools.cache
+def op_shapes() -> dict[str, list[tuple[tuple[int, int, int], tuple[tuple[str, object], ...], str]]]:
     """op -> distinct (C, H, W), options, detector of the detectors' calls at 640, in order."""
-    found: Dict[str, dict] = {"dwconv_bn_act": {}, "bn_act": {}, "squeeze_excite": {}}
+    found: dict[str, dict] = {"dwconv_bn_act": {}, "bn_act": {}, "squeeze_excite": {}}
     for cfg in DETECTORS:
         for call in yolo.fused_op_calls(_model(cfg), (1, 3, IMAGE_SIZE, IMAGE_SIZE)):
             op, (shape, _) = call["op"], call["inputs"][0]
@@ -156,7 +156,7 @@ def op_shapes() -> Dict[str, List[Tuple[Tuple[int, int, int], Tuple[Tuple[str, o
     return {op: [(chw, opts, cfg) for (chw, opts), cfg in table.items()] for op, table in found.items()}
 
 
-def _block_label(module: nn.Module) -> Optional[str]:
+def _block_label(module: nn.Module) -> str | None:
     if isinstance(module, C3_UIB):
         return "C3_UIB"
     if isinstance(module, UniversalInvertedBottleneckBlock):
@@ -166,10 +166,10 @@ def _block_label(module: nn.Module) -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def block_shapes() -> Dict[str, List[Tuple[Tuple[int, int, int], str, str]]]:
+@functools.cache
+def block_shapes() -> dict[str, list[tuple[tuple[int, int, int], str, str]]]:
     """block label -> distinct (C, H, W), module path, detector, from a meta forward at 640."""
-    found: Dict[str, dict] = {"UIB": {}, "C3_UIB": {}, "MobileNetv3": {}, "MobileNetv3-SE": {}}
+    found: dict[str, dict] = {"UIB": {}, "C3_UIB": {}, "MobileNetv3": {}, "MobileNetv3-SE": {}}
     for cfg in DETECTORS:
         meta = copy.deepcopy(_model(cfg)).to("meta").eval()
         hooks = []
@@ -178,7 +178,7 @@ def block_shapes() -> Dict[str, List[Tuple[Tuple[int, int, int], str, str]]]:
             if label is None:
                 continue
 
-            def record(mod, args, label=label, path=path):
+            def record(mod, args, label=label, path=path, cfg=cfg):
                 signature = tuple((n, tuple(p.shape)) for n, p in mod.named_parameters())
                 found[label].setdefault((tuple(args[0].shape[1:]), signature), (path, cfg))
 
@@ -190,7 +190,7 @@ def block_shapes() -> Dict[str, List[Tuple[Tuple[int, int, int], str, str]]]:
     return {label: [(chw, path, cfg) for (chw, _), (path, cfg) in table.items()] for label, table in found.items()}
 
 
-def _spread(items: list, count: Optional[int]) -> list:
+def _spread(items: list, count: int | None) -> list:
     """``count`` items spread evenly over ``items`` (all when count is None or larger)."""
     if count is None or count >= len(items):
         return list(items)
@@ -240,7 +240,7 @@ def _keep(grid: dict, batch: int, mode: str, dtype: str, layout: str) -> bool:
     return (dtype, layout) == (grid["dtypes"][0], grid["layouts"][0]) or mode in ("inference", "forward")
 
 
-def op_cases(scope: str) -> List[Case]:
+def op_cases(scope: str) -> list[Case]:
     """The op cases of ``scope`` (see :data:`SCOPES`)."""
     grid = _check_scope(scope)
     cases = []
@@ -259,7 +259,7 @@ def op_cases(scope: str) -> List[Case]:
     return cases
 
 
-def block_cases(scope: str) -> List[Case]:
+def block_cases(scope: str) -> list[Case]:
     """The block cases of ``scope``: UIB, C3_UIB, MobileNetv3 with and without SE."""
     grid = _check_scope(scope)
     cases = []
@@ -276,7 +276,7 @@ def block_cases(scope: str) -> List[Case]:
     return cases
 
 
-def detector_cases(scope: str) -> List[Case]:
+def detector_cases(scope: str) -> list[Case]:
     """Whole-detector cases of ``scope``: inference latency and training steps at 640."""
     grid = _check_scope(scope)
     cases = []
@@ -293,14 +293,14 @@ def detector_cases(scope: str) -> List[Case]:
     return cases
 
 
-def all_cases(scope: str) -> List[Case]:
+def all_cases(scope: str) -> list[Case]:
     """Every case of ``scope``: ops, then blocks, then detectors."""
     return op_cases(scope) + block_cases(scope) + detector_cases(scope)
 
 
 # ----------------------------------------------------------------------------- implementations
 
-def mobileops_backends(op_names, device: torch.device) -> List[str]:
+def mobileops_backends(op_names, device: torch.device) -> list[str]:
     """The backends that implement every op in ``op_names`` and run on ``device``, fastest
     last: ``torch`` on a CPU; ``triton`` and ``cuda`` on a GPU (torch there is the eager
     composition, already timed as ``eager``)."""
@@ -318,7 +318,7 @@ def _on_backend(fn: Callable, name: str) -> Callable:
     return run
 
 
-def _under_autocast(fn: Callable, device: torch.device, dtype: Optional[torch.dtype]) -> Callable:
+def _under_autocast(fn: Callable, device: torch.device, dtype: torch.dtype | None) -> Callable:
     if dtype is None:
         return fn
 
@@ -340,14 +340,14 @@ def _random_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
     return bn
 
 
-def _op_setup(case: Case, device: torch.device, compile_mode: Optional[str]) -> Setup:
+def _op_setup(case: Case, device: torch.device, compile_mode: str | None) -> Setup:
     opts = dict(case.options)
     dtype, layout = DTYPES[case.dtype], LAYOUTS[case.layout]
     c, h, w = case.shape
     torch.manual_seed(0)
     x = torch.randn(case.batch, c, h, w, device=device, dtype=dtype).contiguous(memory_format=layout)
     training = case.mode != "inference"
-    impls: Dict[str, Callable] = {}
+    impls: dict[str, Callable] = {}
     if case.target in ("dwconv_bn_act", "bn_act"):
         k, stride, act = opts.get("kernel"), opts.get("stride", 1), opts["activation"]
         layers = [nn.Conv2d(c, c, k, stride, (k - 1) // 2, groups=c, bias=False)] if k else []
@@ -401,7 +401,7 @@ def _op_setup(case: Case, device: torch.device, compile_mode: Optional[str]) -> 
     return Setup(impls, x, dy, {name: params for name in impls}, {"eager": module}, floor)
 
 
-def _module_setup(case: Case, device: torch.device, compile_mode: Optional[str]) -> Setup:
+def _module_setup(case: Case, device: torch.device, compile_mode: str | None) -> Setup:
     dtype, layout = DTYPES[case.dtype], LAYOUTS[case.layout]
     training = case.mode not in ("inference",)
     if case.kind == "detector":
@@ -418,8 +418,8 @@ def _module_setup(case: Case, device: torch.device, compile_mode: Optional[str])
     torch.manual_seed(0)
     x = torch.randn(case.batch, *case.shape, device=device).contiguous(memory_format=layout)
     amp = None if dtype == torch.float32 else dtype
-    impls: Dict[str, Callable] = {"eager": plain}
-    modules: Dict[str, nn.Module] = {"eager": plain}
+    impls: dict[str, Callable] = {"eager": plain}
+    modules: dict[str, nn.Module] = {"eager": plain}
     if case.mode == "inference":
         folded = copy.deepcopy(fused_model).eval()
         folded.fuse()
@@ -443,7 +443,7 @@ def _module_setup(case: Case, device: torch.device, compile_mode: Optional[str])
     return Setup(impls, x, None, params, modules, None, amp)
 
 
-def setup(case: Case, device: torch.device, compile_mode: Optional[str] = None) -> Setup:
+def setup(case: Case, device: torch.device, compile_mode: str | None = None) -> Setup:
     """Build the implementations of ``case`` on ``device``; ``compile_mode`` None skips the
     ``torch.compile`` baseline."""
     if case.needs_cuda and device.type != "cuda":
@@ -512,23 +512,23 @@ def timed_function(case: Case, env: Setup, name: str) -> Callable[[], object]:
     raise ValueError(f"unknown mode {case.mode!r}")
 
 
-def _flat(out) -> List[torch.Tensor]:
+def _flat(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
-    flat: List[torch.Tensor] = []
+    flat: list[torch.Tensor] = []
     for item in out:
         flat.extend([item] if isinstance(item, torch.Tensor) else list(item))
     return flat
 
 
-def first_output(case: Case, env: Setup, name: str) -> List[torch.Tensor]:
+def first_output(case: Case, env: Setup, name: str) -> list[torch.Tensor]:
     """One forward of implementation ``name`` (no autograd), flattened to a list of tensors,
     for checking that every implementation computes the same thing before timing it."""
     with torch.no_grad():
         return _flat(env.impls[name](env.x))
 
 
-def float32_output(env: Setup) -> Optional[List[torch.Tensor]]:
+def float32_output(env: Setup) -> list[torch.Tensor] | None:
     """Eager's module run in float32 without autocast, flattened like :func:`first_output`:
     the reference that autocast implementations (eager's included) are measured against.
     None where the case runs without autocast."""

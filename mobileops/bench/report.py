@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from mobileops.bench.run import BASELINES
 
 #: DESIGN.md targets (H100): group pattern -> (baseline, minimum ratio) pairs.
-TARGETS: Dict[str, Tuple[Tuple[str, float], ...]] = {
+TARGETS: dict[str, tuple[tuple[str, float], ...]] = {
     "op:dwconv_bn_act:inference": (("eager", 2.0), ("compile", 1.5)),
     "op:dwconv_bn_act:train_forward": (("eager", 2.0), ("compile", 1.4)),
     "op:dwconv_bn_act:backward": (("eager", 2.5), ("compile", 1.6)),
@@ -34,8 +34,8 @@ def _matches(pattern: str, group: str) -> bool:
     return len(want) == len(have) and all(w in ("*", h) for w, h in zip(want, have))
 
 
-def _impls(rows: Sequence[dict]) -> List[str]:
-    seen: List[str] = []
+def _impls(rows: Sequence[dict]) -> list[str]:
+    seen: list[str] = []
     for row in rows:
         for name in list(row["times_ms"]) + list(row["errors"]):
             if name not in seen:
@@ -44,13 +44,13 @@ def _impls(rows: Sequence[dict]) -> List[str]:
     return baselines + sorted(n for n in seen if n not in baselines)
 
 
-def _fmt(value: Optional[float], digits: int = 3) -> str:
+def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-def group_table(rows: Sequence[dict]) -> List[str]:
+def group_table(rows: Sequence[dict]) -> list[str]:
     """Markdown lines of one group: a row per case, times and ratios per implementation."""
     impls = _impls(rows)
     fused = [n for n in impls if n.startswith("mobileops")]
@@ -89,7 +89,7 @@ def group_table(rows: Sequence[dict]) -> List[str]:
     return lines
 
 
-def target_summary(rows: Sequence[dict]) -> List[str]:
+def target_summary(rows: Sequence[dict]) -> list[str]:
     """Markdown lines comparing the median ratio of each targeted group with DESIGN's target."""
     lines = ["| group | implementation | baseline | median ratio (min, max; cases) | target | met |",
              "|---|---|---|---|---|---|"]
@@ -142,7 +142,7 @@ def speedup_svg(rows: Sequence[dict], title: str, baseline: str = "eager") -> st
     return "\n".join(parts) + "\n"
 
 
-def render(result_files: Sequence[Path], markdown_path: Path) -> List[Path]:
+def render(result_files: Sequence[Path], markdown_path: Path) -> list[Path]:
     """Write ``markdown_path`` (all runs, newest first) and ``<result>.svg`` beside each
     results file; returns the files written."""
     documents = []
@@ -178,7 +178,7 @@ def render(result_files: Sequence[Path], markdown_path: Path) -> List[Path]:
         if summary and env.get("device_type") == "cuda":
             lines += ["### DESIGN targets", "", *summary, ""]
         lines += [f"![speedup per case]({rel_svg.as_posix()})", ""]
-        groups: Dict[str, List[dict]] = {}
+        groups: dict[str, list[dict]] = {}
         for row in sorted(rows, key=lambda r: _KIND_ORDER.index(r["kind"])):
             groups.setdefault(row["group"], []).append(row)
         for group, members in groups.items():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ AGREEMENT = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
 BASELINES = ("eager", "eager_folded", "compile")
 
 
-def _relative_difference(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
+def _relative_difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     if len(got) != len(want):
         return float("inf")
     worst = 0.0
@@ -36,8 +36,8 @@ def _relative_difference(got: List[torch.Tensor], want: List[torch.Tensor]) -> f
     return worst
 
 
-def _disagreement(vs_eager: float, own_error: Optional[float], eager_error: Optional[float],
-                  bound: float) -> Optional[str]:
+def _disagreement(vs_eager: float, own_error: float | None, eager_error: float | None,
+                  bound: float) -> str | None:
     """Why an implementation's outputs do not count as eager's, or None when they do.
 
     Within ``bound`` of eager passes. Otherwise, under autocast (``own_error`` and
@@ -63,7 +63,7 @@ def _launch_bound(case: case_lib.Case) -> bool:
 
 
 def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
-            compile_mode: Optional[str] = None, env: Optional[case_lib.Setup] = None) -> dict:
+            compile_mode: str | None = None, env: case_lib.Setup | None = None) -> dict:
     """Time every implementation of ``case`` on ``device`` and return one results row.
 
     The row holds the case's fields, ``times_ms`` (median per implementation), ``timer``,
@@ -112,7 +112,7 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
             else:
                 fn()  # fail here, per implementation, rather than inside the interleaved timing
                 ready[name] = fn
-        except Exception as exc:  # noqa: BLE001 - recorded in the row; one failure must not end the run
+        except Exception as exc:
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
     if ready:
         row["times_ms"].update(timing.interleaved_cpu_ms(ready))
@@ -153,8 +153,8 @@ class Progress:
         self.stream.flush()
 
 
-def run_cases(selected: Iterable[case_lib.Case], device: torch.device, compile_mode: Optional[str] = None,
-              progress: bool = True, on_row: Optional[Callable[[dict], None]] = None) -> dict:
+def run_cases(selected: Iterable[case_lib.Case], device: torch.device, compile_mode: str | None = None,
+              progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
     """Measure ``selected`` on ``device``; returns ``{environment, copy_bytes_per_s,
     compile_mode, rows}`` ready for :func:`write_results`."""
     selected = list(selected)
@@ -173,8 +173,8 @@ def run_cases(selected: Iterable[case_lib.Case], device: torch.device, compile_m
     return results_document(device, copy_bps, compile_mode, rows)
 
 
-def results_document(device: torch.device, copy_bytes_per_s: float, compile_mode: Optional[str],
-                     rows: List[dict]) -> dict:
+def results_document(device: torch.device, copy_bytes_per_s: float, compile_mode: str | None,
+                     rows: list[dict]) -> dict:
     """The JSON document of one run: environment header plus rows."""
     return dict(environment=timing.environment(device), copy_bytes_per_s=copy_bytes_per_s,
                 compile_mode=compile_mode, rows=rows)
@@ -192,7 +192,7 @@ def results_path(folder: Path, document: dict) -> Path:
     return path
 
 
-def write_results(document: dict, folder: Path, path: Optional[Path] = None) -> Path:
+def write_results(document: dict, folder: Path, path: Path | None = None) -> Path:
     """Write ``document`` under ``folder`` (see :func:`results_path`) and return the path.
     ``path`` (one this function returned before) rewrites that file: a run that is stopped
     midway keeps the rows it measured."""
@@ -203,7 +203,7 @@ def write_results(document: dict, folder: Path, path: Optional[Path] = None) -> 
     return path
 
 
-def summary_table(rows: List[dict]) -> str:
+def summary_table(rows: list[dict]) -> str:
     """A plain-text table of rows: times of every implementation and mobileops's ratios."""
     lines = []
     for row in rows:

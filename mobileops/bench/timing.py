@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch
 
@@ -39,7 +39,7 @@ def cpu_time_ms(fn: Callable[[], object], repeat: int = 15, budget_s: float = 2.
     fn()
     first = time.perf_counter() - start
     repeat = max(3, min(repeat, int(budget_s / max(first, 1e-9))))
-    times: List[float] = []
+    times: list[float] = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
@@ -47,8 +47,8 @@ def cpu_time_ms(fn: Callable[[], object], repeat: int = 15, budget_s: float = 2.
     return statistics.median(times)
 
 
-def interleaved_cpu_ms(fns: Dict[str, Callable[[], object]], rounds: int = 15,
-                       budget_s: float = 4.0) -> Dict[str, float]:
+def interleaved_cpu_ms(fns: dict[str, Callable[[], object]], rounds: int = 15,
+                       budget_s: float = 4.0) -> dict[str, float]:
     """Median milliseconds of each function, timed in turn round after round, so that a
     shared machine's slow spells hit every implementation alike (side-by-side ratios stay
     meaningful on a CPU where absolute times drift). At least 3 rounds, fewer than
@@ -59,7 +59,7 @@ def interleaved_cpu_ms(fns: Dict[str, Callable[[], object]], rounds: int = 15,
         fn()
         first[name] = time.perf_counter() - start
     rounds = max(3, min(rounds, int(budget_s / max(sum(first.values()), 1e-9))))
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()

@@ -3,8 +3,6 @@ checks, pointers, strides and the current stream."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -29,8 +27,8 @@ def _device_type() -> str:
     return "cpu" if EMULATION is not None else "cuda"
 
 
-def check_tensor(op: str, name: str, t: Optional[torch.Tensor], device: torch.device,
-                 dtype: Optional[torch.dtype] = None, dim: Optional[int] = None) -> None:
+def check_tensor(op: str, name: str, t: torch.Tensor | None, device: torch.device,
+                 dtype: torch.dtype | None = None, dim: int | None = None) -> None:
     """Raise ValueError/TypeError unless ``t`` (if given) is on ``device`` with ``dtype``/``dim``."""
     if t is None:
         return
@@ -56,18 +54,18 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def as_acc(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+def as_acc(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A small parameter tensor as a contiguous ``dtype`` tensor (no copy when it already is)."""
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
-def ptr(t: Optional[torch.Tensor]) -> int:
+def ptr(t: torch.Tensor | None) -> int:
     """Device address of ``t`` (0 for an absent tensor). ``t`` must stay referenced until the
     launch that reads the address returns."""
     return 0 if t is None else t.data_ptr()
 
 
-def strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+def strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Element strides of a 4-D tensor."""
     return tuple(t.stride())  # type: ignore[return-value]
 

@@ -10,7 +10,6 @@ float copy and written back.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
 
 import torch
 
@@ -19,7 +18,7 @@ from mobileops.cuda import _extension as ext
 _OP = "dwconv_bn_act"
 
 
-def _shape(x: torch.Tensor, weight: Optional[torch.Tensor], stride: int, padding: int):
+def _shape(x: torch.Tensor, weight: torch.Tensor | None, stride: int, padding: int):
     n, c, h, w = x.shape
     k = 0 if weight is None else weight.shape[-1]
     if k:
@@ -29,7 +28,7 @@ def _shape(x: torch.Tensor, weight: Optional[torch.Tensor], stride: int, padding
     return k, [n, c, h, w, ho, wo, stride, padding]
 
 
-def _check(x: torch.Tensor, weight: Optional[torch.Tensor], *params: Optional[torch.Tensor]) -> int:
+def _check(x: torch.Tensor, weight: torch.Tensor | None, *params: torch.Tensor | None) -> int:
     code = ext.dtype_code(_OP, x)
     ext.check_tensor(_OP, "x", x, x.device, dim=4)
     if x.shape[1] > 65535:
@@ -46,7 +45,7 @@ def _check(x: torch.Tensor, weight: Optional[torch.Tensor], *params: Optional[to
     return code
 
 
-def _chunking(positions: int, channels: int, channels_last: bool) -> Tuple[int, int]:
+def _chunking(positions: int, channels: int, channels_last: bool) -> tuple[int, int]:
     """(chunk, chunks): enough (chunk, channel group) blocks to fill a GPU, at least 4 positions
     per thread; a fixed function of the shape and layout, so the reduction order, and the
     result, never change between runs. The reducing kernels' blocks are 32 channels x 8
@@ -58,19 +57,19 @@ def _chunking(positions: int, channels: int, channels_last: bool) -> Tuple[int, 
     return chunk, math.ceil(positions / chunk)
 
 
-def _weight(weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _weight(weight: torch.Tensor | None) -> torch.Tensor | None:
     return None if weight is None else weight.detach().contiguous()
 
 
-def _params(weight, gamma, beta, mean, var, acc: torch.dtype) -> List[Optional[torch.Tensor]]:
+def _params(weight, gamma, beta, mean, var, acc: torch.dtype) -> list[torch.Tensor | None]:
     """The conv weight (contiguous) and the BN tensors (in ``acc``) as the kernels read them.
     The caller must hold the list until the launch returns: a converted copy whose address
     alone is passed would be freed at once, and the next copy could take its memory."""
     return [_weight(weight)] + [ext.as_acc(t, acc) for t in (gamma, beta, mean, var)]
 
 
-def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-            beta: Optional[torch.Tensor], mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
+def forward(x: torch.Tensor, weight: torch.Tensor | None, gamma: torch.Tensor | None,
+            beta: torch.Tensor | None, mean: torch.Tensor | None, var: torch.Tensor | None,
             *, out: torch.Tensor, stride: int, padding: int, activation: str, norm: str,
             eps: float) -> torch.Tensor:
     """Write ``act((conv(x) - mean) * rstd * gamma + beta)`` into ``out`` (see the Triton
@@ -93,9 +92,9 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[tor
     return out
 
 
-def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], *, stride: int, padding: int, momentum: float,
-                eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def batch_stats(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torch.Tensor | None,
+                running_var: torch.Tensor | None, *, stride: int, padding: int, momentum: float,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and rstd of conv(x) in the accumulation dtype, updating the
     running statistics in place (nn.BatchNorm2d's rule) when given."""
     code = _check(x, weight, running_mean, running_var)
@@ -124,8 +123,8 @@ def batch_stats(x: torch.Tensor, weight: Optional[torch.Tensor], running_mean: O
     return mean, rstd
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
-             beta: Optional[torch.Tensor], mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gamma: torch.Tensor | None,
+             beta: torch.Tensor | None, mean: torch.Tensor | None, var: torch.Tensor | None,
              *, stride: int, padding: int, activation: str, norm: str, eps: float,
              weight_grad: bool, memory_format: torch.memory_format):
     """Gradients of :func:`forward`: ``(dx, dweight or None, sum_du, sum_du_xhat)`` as the

@@ -7,8 +7,6 @@ or float64 for float64 x: they are tiny); their gradients come back in the weigh
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from mobileops.cuda import _extension as ext
@@ -16,8 +14,8 @@ from mobileops.cuda import _extension as ext
 _OP = "squeeze_excite"
 
 
-def _check(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-           b2: Optional[torch.Tensor]) -> Tuple[int, int]:
+def _check(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+           b2: torch.Tensor | None) -> tuple[int, int]:
     code = ext.dtype_code(_OP, x)
     ext.check_tensor(_OP, "x", x, x.device, dim=4)
     c = x.shape[1]
@@ -43,9 +41,9 @@ def _check_like_x(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise ValueError(f"{_OP} (cuda backend): {name} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
 
 
-def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-            b2: Optional[torch.Tensor], *, out: torch.Tensor, gate: str,
-            post_act: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+            b2: torch.Tensor | None, *, out: torch.Tensor, gate: str,
+            post_act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Write the SE output into ``out``; returns ``(out, pooled, gates)``, the last two (N, C)
     in the accumulation dtype, for the backward."""
     code, r = _check(x, w1, b1, w2, b2)
@@ -65,8 +63,8 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: t
     return out, pooled, gates
 
 
-def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
-             b2: Optional[torch.Tensor], pooled: torch.Tensor, gates: torch.Tensor, *, gate: str, post_act: str,
+def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None, pooled: torch.Tensor, gates: torch.Tensor, *, gate: str, post_act: str,
              memory_format: torch.memory_format):
     """Gradients of :func:`forward`: ``(dx, dw1, db1 or None, dw2, db2 or None)``."""
     code, r = _check(x, w1, b1, w2, b2)

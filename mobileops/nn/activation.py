@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from mobileops import ops
 
 
-class h_sigmoid(nn.Module):  # noqa: N801 - the seed's class name
+class h_sigmoid(nn.Module):
     """Hard sigmoid ``relu6(x + 3) / 6`` (MobileNetV3). ``inplace`` is kept for signature
     compatibility; the result is always a new tensor."""
 
@@ -22,7 +20,7 @@ class h_sigmoid(nn.Module):  # noqa: N801 - the seed's class name
         return ops.activation(x, "hsigmoid")
 
 
-class h_swish(nn.Module):  # noqa: N801 - the seed's class name
+class h_swish(nn.Module):
     """Hard swish ``x * relu6(x + 3) / 6`` (MobileNetV3). ``inplace`` as in :class:`h_sigmoid`."""
 
     def __init__(self, inplace: bool = True):
@@ -46,7 +44,7 @@ _NAMES = (
 )
 
 
-def activation_name(module: Optional[nn.Module]) -> Optional[str]:
+def activation_name(module: nn.Module | None) -> str | None:
     """The fused-op name of an activation module (None -> "none"), or None if it has none.
 
     Only exact types are recognised, so a subclass with a different forward is never

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ class Detect(nn.Module):
         self.stride = torch.as_tensor(strides, dtype=self.stride.dtype, device=self.stride.device)
         self.strides_ready = True
 
-    def forward(self, x: List[torch.Tensor]) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         if len(x) != self.nl:
             raise ValueError(f"Detect: expected {self.nl} feature maps, got {len(x)}")
         raw, decoded = [], []

@@ -8,14 +8,12 @@ dilated or biased depthwise conv...) runs through the plain modules, so results 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from mobileops import ops
-from mobileops.ops._checks import autocast_on
 from mobileops.nn.activation import activation_name
+from mobileops.ops._checks import autocast_on
 
 
 def is_same_padded_depthwise(conv: nn.Module) -> bool:
@@ -45,8 +43,8 @@ def bn_op_arguments(bn: nn.BatchNorm2d) -> dict:
                 training=bn.training, momentum=factor, eps=bn.eps)
 
 
-def conv_bn_act(x: torch.Tensor, conv: nn.Module, bn: Optional[nn.Module],
-                act: Optional[nn.Module]) -> torch.Tensor:
+def conv_bn_act(x: torch.Tensor, conv: nn.Module, bn: nn.Module | None,
+                act: nn.Module | None) -> torch.Tensor:
     """``act(bn(conv(x)))`` through the fused ops; ``bn`` may be None or Identity (folded)."""
     _check_conv_input(x, conv)
     if bn is not None and type(bn) is not nn.BatchNorm2d:

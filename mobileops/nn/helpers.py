@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 
-def make_divisible(value: float, divisor: int, min_value: Optional[int] = None,
+def make_divisible(value: float, divisor: int, min_value: int | None = None,
                    round_down_protect: bool = True) -> int:
     """Round ``value`` to a multiple of ``divisor`` (MobileNetV4's rule).
 

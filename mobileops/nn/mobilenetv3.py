@@ -6,8 +6,6 @@ SE and activation in the expand branch is opt-in (``MobileNetv3(..., se_after_ac
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -42,7 +40,7 @@ class SELayer(nn.Module):
             h_sigmoid(),
         )
 
-    def forward(self, x: torch.Tensor, post_act: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, post_act: nn.Module | None = None) -> torch.Tensor:
         """Apply SE, then ``post_act`` (an activation module or None) fused into the same op."""
         fc1, relu, fc2, gate = self.fc
         gate_name = activation_name(gate)
@@ -77,7 +75,7 @@ class Conv3BN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn_act(x, self.conv, self._modules.get("bn"), self.act)
 
-    def fuse(self) -> "Conv3BN":
+    def fuse(self) -> Conv3BN:
         """Fold ``bn`` into ``conv`` (the ``bn`` keys disappear)."""
         fuse_conv_bn(self, "conv", "bn")
         return self
@@ -162,7 +160,7 @@ class MobileNetv3(nn.Module):
             y = conv_bn_act(y, c[7], c[8], None)
         return x + y if self.identity else y
 
-    def fuse(self) -> "MobileNetv3":
+    def fuse(self) -> MobileNetv3:
         """Fold every BN into its conv; BN slots become ``nn.Identity`` so indices stay."""
         conv_bn_pairs = ((0, 1), (4, 5)) if not self.expand else ((0, 1), (3, 4), (7, 8))
         for conv_index, bn_index in conv_bn_pairs:

@@ -7,8 +7,6 @@ no residual connection. The official MobileNetV4 behaviour is opt-in; see
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -38,7 +36,7 @@ class ConvBN(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn_act(x, self.conv, self._modules.get("BatchNorm2d"), self._modules.get("Activation"))
 
-    def fuse(self) -> "ConvBN":
+    def fuse(self) -> ConvBN:
         """Fold ``BatchNorm2d`` into ``conv`` (the ``BatchNorm2d`` keys disappear)."""
         fuse_conv_bn(self, "conv", "BatchNorm2d")
         return self
@@ -83,7 +81,7 @@ class UniversalInvertedBottleneckBlock(nn.Module):
 
     def __init__(self, inp, oup, start_dw_kernel_size=3, middle_dw_kernel_size=3,
                  middle_dw_downsample=1, stride=1, expand_ratio=1, *, residual: bool = False,
-                 layer_scale_init_value: Optional[float] = None, check_stride: bool = False):
+                 layer_scale_init_value: float | None = None, check_stride: bool = False):
         super().__init__()
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"stride must be a positive integer, got {stride!r}")
@@ -125,12 +123,12 @@ class UniversalInvertedBottleneckBlock(nn.Module):
             y = self.layer_scale(y)
         return x + y if self.use_residual else y
 
-    def fuse(self) -> "UniversalInvertedBottleneckBlock":
+    def fuse(self) -> UniversalInvertedBottleneckBlock:
         """Fold every BN of the block into its conv."""
         return fuse_modules(self)
 
 
-class C3_UIB(CSPBlock):  # noqa: N801 - the seed's class name
+class C3_UIB(CSPBlock):
     """YOLOv5 C3 with its bottlenecks replaced by Universal Inverted Bottlenecks.
 
     ``cv3(cat(m(cv1(x)), cv2(x)))`` with ``m`` = ``n`` x ``UniversalInvertedBottleneckBlock(c_, c_)``.

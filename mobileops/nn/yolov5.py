@@ -6,8 +6,6 @@ Constructor signatures and ``state_dict`` keys are YOLOv5's, so its checkpoints 
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import nn
 
@@ -46,7 +44,7 @@ class Conv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn_act(x, self.conv, self._modules.get("bn"), self.act)
 
-    def fuse(self) -> "Conv":
+    def fuse(self) -> Conv:
         """Fold ``bn`` into ``conv`` for inference (the ``bn`` key disappears)."""
         fuse_conv_bn(self, "conv", "bn")
         return self
@@ -74,7 +72,7 @@ class Bottleneck(nn.Module):
         y = self.cv2(self.cv1(x))
         return x + y if self.add else y
 
-    def fuse(self) -> "Bottleneck":
+    def fuse(self) -> Bottleneck:
         """Fold every BN of the block into its conv."""
         return fuse_modules(self)
 
@@ -103,7 +101,7 @@ class CSPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
 
-    def fuse(self) -> "CSPBlock":
+    def fuse(self) -> CSPBlock:
         """Fold every BN of the block into its conv."""
         return fuse_modules(self)
 
@@ -148,7 +146,7 @@ class SPPF(nn.Module):
         y2 = self.m(y1)
         return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
 
-    def fuse(self) -> "SPPF":
+    def fuse(self) -> SPPF:
         """Fold every BN of the block into its conv."""
         return fuse_modules(self)
 
@@ -160,5 +158,5 @@ class Concat(nn.Module):
         super().__init__()
         self.d = dimension
 
-    def forward(self, x: List[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(x, self.d)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +65,7 @@ def _is_real(value) -> bool:
 
 
 def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running_var,
-             training: bool, momentum, eps, also: Optional[dict] = None) -> None:
+             training: bool, momentum, eps, also: dict | None = None) -> None:
     """BatchNorm parameters: per-channel tensors (each may be None), a sane momentum and eps,
     and running statistics that a training call may update in place without touching its
     inputs (``x``, the BN parameters and the tensors named in ``also``)."""
@@ -138,7 +138,7 @@ def check_depthwise_weight(op: str, weight, x: torch.Tensor) -> int:
     return k
 
 
-def resolve_padding(op: str, padding: Optional[int], kernel_size: int) -> int:
+def resolve_padding(op: str, padding: int | None, kernel_size: int) -> int:
     if padding is None:
         return (kernel_size - 1) // 2
     return check_int(op, "padding", padding, 0)

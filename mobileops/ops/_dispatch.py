@@ -10,7 +10,7 @@ the same kernels with the same arguments, so results are bit-identical.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -13,8 +11,8 @@ from mobileops.ops.activation import activation as apply_activation
 from mobileops.ops.activation import check_activation
 
 
-def bn_act(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
-           running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], *,
+def bn_act(x: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tensor | None,
+           running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
            activation: str = "none", training: bool = False, momentum: float = 0.1,
            eps: float = 1e-5) -> torch.Tensor:
     """BatchNorm over the channels of ``x`` (N, C, H, W), then an activation.

@@ -6,8 +6,6 @@ The ``torch`` backend here is the reference: the plain PyTorch composition
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -17,10 +15,10 @@ from mobileops.ops.activation import activation as apply_activation
 from mobileops.ops.activation import check_activation
 
 
-def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
-                  bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-                  running_var: Optional[torch.Tensor], *, stride: int = 1,
-                  padding: Optional[int] = None, activation: str = "none", training: bool = False,
+def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor | None,
+                  bn_bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+                  running_var: torch.Tensor | None, *, stride: int = 1,
+                  padding: int | None = None, activation: str = "none", training: bool = False,
                   momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
     """Depthwise KxK convolution (no bias), then BatchNorm, then an activation.
 
@@ -62,8 +60,8 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: Optional[tor
                 momentum=float(momentum), eps=float(eps))
 
 
-def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-               stride: int = 1, padding: Optional[int] = None,
+def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               stride: int = 1, padding: int | None = None,
                activation: str = "none") -> torch.Tensor:
     """Depthwise KxK convolution with an optional bias, then an activation.
 

@@ -21,7 +21,8 @@ interpret them (``TRITON_INTERPRET=1``), so importing mobileops must not define 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,13 +36,13 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _out_shape(x: Tensor, weight: Optional[Tensor], stride: int, padding: int) -> Tuple[int, int, int, int]:
+def _out_shape(x: Tensor, weight: Tensor | None, stride: int, padding: int) -> tuple[int, int, int, int]:
     k = weight.shape[-1] if weight is not None else 1
     n, c, h, w = x.shape
     return n, c, _checks.conv_output_size(h, k, stride, padding), _checks.conv_output_size(w, k, stride, padding)
 
 
-def _autocast(x: Tensor, *tensors: Optional[Tensor]):
+def _autocast(x: Tensor, *tensors: Tensor | None):
     """Cast like autocast casts a convolution's inputs; a no-op outside autocast."""
     if not _checks.autocast_on(x.device):
         return (x,) + tensors
@@ -64,9 +65,9 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
     ``backward``; see :mod:`mobileops.kernels.dwconv_bn_act`), imported on first use.
     """
 
-    def _batch_stats_body(x: Tensor, weight: Optional[Tensor], running_mean: Optional[Tensor],
-                          running_var: Optional[Tensor], stride: int, padding: int, momentum: float,
-                          eps: float) -> Tuple[Tensor, Tensor]:
+    def _batch_stats_body(x: Tensor, weight: Tensor | None, running_mean: Tensor | None,
+                          running_var: Tensor | None, stride: int, padding: int, momentum: float,
+                          eps: float) -> tuple[Tensor, Tensor]:
         return load_kernels().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
                                           momentum=momentum, eps=eps)
 
@@ -77,8 +78,8 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
     _batch_stats = KernelOp(f"mobileops::dwconv_bn_stats_{name}", _batch_stats_body,
                             mutates_args=("running_mean", "running_var"), fake=_batch_stats_fake)
 
-    def _forward_body(x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                      mean: Optional[Tensor], var: Optional[Tensor], stride: int, padding: int, activation: str,
+    def _forward_body(x: Tensor, weight: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+                      mean: Tensor | None, var: Tensor | None, stride: int, padding: int, activation: str,
                       norm: str, eps: float) -> Tensor:
         out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                           memory_format=_checks.suggest_memory_format(x))
@@ -89,10 +90,10 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
         return torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
                            memory_format=_checks.suggest_memory_format(x))
 
-    def _backward_body(dy: Tensor, x: Tensor, weight: Optional[Tensor], bn_weight: Optional[Tensor],
-                       bn_bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], stride: int,
+    def _backward_body(dy: Tensor, x: Tensor, weight: Tensor | None, bn_weight: Tensor | None,
+                       bn_bias: Tensor | None, mean: Tensor | None, var: Tensor | None, stride: int,
                        padding: int, activation: str, norm: str, eps: float,
-                       weight_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dx, dw, sum_du, sum_dux = load_kernels().backward(
             dy, x, weight, bn_weight, bn_bias, mean, var, stride=stride, padding=padding,
             activation=activation, norm=norm, eps=eps, weight_grad=weight_grad,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -13,8 +11,8 @@ from mobileops.ops.activation import GATES, check_activation
 from mobileops.ops.activation import activation as apply_activation
 
 
-def squeeze_excite(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
-                   fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor], *,
+def squeeze_excite(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
+                   fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None, *,
                    gate: str = "hsigmoid", post_act: str = "none") -> torch.Tensor:
     """``post_act(x * gate(fc2(relu(fc1(mean_hw(x))))))`` with a per-(sample, channel) gate.
 

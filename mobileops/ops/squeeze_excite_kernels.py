@@ -12,7 +12,8 @@ and the output gradient. Eager calls run the same code without the custom-op dis
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,8 +38,8 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
     :mod:`mobileops.kernels.squeeze_excite`), imported on first use.
     """
 
-    def _forward_body(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                      fc2_bias: Optional[Tensor], gate: str, post_act: str) -> Tuple[Tensor, Tensor, Tensor]:
+    def _forward_body(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                      fc2_bias: Tensor | None, gate: str, post_act: str) -> tuple[Tensor, Tensor, Tensor]:
         return load_kernels().forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=_like_x(x), gate=gate,
                                       post_act=post_act)
 
@@ -46,9 +47,9 @@ def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
         per_sample = x.new_empty(x.shape[:2], dtype=_stats_dtype(x))
         return _like_x(x), per_sample, torch.empty_like(per_sample)
 
-    def _backward_body(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
-                       fc2_bias: Optional[Tensor], pooled: Tensor, gates: Tensor, gate: str,
-                       post_act: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _backward_body(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                       fc2_bias: Tensor | None, pooled: Tensor, gates: Tensor, gate: str,
+                       post_act: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         dx, dw1, db1, dw2, db2 = load_kernels().backward(
             dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates, gate=gate, post_act=post_act,
             memory_format=_checks.suggest_memory_format(x))

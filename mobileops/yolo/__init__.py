@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 from mobileops.yolo.loss import YOLOv5Loss, bbox_ciou
 from mobileops.yolo.model import DetectionModel, count_flops, fused_op_calls
@@ -17,7 +17,7 @@ from mobileops.yolo.parse import ceil_to_multiple, load_config, parse_model, shi
 from mobileops.yolo.registry import KINDS, known_modules, register
 
 
-def build(cfg: Union[str, Path, Dict[str, Any]], nc: Optional[int] = None, ch: int = 3,
+def build(cfg: str | Path | dict[str, Any], nc: int | None = None, ch: int = 3,
           blocks: str = "mobileops") -> DetectionModel:
     """Build a :class:`DetectionModel` from a shipped config name, a yaml path or a dict.
 

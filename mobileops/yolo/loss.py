@@ -21,7 +21,7 @@ the CPU.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +80,7 @@ class YOLOv5Loss(nn.Module):
     """
 
     def __init__(self, head: Detect, *, box_gain: float = 0.05, obj_gain: float = 1.0, cls_gain: float = 0.5,
-                 anchor_t: float = 4.0, balance: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
+                 anchor_t: float = 4.0, balance: Sequence[float] | None = None, label_smoothing: float = 0.0,
                  iou_ratio: float = 1.0):
         super().__init__()
         if not isinstance(head, Detect):
@@ -103,7 +103,7 @@ class YOLOv5Loss(nn.Module):
         self.iou_ratio = iou_ratio
 
     @classmethod
-    def for_model(cls, model: nn.Module, img_size: int = 640, **kwargs) -> "YOLOv5Loss":
+    def for_model(cls, model: nn.Module, img_size: int = 640, **kwargs) -> YOLOv5Loss:
         """The loss for ``model`` with YOLOv5 ``train.py``'s gain scaling: box by 3/nl, cls by
         nc/80 * 3/nl, obj by (img_size/640)^2 * 3/nl (``kwargs`` override the base gains)."""
         head = model.model[-1] if hasattr(model, "model") else model
@@ -115,7 +115,7 @@ class YOLOv5Loss(nn.Module):
         return cls(head, box_gain=gains["box_gain"] * scale, cls_gain=gains["cls_gain"] * head.nc / 80 * scale,
                    obj_gain=gains["obj_gain"] * (img_size / 640) ** 2 * scale, **kwargs)
 
-    def forward(self, predictions: List[Tensor], targets: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, predictions: list[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         self._check(predictions, targets)
         device = predictions[0].device
         lbox, lobj, lcls = (torch.zeros((), device=device, dtype=torch.float32) for _ in range(3))
@@ -141,7 +141,7 @@ class YOLOv5Loss(nn.Module):
         batch = predictions[0].shape[0]
         return (lbox + lobj + lcls) * batch, torch.stack((lbox, lobj, lcls)).detach()
 
-    def build_targets(self, predictions: List[Tensor], targets: Tensor):
+    def build_targets(self, predictions: list[Tensor], targets: Tensor):
         """Per level ``(image, anchor, gj, gi, target box, anchor wh, class)`` of every match:
         target boxes as (x offset in its cell, y offset, w, h) in grid units."""
         device = predictions[0].device

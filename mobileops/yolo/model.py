@@ -6,7 +6,7 @@ import copy
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +40,8 @@ class DetectionModel(nn.Module):
     BatchNorm2d gets ``eps=1e-3, momentum=0.03``.
     """
 
-    def __init__(self, cfg: Union[str, Path, Dict[str, Any]] = "yolov5n", ch: int = 3,
-                 nc: Optional[int] = None, blocks: str = "mobileops"):
+    def __init__(self, cfg: str | Path | dict[str, Any] = "yolov5n", ch: int = 3,
+                 nc: int | None = None, blocks: str = "mobileops"):
         super().__init__()
         if blocks not in ("mobileops", "plain"):
             raise ValueError(f"blocks must be 'mobileops' or 'plain', got {blocks!r}")
@@ -88,7 +88,7 @@ class DetectionModel(nn.Module):
         return self.model[-1].stride
 
     def _forward_once(self, x: torch.Tensor):
-        outputs: List[Optional[torch.Tensor]] = []
+        outputs: list[torch.Tensor | None] = []
         for m in self.model:
             if m.f != -1:
                 x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
@@ -108,7 +108,7 @@ class DetectionModel(nn.Module):
             raise TypeError(f"DetectionModel expects a floating-point image batch, got {x.dtype}")
         return self._forward_once(x)
 
-    def fuse(self) -> "DetectionModel":
+    def fuse(self) -> DetectionModel:
         """Fold every BatchNorm2d into its convolution, seed blocks included, for inference."""
         fuse_modules(self.model)
         left = [name for name, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -118,7 +118,7 @@ class DetectionModel(nn.Module):
             layer.np = sum(p.numel() for p in layer.parameters())
         return self
 
-    def info(self, img_size: int = 640) -> Dict[str, Any]:
+    def info(self, img_size: int = 640) -> dict[str, Any]:
         """Size of the model: ``layers`` (modules), ``parameters``, ``gradients`` (trainable
         parameters) and ``gflops`` at ``img_size`` x ``img_size`` for one image (2 x the
         multiply-accumulates of every convolution and linear layer)."""
@@ -146,7 +146,7 @@ def count_flops(model: nn.Module, input_shape) -> int:
     return int(counter.get_total_flops())
 
 
-def fused_op_calls(model: nn.Module, input_shape, training: bool = False) -> List[dict]:
+def fused_op_calls(model: nn.Module, input_shape, training: bool = False) -> list[dict]:
     """The fused-op calls one forward of ``model`` on ``input_shape`` makes, in order (see
     :func:`mobileops.backend.record_calls`): the real layer shapes for tests and benchmarks.
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import yaml
 from torch import nn
@@ -17,12 +18,12 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _REQUIRED_KEYS = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head")
 
 
-def shipped_configs() -> Tuple[str, ...]:
+def shipped_configs() -> tuple[str, ...]:
     """Names of the configs shipped with mobileops (``mobileops/yolo/configs``)."""
     return tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 
 
-def load_config(cfg: Union[str, Path, Dict[str, Any]]) -> Dict[str, Any]:
+def load_config(cfg: str | Path | dict[str, Any]) -> dict[str, Any]:
     """Return a validated copy of a config given as a shipped name, a yaml path or a dict.
 
     The result has a ``name`` key (the shipped name or file stem) used in error messages.
@@ -78,8 +79,8 @@ def _resolve_arg(value, nc, anchors):
     return value
 
 
-def parse_model(cfg: Dict[str, Any], ch: int,
-                classes: Optional[Mapping[str, type]] = None) -> Tuple[nn.Sequential, List[int]]:
+def parse_model(cfg: dict[str, Any], ch: int,
+                classes: Mapping[str, type] | None = None) -> tuple[nn.Sequential, list[int]]:
     """Build the layers of a validated config (see :func:`load_config`) for ``ch`` input channels.
 
     ``classes`` maps module names to classes that replace the registered ones (same kind), e.g.

@@ -17,16 +17,24 @@ Kinds (how the parser turns a row ``[from, n, module, args]`` into a constructor
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 from torch import nn
 
-from mobileops.nn import (C3, C3_UIB, SPPF, Bottleneck, Concat, Conv, Conv3BN, Detect, MobileNetv3,
-                          UniversalInvertedBottleneckBlock)
+from mobileops.nn import (
+    C3,
+    C3_UIB,
+    SPPF,
+    Bottleneck,
+    Concat,
+    Conv,
+    Conv3BN,
+    Detect,
+    MobileNetv3,
+    UniversalInvertedBottleneckBlock,
+)
 
 KINDS = ("conv", "csp", "verbatim", "channels", "passthrough", "concat", "detect")
 
-_REGISTRY: Dict[str, Tuple[type, str]] = {}
+_REGISTRY: dict[str, tuple[type, str]] = {}
 
 
 def register(name: str, cls: type, kind: str) -> None:
@@ -43,7 +51,7 @@ def register(name: str, cls: type, kind: str) -> None:
     _REGISTRY[name] = (cls, kind)
 
 
-def lookup(name: str) -> Tuple[type, str]:
+def lookup(name: str) -> tuple[type, str]:
     """(class, kind) registered under ``name``; KeyError listing the known names otherwise."""
     try:
         return _REGISTRY[name]
@@ -52,7 +60,7 @@ def lookup(name: str) -> Tuple[type, str]:
                        "(add your own with mobileops.yolo.register)") from None
 
 
-def known_modules() -> Tuple[str, ...]:
+def known_modules() -> tuple[str, ...]:
     """All registered names, sorted."""
     return tuple(sorted(_REGISTRY))
 

@@ -8,8 +8,8 @@ tree (see the README: import the blocks, or ``mobileops.convert`` an existing mo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def synthetic_batch(batch: int, img_size: int, nc: int, *, generator: torch.Generator,
-                    boxes_per_image: int = 4, dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+                    boxes_per_image: int = 4, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Random images (batch, 3, img_size, img_size) and ``boxes_per_image`` random targets per
     image as rows ``[image, class, x, y, w, h]`` (normalised; sizes 2-50% of the image)."""
     images = torch.rand(batch, 3, img_size, img_size, generator=generator, dtype=dtype)
@@ -33,7 +33,7 @@ def synthetic_batch(batch: int, img_size: int, nc: int, *, generator: torch.Gene
 
 
 def synthetic_batches(count: int, batch: int, img_size: int, nc: int, seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                      dtype: torch.dtype = torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` batches of :func:`synthetic_batch` from one seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(count):
@@ -100,14 +100,14 @@ class TrainResult:
     """Per-step loss parts, and images per second over the timed steps (the first step, which
     pays for autotuning and allocation, is excluded when there is more than one)."""
 
-    losses: List[List[float]]
+    losses: list[list[float]]
     images_per_s: float
     steps: int
 
 
 def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch_size: int = 8,
           img_size: int = 320, amp: str = "none", channels_last: bool = False, lr: float = 0.01, seed: int = 0,
-          progress: Optional[Callable[[int, int, List[float]], None]] = None) -> TrainResult:
+          progress: Callable[[int, int, list[float]], None] | None = None) -> TrainResult:
     """Train ``model`` in place on synthetic data; see :class:`Trainer` for the step.
 
     ``progress(done, total, parts)`` is called after every step.
