@@ -142,8 +142,15 @@ def _build(args) -> int:
     return subprocess.run([sys.executable, "-m", "mobileops", "check"], cwd=root).returncode
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m mobileops`` and the ``mobileops`` script."""
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of ``python -m mobileops`` with all its subcommands.
+
+    Each subcommand's namespace carries its handler in ``run`` (``args.run(args)`` executes it), so
+    ``build_parser().parse_args(shlex.split(line)[3:])`` checks a documented command line without running it.
+
+    Returns:
+        A fresh :class:`argparse.ArgumentParser`; parsing with it has no side effects.
+    """
     parser = argparse.ArgumentParser(prog="python -m mobileops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="per-layer table and size of a detector config")
@@ -191,7 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("build", help="(re)build the CUDA extension mobileops._C in place (source checkout)")
     p.add_argument("--archs", default=None, help="compute capabilities, e.g. '90' or '80;90' (default 80;90)")
     p.set_defaults(run=_build)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mobileops`` and the ``mobileops`` script.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 for invalid input (printed as one ``error: ...`` line).
+    """
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
