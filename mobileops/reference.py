@@ -1,4 +1,4 @@
-"""Plain-PyTorch versions of the seed blocks, written from SPEC.md: the blocks users have.
+"""Plain-PyTorch versions of the seed blocks (behaviour: docs/seed_blocks.md): the blocks users have.
 
 Nothing here imports the rest of mobileops. These modules are what users' checkpoints come
 from, the oracle the drop-in modules are tested against, and the eager baseline the

@@ -93,7 +93,7 @@ def count_bn(module: nn.Module) -> int:
     return sum(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
 
-#: Relative error floors per dtype (DESIGN.md: fp32 1e-4, fp16 3e-3, bf16 1e-2).
+#: Relative error floors per dtype (docs/measuring.md, "The error bound in the tests").
 FLOORS = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 

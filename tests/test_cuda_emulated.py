@@ -141,9 +141,9 @@ def test_squeeze_excite_matches_torch(cuda_on_cpu, layout, gate, post_act, biase
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_low_precision_paths(cuda_on_cpu, dtype):
-    """fp16/bf16/fp32 storage with float accumulation, within DESIGN's bound: no worse than
-    twice the torch backend's own error in that dtype (the emulated conversions round to
-    nearest even like the device intrinsics)."""
+    """fp16/bf16/fp32 storage with float accumulation, within the bound of docs/measuring.md: no
+    worse than twice the torch backend's own error in that dtype (the emulated conversions round
+    to nearest even like the device intrinsics)."""
     inputs = _dw_inputs(2, 4, 6, 6, 3, torch.channels_last, seed=2)
     low = [inputs[0].to(dtype), inputs[1].to(dtype)] + [t.float() for t in inputs[2:]]
 

@@ -1,6 +1,6 @@
 """Property-based tests: hypothesis draws shapes, strides, kernel sizes, activations, dtypes,
 layouts (contiguous, channels_last, strided slices) and modes, and every fused backend that runs
-here must agree with the torch backend, forward and backward, within the DESIGN bound.
+here must agree with the torch backend, forward and backward, within the bound of docs/measuring.md.
 
 Without a GPU the CUDA backend's kernels (csrc/) run emulated on the CPU
 (tests/cuda_emulation), so they are fuzzed on every machine.
@@ -105,9 +105,9 @@ def _run(backend_name, fn, tensors, dtype, dy, bn_params, emulation=None):
 
 
 def _assert_agree(backends, fn, tensors, dtype, dy, what, bn_params=0, emulation=None):
-    """The DESIGN rule on the output and every gradient, for each of ``backends``: within
-    twice the torch backend's own error in ``dtype`` (against float64) plus the dtype's floor;
-    float64 itself to 1e-9."""
+    """The error-bound rule (docs/measuring.md) on the output and every gradient, for each of
+    ``backends``: within twice the torch backend's own error in ``dtype`` (against float64) plus
+    the dtype's floor; float64 itself to 1e-9."""
     # The float64 reference starts from the inputs as the dtype runs see them (rounded to the
     # dtype, BatchNorm tensors to bn_dtype): otherwise it also measures the inputs' rounding,
     # which for a one-element reduction (dgamma of one channel) can exceed twice torch's error

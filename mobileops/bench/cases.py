@@ -113,8 +113,8 @@ class Setup:
 
     ``impls`` maps a name to a callable taking the input batch and returning the outputs;
     ``parameters`` lists each implementation's trainable tensors (for backward and train
-    steps); ``min_bytes`` is the DESIGN floor (each tensor read or written the least number
-    of times the mode allows), None where no floor is defined.
+    steps); ``min_bytes`` is the byte floor (each tensor read or written the least number
+    of times the mode allows; docs/measuring.md, "Byte floors"), None where no floor is defined.
     """
 
     impls: dict[str, Callable[[torch.Tensor], object]]
