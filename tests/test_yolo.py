@@ -97,17 +97,24 @@ def test_building_leaves_bn_statistics_alone():
     assert all(int(bn.num_batches_tracked) == 0 and bool((bn.running_var == 1).all()) for bn in bns)
 
 
-def test_bias_prior_matches_yolov5():
-    cfg = yolo.load_config("yolov5-mobilenetv3")
+@pytest.mark.parametrize("nc", [1, 2, 80])
+def test_bias_prior_matches_yolov5(nc):
+    # Current YOLOv5 (utils since late 2021): obj += log(8 / (640 / s)^2), each class
+    # += log(0.6 / (nc - 0.99999)); box biases untouched.
+    cfg = yolo.load_config("yolov5n")
+    cfg["nc"] = nc
     torch.manual_seed(3)
     raw_head = yolo.parse_model(cfg, 3)[0][-1]
     torch.manual_seed(3)
-    head = yolo.build("yolov5-mobilenetv3").model[-1]
+    head = yolo.build(cfg).model[-1]
     for conv_raw, conv, s in zip(raw_head.m, head.m, (8, 16, 32)):
-        delta = (conv.bias - conv_raw.bias).view(3, -1).detach()
-        torch.testing.assert_close(delta[:, 4], torch.full((3,), math.log(8 / (640 / s) ** 2)))
-        torch.testing.assert_close(delta[:, 5:], torch.full((3, 2), math.log(0.6 / (2 - 0.99))))
-        torch.testing.assert_close(delta[:, :4], torch.zeros(3, 4))
+        delta = (conv.bias - conv_raw.bias).view(3, -1).detach().double()
+        torch.testing.assert_close(delta[:, 4], torch.full((3,), math.log(8 / (640 / s) ** 2), dtype=torch.float64),
+                                   rtol=0, atol=1e-6)
+        class_prior = math.log(0.6 / (nc - 0.99999))
+        torch.testing.assert_close(delta[:, 5:], torch.full((3, nc), class_prior, dtype=torch.float64),
+                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(delta[:, :4], torch.zeros(3, 4, dtype=torch.float64))
 
 
 def test_anchor_order_follows_strides():

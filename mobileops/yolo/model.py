@@ -80,7 +80,9 @@ class DetectionModel(nn.Module):
         for conv, s in zip(head.m, head.stride.tolist()):
             b = conv.bias.view(head.na, -1)
             b[:, 4] += math.log(8 / (640 / s) ** 2)
-            b[:, 5:5 + head.nc] += math.log(0.6 / (head.nc - 0.99))
+            # Current YOLOv5's class prior (0.99999; before late 2021 it was 0.99, which at
+            # nc=1 starts every class logit about 7 lower than YOLOv5 does now).
+            b[:, 5:5 + head.nc] += math.log(0.6 / (head.nc - 0.99999))
 
     @property
     def stride(self) -> torch.Tensor:
