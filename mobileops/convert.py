@@ -188,7 +188,17 @@ def _converter(module: nn.Module) -> tuple[type, Callable] | None:
 
 def _rebuild(module: nn.Module, target: type, read_args: Callable) -> nn.Module:
     new = target(*read_args(module))
-    new.load_state_dict(module.state_dict(), strict=True)
+    state = module.state_dict()
+    # Give every tensor the original's dtype and device before loading: loading a float64
+    # state into the float32 module that the constructor builds would round it.
+    floating = next((t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()), None)
+    if floating is not None:
+        new.to(device=floating.device, dtype=floating.dtype)
+    for name, tensor in [*new.named_parameters(), *new.named_buffers()]:
+        old = state.get(name)
+        if old is not None and (tensor.dtype != old.dtype or tensor.device != old.device):
+            tensor.data = torch.empty_like(tensor, dtype=old.dtype, device=old.device)
+    new.load_state_dict(state, strict=True)
     old_modules = dict(module.named_modules())
     for name, bn in new.named_modules():
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -196,13 +206,9 @@ def _rebuild(module: nn.Module, target: type, read_args: Callable) -> nn.Module:
             if not isinstance(old, nn.modules.batchnorm._BatchNorm):
                 raise ValueError(f"no BatchNorm at {name!r} in the original")
             bn.eps, bn.momentum = old.eps, old.momentum  # not in state_dict (YOLOv5 sets 1e-3, 0.03)
-    tensors = list(module.parameters()) + list(module.buffers())
-    floating = next((t for t in tensors if t.is_floating_point()), None)
-    if floating is not None:
-        new.to(device=floating.device, dtype=floating.dtype)
-        if any(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-               for t in module.parameters()):
-            new.to(memory_format=torch.channels_last)
+    if any(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+           for t in module.parameters()):
+        new.to(memory_format=torch.channels_last)
     for p_new, p_old in zip(new.parameters(), module.parameters()):
         p_new.requires_grad_(p_old.requires_grad)
     new.train(module.training)

@@ -61,6 +61,26 @@ def test_converted_modules_keep_mode_dtype_grad_flags_and_framework_attributes()
     assert torch.equal(new(x), block(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_conversion_keeps_every_bit_of_the_weights_in_their_dtype(dtype):
+    torch.manual_seed(0)
+    plain = nn.Sequential(reference.RefC3UIB(16, 16, 1), reference.RefMobileNetv3(16, 24, 64, 5, 2, True, True))
+    plain = randomize_bn(plain).to(dtype)
+    with torch.no_grad():
+        for t in [*plain.parameters(), *plain.buffers()]:
+            if t.is_floating_point():
+                # float64 values that float32 cannot hold: a float32 round trip would change them
+                t.copy_(torch.randn(t.shape, dtype=torch.float64).to(dtype) if t.dim() else t)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    report = mobileops.convert(plain)
+    assert len(report.replaced) == 2 and not report.skipped
+    after = plain.state_dict()
+    assert list(after) == list(before)
+    for name, value in before.items():
+        assert after[name].dtype == value.dtype, name
+        assert torch.equal(after[name], value), name
+
+
 def test_inplace_false_leaves_the_original_alone():
     model = nn.Sequential(reference.RefConv(3, 8, 3, 2), reference.RefC3UIB(8, 16, 2))
     report = mobileops.convert(model, inplace=False)
