@@ -5,8 +5,10 @@ Each test times all implementations of its case side by side with the benchmark 
 :mod:`mobileops.bench.timing` (CUDA events or graphs on a GPU), checks that each agrees with
 eager, and records one results row; pytest-benchmark's own table shows the fastest mobileops
 backend of each case, with every time and ratio in ``extra_info``. The rows are written to
-``benchmarks/results/<device>-<date>.json`` after every case, so a run stopped midway keeps
-what it measured (``--bench-out ''`` writes nothing).
+``<device>-<date>.json`` after every case, so a run stopped midway keeps what it measured: by
+default in pytest's temporary directory (a test run leaves the checkout as it was; the path
+is printed at the end), with ``--bench-out benchmarks/results`` where results are kept, and
+``--bench-out ''`` writes nothing.
 
 Without CUDA the ``cpu`` scope runs and the GPU grid is listed as skipped with the reason.
 """
@@ -24,8 +26,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("mobileops benchmarks")
     group.addoption("--bench-scope", choices=cases.SCOPES, default=None,
                     help="grid to run: default 'default' on a GPU, 'cpu' without one")
-    group.addoption("--bench-out", default="benchmarks/results",
-                    help="folder for the results JSON ('' for none)")
+    group.addoption("--bench-out", default=None,
+                    help="folder for the results JSON (default: under pytest's temporary directory; "
+                         "benchmarks/results to keep it; '' for none)")
     group.addoption("--bench-compile-mode", default="max-autotune-no-cudagraphs",
                     help="torch.compile mode of the compile baseline (GPU only)")
     group.addoption("--bench-no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -50,10 +53,11 @@ def pytest_generate_tests(metafunc):
 class BenchSession:
     """The rows of this pytest session and what measuring them needs."""
 
-    def __init__(self, config):
+    def __init__(self, config, default_out):
         self.compile_mode = None if (config.getoption("--bench-no-compile") or not CUDA) \
             else config.getoption("--bench-compile-mode")
-        self.out = config.getoption("--bench-out")
+        out = config.getoption("--bench-out")
+        self.out = default_out if out is None else out
         self.rows = []
         self.path = None
         self._copy_bps = None
@@ -99,8 +103,11 @@ class BenchSession:
 
 
 @pytest.fixture(scope="session")
-def bench_session(request):
-    session = BenchSession(request.config)
+def bench_session(request, tmp_path_factory):
+    default_out = None
+    if request.config.getoption("--bench-out") is None:
+        default_out = str(tmp_path_factory.mktemp("bench-results"))
+    session = BenchSession(request.config, default_out)
     yield session
     path = session.write()
     if path is not None:
