@@ -3,6 +3,7 @@ for at the detectors' real shapes, rows carry times and ratios, an implementatio
 computes something else is never timed, and the report is computed from the rows."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -164,6 +165,28 @@ def test_report_is_computed_from_the_rows(tmp_path):
     assert svg.count("<rect") == 3 and "0.80x" in svg and path.with_suffix(".svg") in written
 
 
+def test_summary_table_says_units_spread_and_which_way_ratios_run():
+    row = dict(group="op:bn_act:inference", name="fp16 b32 128x20x20",
+               times_ms={"eager": 2.0, "mobileops_torch": 1.0, "mobileops_triton": 4.0},
+               spread_ms={"eager": [1.9, 2.6], "mobileops_torch": [0.95, 1.1], "mobileops_triton": [3.5, 4.5]},
+               timed_calls={"eager": 15, "mobileops_torch": 15, "mobileops_triton": 15},
+               errors={"mobileops_cuda": "RuntimeError: boom"},
+               mobileops_torch_speedup_vs_eager=2.0, mobileops_triton_speedup_vs_eager=0.5)
+    table = run.summary_table([row])
+    assert "median ms per call (fastest-slowest" in table and "baseline's median time over mobileops'" in table
+    assert re.search(r"eager +2\.000 ms  \(1\.900-2\.600, n=15\)", table), table
+    assert "torch 2.00x faster than eager" in table and "triton 2.00x slower than eager" in table
+    assert "mobileops_cuda" in table and "not timed: RuntimeError: boom" in table
+
+
+def test_measured_rows_carry_the_spread_of_their_timed_calls():
+    row = run.measure(_tiny("inference", "bn_act"), CPU, 1e10)
+    assert set(row["spread_ms"]) == set(row["times_ms"]) == set(row["timed_calls"])
+    for name, ms in row["times_ms"].items():
+        low, high = row["spread_ms"][name]
+        assert low <= ms <= high and row["timed_calls"][name] >= 3
+
+
 def test_results_files_never_overwrite(tmp_path):
     document = _fake_gpu_document()
     first, second = run.write_results(document, tmp_path), run.write_results(document, tmp_path)
@@ -175,7 +198,9 @@ def test_results_files_never_overwrite(tmp_path):
 def test_bench_command_on_cpu(capsys, tmp_path):
     assert main(["bench", "--kinds", "op", "--filter", "128x20x20", "dwconv", "--quiet", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "need a CUDA device" in out and "op:dwconv_bn_act:inference" in out and "torch vs eager=" in out
+    assert "need a CUDA device" in out and "op:dwconv_bn_act:inference" in out
+    assert re.search(r"mobileops_torch +\d+\.\d{3} ms +\(\d+\.\d{3}-\d+\.\d{3}, n=\d+\)", out), out
+    assert re.search(r"torch \d+\.\d\dx (faster|slower) than eager", out), out
     (written,) = tmp_path.glob("*.json")
     rows = json.loads(written.read_text())["rows"]
     assert [r["group"] for r in rows] == ["op:dwconv_bn_act:inference"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -66,7 +67,8 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
             compile_mode: str | None = None, env: case_lib.Setup | None = None) -> dict:
     """Time every implementation of ``case`` on ``device`` and return one results row.
 
-    The row holds the case's fields, ``times_ms`` (median per implementation), ``timer``,
+    The row holds the case's fields, ``times_ms`` (median per implementation), ``spread_ms``
+    (its fastest and slowest timed call, to show a noisy run), ``timed_calls``, ``timer``,
     ``agreement`` (each implementation's relative difference from eager), under autocast
     ``float32_difference`` (eager's and each implementation's from eager in float32), ``errors`` (an
     implementation that failed or disagreed, with the reason; it gets no time), the ratios
@@ -77,7 +79,7 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     """
     env = env if env is not None else case_lib.setup(case, device, compile_mode)
     row = case.describe()
-    row.update(times_ms={}, agreement={}, errors={}, min_bytes=env.min_bytes,
+    row.update(times_ms={}, spread_ms={}, timed_calls={}, agreement={}, errors={}, min_bytes=env.min_bytes,
                timer=("cuda_graph" if _launch_bound(case) else "cuda_events") if device.type == "cuda"
                else "perf_counter_interleaved")
     reference = case_lib.first_output(case, env, "eager")
@@ -86,7 +88,7 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     if exact is not None:
         eager_error = _relative_difference(reference, exact)
         row["float32_difference"] = {"eager": eager_error}
-    ready = {}
+    ready, samples = {}, {}
     for name in env.impls:
         try:
             if name != "eager":
@@ -108,14 +110,18 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
                     fn()
                     torch.cuda.synchronize()
                     row.setdefault("peak_memory_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
-                row["times_ms"][name] = timing.cuda_time_ms(fn, graph=_launch_bound(case))
+                samples[name] = timing.cuda_samples_ms(fn, graph=_launch_bound(case))
             else:
                 fn()  # fail here, per implementation, rather than inside the interleaved timing
                 ready[name] = fn
         except Exception as exc:
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
     if ready:
-        row["times_ms"].update(timing.interleaved_cpu_ms(ready))
+        samples.update(timing.interleaved_cpu_samples_ms(ready))
+    for name, values in samples.items():
+        row["times_ms"][name] = statistics.median(values)
+        row["spread_ms"][name] = [min(values), max(values)]
+        row["timed_calls"][name] = len(values)
     times = row["times_ms"]
     if case.kind == "detector":
         row["images_per_s"] = {name: case.batch / (ms * 1e-3) for name, ms in times.items()}
@@ -156,20 +162,39 @@ class Progress:
 def run_cases(selected: Iterable[case_lib.Case], device: torch.device, compile_mode: str | None = None,
               progress: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
     """Measure ``selected`` on ``device``; returns ``{environment, copy_bytes_per_s,
-    compile_mode, rows}`` ready for :func:`write_results`."""
+    compile_mode, rows}`` ready for :func:`write_results`.
+
+    Ctrl-C (KeyboardInterrupt) stops the run at once: the case being measured is dropped, the
+    rows measured before it are kept, and the document gets ``"interrupted": True``.
+
+    Args:
+        selected: the cases to measure, in order.
+        device: where to run them.
+        compile_mode: ``torch.compile`` mode of the compiled baseline (None: no compile baseline).
+        progress: show a progress bar on stderr.
+        on_row: called with each row as soon as it is measured.
+    """
     selected = list(selected)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    copy_bps = timing.copy_bandwidth(device)
-    bar = Progress(len(selected)) if progress else None
-    rows = []
-    for case in selected:
-        row = measure(case, device, copy_bps, compile_mode)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-        if bar is not None:
-            bar.step(f"{case.group} {case.name}")
+    rows: list[dict] = []
+    copy_bps = None
+    try:
+        copy_bps = timing.copy_bandwidth(device)
+        bar = Progress(len(selected)) if progress else None
+        for case in selected:
+            row = measure(case, device, copy_bps, compile_mode)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            if bar is not None:
+                bar.step(f"{case.group} {case.name}")
+    except KeyboardInterrupt:
+        if progress:
+            sys.stderr.write("\n")
+        document = results_document(device, copy_bps, compile_mode, rows)
+        document["interrupted"] = True
+        return document
     return results_document(device, copy_bps, compile_mode, rows)
 
 
@@ -203,12 +228,31 @@ def write_results(document: dict, folder: Path, path: Path | None = None) -> Pat
     return path
 
 
+def _ratio_words(impl: str, baseline: str, speedup: float) -> str:
+    """``speedup`` (baseline time / impl time) in words that say which way it runs."""
+    if speedup >= 1:
+        return f"{impl} {speedup:.2f}x faster than {baseline}"
+    return f"{impl} {1 / speedup:.2f}x slower than {baseline}"
+
+
 def summary_table(rows: list[dict]) -> str:
-    """A plain-text table of rows: times of every implementation and mobileops's ratios."""
-    lines = []
+    """A plain-text report of rows: per case, every implementation's median time with its
+    spread (fastest-slowest timed call) in milliseconds, errors, and mobileops' ratios
+    against each baseline in words ("1.30x faster than eager")."""
+    lines = ["times: median ms per call (fastest-slowest of n timed calls); each ratio is the baseline's median "
+             "time over mobileops' median time"]
     for row in rows:
-        times = " ".join(f"{name}={ms:.3f}" for name, ms in row["times_ms"].items())
-        ratios = " ".join(f"{key.replace('mobileops_', '').replace('_speedup_vs_', ' vs ')}={value:.2f}x"
-                          for key, value in row.items() if "_speedup_vs_" in key)
-        lines.append(f"{row['group']:<38} {row['name']:<60} {times}  {ratios}")
+        lines.append(f"{row['group']}  {row['name']}")
+        spread = row.get("spread_ms", {})
+        calls = row.get("timed_calls", {})
+        for name, ms in row["times_ms"].items():
+            low, high = spread.get(name, (ms, ms))
+            count = f", n={calls[name]}" if name in calls else ""
+            lines.append(f"    {name:<22} {ms:10.3f} ms  ({low:.3f}-{high:.3f}{count})")
+        for name, problem in row.get("errors", {}).items():
+            lines.append(f"    {name:<22} not timed: {problem}")
+        ratios = [_ratio_words(key.split("_speedup_vs_")[0], key.split("_speedup_vs_")[1], value)
+                  for key, value in row.items() if "_speedup_vs_" in key]
+        if ratios:
+            lines.append("    " + "; ".join(ratios))
     return "\n".join(lines)

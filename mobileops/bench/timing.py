@@ -1,8 +1,9 @@
 """Timers, the copy-bandwidth reference and the environment record of a benchmark run.
 
-GPU times are medians of CUDA-event timings (``triton.testing.do_bench``) or, for
-launch-bound cases, of CUDA-graph replays (``do_bench_cudagraph``); CPU times are medians of
-``perf_counter`` around single calls. Every timer calls the function once first, so
+GPU times are CUDA-event timings (``triton.testing.do_bench``) or, for launch-bound cases,
+CUDA-graph replays (``do_bench_cudagraph``); CPU times are ``perf_counter`` around single
+calls. The samplers return every timed call (milliseconds), the ``*_time_ms`` helpers their
+median. Every timer calls the function once first, so
 autotuning, compilation and cuDNN's algorithm search happen outside the measurement.
 """
 
@@ -22,15 +23,23 @@ import torch
 L2_BYTES = 50 * 2 ** 20
 
 
-def cuda_time_ms(fn: Callable[[], object], graph: bool = False) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA stream (CUDA events or graph replay)."""
+def cuda_samples_ms(fn: Callable[[], object], graph: bool = False) -> list[float]:
+    """Milliseconds of each timed run of ``fn`` on the current CUDA stream (CUDA events, or
+    graph replays when ``graph``)."""
     import triton.testing
 
     fn()
     torch.cuda.synchronize()
     if graph:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        samples = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="all")
+    else:
+        samples = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")
+    return [float(t) for t in samples]
+
+
+def cuda_time_ms(fn: Callable[[], object], graph: bool = False) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream (CUDA events or graph replay)."""
+    return statistics.median(cuda_samples_ms(fn, graph))
 
 
 def cpu_time_ms(fn: Callable[[], object], repeat: int = 15, budget_s: float = 2.0) -> float:
@@ -47,9 +56,9 @@ def cpu_time_ms(fn: Callable[[], object], repeat: int = 15, budget_s: float = 2.
     return statistics.median(times)
 
 
-def interleaved_cpu_ms(fns: dict[str, Callable[[], object]], rounds: int = 15,
-                       budget_s: float = 4.0) -> dict[str, float]:
-    """Median milliseconds of each function, timed in turn round after round, so that a
+def interleaved_cpu_samples_ms(fns: dict[str, Callable[[], object]], rounds: int = 15,
+                               budget_s: float = 4.0) -> dict[str, list[float]]:
+    """Milliseconds of each call of each function, timed in turn round after round, so that a
     shared machine's slow spells hit every implementation alike (side-by-side ratios stay
     meaningful on a CPU where absolute times drift). At least 3 rounds, fewer than
     ``rounds`` when one round would exceed ``budget_s / rounds``."""
@@ -65,7 +74,7 @@ def interleaved_cpu_ms(fns: dict[str, Callable[[], object]], rounds: int = 15,
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, graph: bool = False) -> float:
