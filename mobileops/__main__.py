@@ -1,26 +1,101 @@
-"""Command line: ``python -m mobileops {info,check,bench,build} ...``."""
+"""Command line: ``python -m mobileops {info,check,bench,train,build} ...``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
+
+#: Exit status after Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A command-line value that is not allowed; printed as one ``error: ...`` line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _check_img(value: int, stride: int = 32) -> int:
+    if value < 1 or value % stride:
+        raise UsageError(f"--img {value}: the image size must be a positive multiple of {stride} "
+                         "(the detectors' largest stride), e.g. 320 or 640")
+    return value
+
+
+def _resolve_device(spec: str | None):
+    """``--device`` as a torch.device: cpu, cuda, cuda:N, or YOLOv5's bare index N; None picks cuda if
+    available, else cpu."""
+    import torch
+
+    if spec is None or spec == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = spec.strip().lower()
+    allowed = "cpu, cuda, cuda:N or a CUDA device index N"
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if "," in text:
+        raise UsageError(f"--device {spec}: one device only (this loop trains on a single device); allowed: {allowed}")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {spec}: not a device; allowed: {allowed}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available here (torch CUDA build: "
+                             f"{torch.version.cuda or 'none'}, no usable device); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: no such CUDA device (this machine has "
+                             f"{torch.cuda.device_count()}: 0-{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec}: {device.type} is not supported; allowed: {allowed}")
+    return device
+
+
+def _resolve_backend(flag_value: str | None, device=None) -> str:
+    """The backend a command will run: ``--backend`` if given, else ``MOBILEOPS_BACKEND``, else auto.
+    A named backend that cannot run here (on ``device``) is a UsageError naming the flag or variable."""
+    from mobileops import backend
+
+    if flag_value is not None:
+        name, source = flag_value, "--backend"
+    else:
+        name, source = backend.get_backend(), f"{backend.ENV_VAR}"  # ValueError for an unknown name
+    if name == "auto":
+        return name
+    problem = backend._backend_problem(name, device)
+    if problem is not None:
+        usable = ", ".join(["auto"] + backend.available_backends())
+        setting = f"{source} {name}" if source == "--backend" else f"{source}={name}"
+        raise UsageError(f"{setting}: the {name} backend cannot run here ({problem}); usable here: {usable}")
+    return name
 
 
 def _info(args) -> int:
     from mobileops import yolo
 
+    _check_img(args.imgsz)
+    _resolve_backend(None)
     model = yolo.build(args.cfg, nc=args.nc)
     if args.fuse:
         model.fuse()
     print(f"{'':>3}{'from':>18}{'n':>4}{'params':>11}  {'module':<34}arguments")
     for layer in model.model:
         print(f"{layer.i:>3}{str(layer.f):>18}{layer.n:>4}{layer.np:>11,}  {layer.type:<34}{layer.args}")
-    info = model.info(img_size=args.img)
+    info = model.info(img_size=args.imgsz)
     print(f"{model.yaml['name']}{' (fused)' if args.fuse else ''}: {info['layers']} layers, "
           f"{info['parameters']:,} parameters, {info['gradients']:,} gradients, "
-          f"{info['gflops']:.2f} GFLOPs at {args.img}x{args.img}")
+          f"{info['gflops']:.2f} GFLOPs at {args.imgsz}x{args.imgsz}")
     return 0
 
 
@@ -50,20 +125,26 @@ def _check(args) -> int:
               f"ops: {', '.join(_C.implemented_ops()) or 'none yet'}")
     except ImportError as exc:
         print(f"CUDA extension: not built ({exc})")
-    print(f"selected backend: {mobileops.get_backend()}")
-    for name, problem in mobileops.backend_status().items():
+    status = mobileops.backend_status()
+    selected = mobileops.get_backend()
+    problem = status.get(selected)
+    print(f"selected backend: {selected}" + ("" if problem is None else f" (unusable here: {problem})"))
+    for name, why in status.items():
         ops = ", ".join(backend.implemented_ops(name)) or "none"
-        print(f"  {name:<7} {'available' if problem is None else 'unavailable: ' + problem}; implements: {ops}")
+        print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}; implements: {ops}")
+    if problem is not None:
+        print(f"error: the selected backend {selected} ({backend.ENV_VAR}={os.environ.get(backend.ENV_VAR, '')}) "
+              f"cannot run here: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _bench(args) -> int:
-    import torch
-
     from mobileops.bench import cases, run
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
+    device = _resolve_device(args.device)
+    _resolve_backend(None, device)
+    cuda = device.type == "cuda"
     scope = args.scope or ("quick" if cuda else "cpu")
     if not cuda:
         print("No CUDA device: timing the CPU subset (the torch backend against eager PyTorch and eager "
@@ -79,13 +160,48 @@ def _bench(args) -> int:
     print(f"{len(selected)} cases, scope {scope!r}, device {device.type}"
           f"{', torch.compile mode ' + compile_mode if compile_mode else ''}", flush=True)
     document = run.run_cases(selected, device, compile_mode, progress=not args.quiet)
-    print(run.summary_table(document["rows"]))
-    if args.out is not None:
-        print(f"wrote {run.write_results(document, args.out)}")
-    failed = [r for r in document["rows"] if any(n.startswith("mobileops") for n in r["errors"])]
+    rows = document["rows"]
+    interrupted = document.get("interrupted", False)
+    if rows:
+        print(run.summary_table(rows))
+    written = run.write_results(document, args.out) if args.out is not None and rows else None
+    if written is not None:
+        print(f"wrote {written}")
+    if interrupted:
+        kept = f"kept the {len(rows)} of {len(selected)} cases measured" if rows else "no case was measured"
+        print(f"interrupted: {kept}{f', written to {written}' if written else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    failed = [r for r in rows if any(n.startswith("mobileops") for n in r["errors"])]
     for row in failed:
         print(f"FAILED {row['group']} {row['name']}: {row['errors']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+#: Options a resumed run may change; the rest come from the checkpoint (YOLOv5's --resume rule).
+_RESUME_MAY_CHANGE = {"resume", "device", "backend", "quiet", "project", "name", "exist_ok", "epochs",
+                      "save_period", "cfg", "nc"}
+_TRAIN_OPTIONS = ("cfg", "data", "epochs", "steps", "batch_size", "imgsz", "nc", "amp", "channels_last",
+                  "backend", "lr", "seed", "save_period")
+
+
+def _resume_path(value, project: str) -> Path:
+    from mobileops.yolo import checkpoint
+
+    if value is True:
+        return checkpoint.latest_checkpoint(project)
+    path = Path(value)
+    if path.is_dir():
+        for candidate in (path / "weights" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"--resume {path}: a folder without weights/last.pt")
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such file")
+    return path
+
+
+def _flag(dest: str) -> str:
+    return "--img" if dest == "imgsz" else "--" + dest.replace("_", "-")
 
 
 def _train(args) -> int:
@@ -94,28 +210,77 @@ def _train(args) -> int:
     import mobileops
     from mobileops import yolo
     from mobileops.bench.run import Progress
+    from mobileops.interrupt import GracefulInterrupt
+    from mobileops.yolo import checkpoint, rundir
     from mobileops.yolo.train import train
 
+    explicit = getattr(args, "explicit", set())
+    resumed = None
+    if args.resume:
+        path = _resume_path(args.resume, args.project)
+        resumed = checkpoint.load_checkpoint(path)
+        saved = resumed["opt"]
+        for dest in sorted(explicit - _RESUME_MAY_CHANGE):
+            if dest in saved and getattr(args, dest) != saved[dest]:
+                raise UsageError(f"{_flag(dest)} {getattr(args, dest)}: --resume {path} continues the run with its "
+                                 f"own options ({_flag(dest)} {saved[dest]}); drop the flag or start a new run")
+        for dest in _TRAIN_OPTIONS:
+            if dest in saved and dest not in explicit & _RESUME_MAY_CHANGE:
+                setattr(args, dest, saved[dest])
     if args.data != "synthetic":
-        raise ValueError(f"--data {args.data!r}: only 'synthetic' is built in; for real data use mobileops "
+        raise UsageError(f"--data {args.data!r}: only 'synthetic' is built in; for real data use mobileops "
                          "modules inside a YOLOv5 training tree (see the README)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(args.seed)
-    model = yolo.build(args.cfg, nc=args.nc).to(device)
-    bar = Progress(args.epochs * args.steps, stream=sys.stderr)
+    _check_img(args.imgsz)
+    device = _resolve_device(args.device)
+    backend_name = _resolve_backend(args.backend, device)
+    if resumed is not None:
+        if "cfg" in explicit or "nc" in explicit:
+            model = yolo.build(args.cfg, nc=args.nc)
+        else:
+            model = yolo.build(resumed["yaml"])
+        checkpoint.check_compatible(model, resumed["model"], path)
+        total = args.epochs * args.steps
+        if resumed["step"] >= total:
+            raise UsageError(f"--resume {path}: the run finished ({resumed['step']} of {total} steps); "
+                             "nothing to resume (pass a larger --epochs to train on)")
+        save_dir = path.parent.parent if path.parent.name == "weights" else \
+            rundir.increment_path(Path(args.project) / args.name, args.exist_ok)
+    else:
+        save_dir = rundir.increment_path(Path(args.project) / args.name, args.exist_ok)
+        torch.manual_seed(args.seed)
+        model = yolo.build(args.cfg, nc=args.nc)
+    _check_img(args.imgsz, int(max(model.stride.tolist())))
+    model = model.to(device)
+    options = {dest: getattr(args, dest) for dest in _TRAIN_OPTIONS}
+    options.update(cfg=str(args.cfg), backend=backend_name, device=str(device), project=str(args.project),
+                   name=args.name, save_dir=str(save_dir))
+    total = args.epochs * args.steps
+    bar = Progress(total - (resumed["step"] if resumed else 0), stream=sys.stderr)
 
     def progress(done, total, parts):
         bar.step(f"loss box {parts[0]:.4f} obj {parts[1]:.4f} cls {parts[2]:.4f}")
 
-    print(f"training {args.cfg} on {device.type} ({args.backend} backend), {args.epochs} epoch(s) x {args.steps} "
-          f"steps of {args.batch_size} synthetic {args.img_size}px images, amp {args.amp}", flush=True)
-    with mobileops.use_backend(args.backend):
+    if resumed is not None:
+        print(f"resuming {path} at step {resumed['step']} of {total} (epoch {resumed['epoch']}), "
+              f"results in {save_dir}", flush=True)
+    print(f"training {model.yaml['name']} on {device.type} ({backend_name} backend), {args.epochs} epoch(s) x "
+          f"{args.steps} steps of {args.batch_size} synthetic {args.imgsz}px images, amp {args.amp}; "
+          f"run folder {save_dir}", flush=True)
+    with mobileops.use_backend(backend_name), GracefulInterrupt() as interrupt:
         result = train(model, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
-                       img_size=args.img_size, amp=args.amp, channels_last=args.channels_last, lr=args.lr,
-                       seed=args.seed, progress=None if args.quiet else progress)
-    first, last = sum(result.losses[0]), sum(result.losses[-1])
-    print(f"{result.images_per_s:.1f} images/s; loss {first:.4f} -> {last:.4f} (box, obj, cls "
-          f"{', '.join(f'{v:.4f}' for v in result.losses[-1])})")
+                       img_size=args.imgsz, amp=args.amp, channels_last=args.channels_last, lr=args.lr,
+                       seed=args.seed, progress=None if args.quiet else progress, save_dir=save_dir,
+                       save_period=args.save_period, options=options, resume=resumed, stop=interrupt.requested)
+    last = save_dir / "weights" / "last.pt"
+    if result.interrupted:
+        print(f"interrupted at step {result.step} of {total}: saved {last} "
+              f"(continue with: python -m mobileops train --resume {last})", flush=True)
+        return EXIT_INTERRUPTED
+    if result.losses:
+        first, final = sum(result.losses[0]), sum(result.losses[-1])
+        print(f"{result.images_per_s:.1f} images/s; loss {first:.4f} -> {final:.4f} (box, obj, cls "
+              f"{', '.join(f'{v:.4f}' for v in result.losses[-1])})")
+    print(f"results saved to {save_dir} (weights/last.pt, results.csv, opt.yaml)")
     return 0
 
 
@@ -142,6 +307,16 @@ def _build(args) -> int:
     return subprocess.run([sys.executable, "-m", "mobileops", "check"], cwd=root).returncode
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` where there is a default worth showing (not None or a False switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of ``python -m mobileops`` with all its subcommands.
 
@@ -156,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="per-layer table and size of a detector config")
     p.add_argument("cfg", help="shipped config name (yolov5n, yolov5s, yolov5n-c3uib, "
                                "yolov5-mobilenetv3) or a yaml path")
-    p.add_argument("--img", type=int, default=640, help="image size for the GFLOPs count")
+    p.add_argument("--img", "--imgsz", "--img-size", dest="imgsz", type=int, default=640,
+                   help="image size for the GFLOPs count, a multiple of 32 (default 640)")
     p.add_argument("--nc", type=int, default=None, help="override the number of classes")
     p.add_argument("--fuse", action="store_true", help="fold BatchNorms first")
     p.set_defaults(run=_info)
@@ -177,22 +353,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", dest="out", action="store_const", const=None, help="write no results file")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs", help="torch.compile mode")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_bench)
-    p = sub.add_parser("train", help="train a detector on synthetic data (the smallest end-to-end demo)")
+    p = sub.add_parser("train", help="train a detector on synthetic data, with checkpoints and --resume",
+                       formatter_class=_DefaultsFormatter,
+                       description="Train a detector on synthetic data in a YOLOv5-style run folder "
+                                   "(<project>/<name>, numbered exp2, exp3, ...): weights/last.pt every epoch, "
+                                   "opt.yaml and results.csv. Ctrl-C finishes the current step, saves last.pt "
+                                   "and exits 130; --resume continues from it.")
     p.add_argument("--cfg", default="yolov5n-c3uib", help="shipped config name or yaml path")
     p.add_argument("--data", default="synthetic", help="only 'synthetic' (random images and boxes)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10, help="steps per epoch")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--img-size", type=int, default=320, help="a multiple of 32")
+    p.add_argument("--epochs", type=_positive_int, default=1, help="number of epochs")
+    p.add_argument("--steps", type=_positive_int, default=10, help="steps per epoch")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step")
+    p.add_argument("--img", "--imgsz", "--img-size", dest="imgsz", type=int, default=320,
+                   help="training image size, a multiple of 32")
     p.add_argument("--nc", type=int, default=None, help="override the number of classes")
-    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none", help="mixed precision")
+    p.add_argument("--channels-last", action="store_true", help="train in channels_last memory format")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None,
+                   help="fused-op backend (default: $MOBILEOPS_BACKEND, else auto)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or N (default: cuda if available, else cpu)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the synthetic data")
+    p.add_argument("--project", default="runs/train", help="folder of the run folders")
+    p.add_argument("--name", default="exp", help="run folder name (numbered if it exists)")
+    p.add_argument("--exist-ok", action="store_true", help="reuse <project>/<name> rather than numbering a new one")
+    p.add_argument("--save-period", type=int, default=0,
+                   help="also write weights/last.pt every this many steps (0: at epoch ends only)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue a run from its last.pt, its run folder, or (no PATH) the latest under --project")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
     p = sub.add_parser("build", help="(re)build the CUDA extension mobileops._C in place (source checkout)")
@@ -210,12 +401,29 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 2 for invalid input (printed as one ``error: ...`` line).
     """
+    from mobileops.backend import BackendUnavailableError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.explicit = _explicit_options(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _explicit_options(argv: list[str]) -> set[str]:
+    """The ``train`` options given on the command line (argparse cannot tell them from defaults)."""
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for action in train._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "run"}
 
 
 if __name__ == "__main__":

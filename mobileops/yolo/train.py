@@ -10,10 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from mobileops.yolo import checkpoint as checkpoint_lib
+from mobileops.yolo import rundir
 from mobileops.yolo.loss import YOLOv5Loss
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -97,53 +101,155 @@ class Trainer:
 
 @dataclass
 class TrainResult:
-    """Per-step loss parts, and images per second over the timed steps (the first step, which
-    pays for autotuning and allocation, is excluded when there is more than one)."""
+    """What :func:`train` did.
+
+    ``losses``: the ``[box, obj, cls]`` loss parts of each step this call ran; ``images_per_s``:
+    over those steps (the first, which pays for autotuning and allocation, is excluded when there
+    is more than one); ``steps``: how many steps this call ran; ``step`` and ``epoch``: completed
+    steps and epochs of the whole run (a resumed run counts the steps before the resume);
+    ``interrupted``: ``stop()`` ended it early; ``last``: the checkpoint written last, if any.
+    """
 
     losses: list[list[float]]
     images_per_s: float
     steps: int
+    step: int = 0
+    epoch: int = 0
+    interrupted: bool = False
+    last: Path | None = None
+
+
+def _resumed_state(resume, model: nn.Module, total: int) -> tuple[dict | None, str]:
+    if resume is None:
+        return None, ""
+    if isinstance(resume, dict):
+        checkpoint, path = resume, "<checkpoint>"
+    else:
+        path = str(resume)
+        checkpoint = checkpoint_lib.load_checkpoint(resume)
+    checkpoint_lib.check_compatible(model, checkpoint["model"], path)
+    if checkpoint["step"] >= total:
+        raise ValueError(f"{path}: the run finished ({checkpoint['step']} of {total} steps); nothing to resume")
+    return checkpoint, path
 
 
 def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch_size: int = 8,
           img_size: int = 320, amp: str = "none", channels_last: bool = False, lr: float = 0.01, seed: int = 0,
-          progress: Callable[[int, int, list[float]], None] | None = None) -> TrainResult:
+          progress: Callable[[int, int, list[float]], None] | None = None, save_dir: str | Path | None = None,
+          save_period: int = 0, options: dict[str, Any] | None = None,
+          resume: str | Path | dict[str, Any] | None = None,
+          stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train ``model`` in place on synthetic data; see :class:`Trainer` for the step.
 
-    ``progress(done, total, parts)`` is called after every step.
+    The batches come from one generator seeded with ``seed`` and are drawn in the model's
+    floating dtype. With ``save_dir`` the run keeps YOLOv5's files there (see
+    :mod:`mobileops.yolo.rundir`): ``weights/last.pt`` after every epoch, every ``save_period``
+    steps and when stopped, ``results.csv`` and ``opt.yaml``. ``resume`` continues a run from its
+    checkpoint exactly: the same arguments then give the same parameters as a run never stopped.
+
+    Args:
+        model: the detector to train, on its device.
+        epochs: number of epochs.
+        steps_per_epoch: steps (batches) per epoch.
+        batch_size: images per batch.
+        img_size: image size, a multiple of the model's largest stride.
+        amp: ``"none"``, ``"fp16"`` or ``"bf16"``.
+        channels_last: train in channels_last memory format.
+        lr: SGD learning rate.
+        seed: seed of the synthetic data generator.
+        progress: ``progress(done, total, parts)`` after every step (``done`` counts the whole run).
+        save_dir: the run folder; None keeps nothing on disk.
+        save_period: also write ``last.pt`` every this many steps (0: only at epoch ends and when stopped).
+        options: the run's options, stored in the checkpoint and written to ``opt.yaml``.
+        resume: a checkpoint path or a dict from :func:`~mobileops.yolo.checkpoint.load_checkpoint`.
+        stop: polled after every step; when it returns True the run saves ``last.pt`` (with
+            ``save_dir``) and returns with ``interrupted=True``.
+
+    Raises:
+        ValueError: bad arguments, or a checkpoint that does not fit ``model`` or has nothing left to run.
     """
     for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"train: {name} must be a positive integer, got {value!r}")
-    if img_size % 32:
-        raise ValueError(f"train: img_size must be a multiple of 32 (the largest stride), got {img_size}")
-    device = next(model.parameters()).device
+    if isinstance(save_period, bool) or not isinstance(save_period, int) or save_period < 0:
+        raise ValueError(f"train: save_period must be a non-negative integer, got {save_period!r}")
+    largest_stride = int(max(getattr(model, "stride", torch.tensor([32.0])).tolist()))
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1 or img_size % largest_stride:
+        raise ValueError(f"train: img_size must be a positive multiple of {largest_stride} (the largest stride), "
+                         f"got {img_size}")
+    total = epochs * steps_per_epoch
+    checkpoint, resume_path = _resumed_state(resume, model, total)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype if param.is_floating_point() else torch.float32
     if channels_last:
         model.to(memory_format=torch.channels_last)
     trainer = Trainer(model, img_size=img_size, amp=amp, lr=lr)
     nc = trainer.criterion.nc
-    total = epochs * steps_per_epoch
-    losses, timed_images = [], 0
-    began = time.perf_counter() if total == 1 else None
-    for done, (images, targets) in enumerate(synthetic_batches(total, batch_size, img_size, nc, seed), start=1):
+    generator = torch.Generator().manual_seed(seed)
+    step, epoch_losses = 0, [0.0, 0.0, 0.0]
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint["scaler"]:
+            trainer.scaler.load_state_dict(checkpoint["scaler"])
+        checkpoint_lib.restore_rng_states(checkpoint["rng"], generator)
+        step, epoch_losses = checkpoint["step"], list(checkpoint["epoch_losses"])
+    options = dict(options or {})
+    last = Path(save_dir) / "weights" / "last.pt" if save_dir is not None else None
+    if save_dir is not None:
+        rundir.write_options(save_dir, options)
+        rundir.keep_results_before(save_dir, step // steps_per_epoch)
+
+    def save() -> Path:
+        state = checkpoint_lib.make_checkpoint(
+            model, trainer.optimizer, trainer.scaler, epoch=step // steps_per_epoch, step=step,
+            epoch_losses=epoch_losses, data_generator=generator, opt=options)
+        return checkpoint_lib.save_checkpoint(state, last)
+
+    losses: list[list[float]] = []
+    started = first_done = epoch_began = time.perf_counter()
+    epoch_images, interrupted, saved = 0, False, None
+    while step < total:
+        images, targets = synthetic_batch(batch_size, img_size, nc, generator=generator, dtype=dtype)
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         parts = trainer.step(images, targets.to(device))
         losses.append(parts.tolist())  # one host sync per step, for the log
-        if began is None:
+        step += 1
+        epoch_images += batch_size
+        epoch_losses = [a + b for a, b in zip(epoch_losses, losses[-1])]
+        if len(losses) == 1:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            began = time.perf_counter()
-        else:
-            timed_images += batch_size
+            first_done = time.perf_counter()
         if progress is not None:
-            progress(done, total, losses[-1])
+            progress(step, total, losses[-1])
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end and save_dir is not None:
+            in_epoch = (step - 1) % steps_per_epoch + 1
+            row = dict(epoch=step // steps_per_epoch - 1, step=step)
+            row.update(zip(rundir.RESULTS_COLUMNS[2:5], [v / in_epoch for v in epoch_losses]))
+            row["images/s"] = epoch_images / max(time.perf_counter() - epoch_began, 1e-9)
+            row.update((f"x/lr{i}", group["lr"]) for i, group in enumerate(trainer.optimizer.param_groups))
+            rundir.append_results(save_dir, row)
+        if epoch_end:
+            epoch_losses, epoch_images, epoch_began = [0.0, 0.0, 0.0], 0, time.perf_counter()
+        interrupted = stop is not None and stop() and step < total
+        if save_dir is not None and (epoch_end or interrupted or (save_period and step % save_period == 0)):
+            saved = save()
+        if interrupted:
+            break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if total == 1:
-        timed_images = batch_size
-    return TrainResult(losses, timed_images / (time.perf_counter() - began), total)
+    ended = time.perf_counter()
+    ran = len(losses)
+    if ran > 1:
+        rate = (ran - 1) * batch_size / max(ended - first_done, 1e-9)
+    else:
+        rate = ran * batch_size / max(ended - started, 1e-9)
+    return TrainResult(losses, rate, ran, step=step, epoch=step // steps_per_epoch, interrupted=interrupted,
+                       last=saved)
 
 
 __all__ = ["AMP_DTYPES", "TrainResult", "Trainer", "make_optimizer", "synthetic_batch", "synthetic_batches", "train"]
