@@ -1,13 +1,20 @@
 """The training loop (mobileops.yolo.train) and ``python -m mobileops train``."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import yaml
 
 import mobileops
 from mobileops import yolo
 from mobileops.__main__ import main
+from mobileops.yolo.checkpoint import load_weights, save_checkpoint
 from mobileops.yolo.train import Trainer, synthetic_batch, synthetic_batches, train
 
 
@@ -67,3 +74,163 @@ def test_bad_training_arguments():
     with pytest.raises(ValueError, match="amp"):
         Trainer(model, amp="fp8")
     assert main(["train", "--data", "coco", "--quiet"]) != 0
+
+
+# --- run folders, checkpoints, --resume, Ctrl-C -------------------------------------------------------------
+
+#: The smallest detector that trains: three strides (8, 16, 32) and one C3_UIB (fused blocks), 10k parameters.
+TINY = dict(name="tiny", nc=2, depth_multiple=0.33, width_multiple=0.25,
+            anchors=[[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
+            backbone=[[-1, 1, "Conv", [32, 3, 2]], [-1, 1, "Conv", [64, 3, 2]], [-1, 1, "C3_UIB", [64]],
+                      [-1, 1, "Conv", [64, 3, 2]], [-1, 1, "Conv", [64, 3, 2]], [-1, 1, "Conv", [64, 3, 2]]],
+            head=[[[3, 4, 5], 1, "Detect", ["nc", "anchors"]]])
+
+
+def tiny_yaml(folder, cfg=TINY):
+    path = folder / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "name"}))
+    return path
+
+
+def _float64_run(save_dir, seed_of_init, **kwargs):
+    torch.manual_seed(seed_of_init)
+    model = yolo.build(TINY).double()
+    with mobileops.use_backend("torch"):
+        result = train(model, epochs=3, steps_per_epoch=2, batch_size=2, img_size=32, seed=5, save_dir=save_dir,
+                       options=dict(note="test"), **kwargs)
+    return model, result
+
+
+def test_resume_continues_bit_identically_in_float64(tmp_path):
+    whole, done = _float64_run(tmp_path / "whole", 0)
+    assert (done.step, done.epoch, done.interrupted) == (6, 3, False)
+    calls = []
+    half, stopped = _float64_run(tmp_path / "split", 0, progress=lambda *a: calls.append(a),
+                                 stop=lambda: len(calls) >= 3)  # mid-epoch: epoch 1, step 1 of 2
+    assert (stopped.step, stopped.interrupted, stopped.last) == (3, True, tmp_path / "split/weights/last.pt")
+    saved = torch.load(stopped.last, weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["opt"], saved["yaml"]["name"]) == (3, 1, dict(note="test"), "tiny")
+    # Different initial weights: everything must come from the checkpoint.
+    resumed, rest = _float64_run(tmp_path / "split", 1, resume=stopped.last)
+    assert (rest.steps, rest.step, rest.interrupted) == (3, 6, False)
+    assert not any(torch.equal(a, b) for a, b in zip(half.parameters(), whole.parameters()))
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    csv_lines = lambda run: [line.split(",")[:5] for line in (tmp_path / run / "results.csv").read_text().splitlines()]
+    assert csv_lines("split") == csv_lines("whole") and len(csv_lines("whole")) == 4  # header + 3 epochs
+    assert (tmp_path / "split" / "opt.yaml").read_text() == "note: test\n"
+
+
+def test_checkpoint_loads_with_weights_only_into_both_twins(tmp_path):
+    torch.manual_seed(0)
+    model = yolo.build(TINY)
+    result = train(model, epochs=1, steps_per_epoch=1, batch_size=2, img_size=32, save_dir=tmp_path)
+    saved = torch.load(result.last, weights_only=True)
+    assert set(saved) >= {"model", "optimizer", "scaler", "epoch", "step", "rng", "opt", "yaml"}
+    assert isinstance(saved["rng"]["torch"], torch.Tensor) and isinstance(saved["rng"]["data"], torch.Tensor)
+    for blocks in ("mobileops", "plain"):
+        twin = yolo.build(saved["yaml"], blocks=blocks)
+        twin.load_state_dict(saved["model"], strict=True)
+        torch.testing.assert_close(twin.state_dict(), model.state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another model"):
+        load_weights(yolo.build(dict(TINY, nc=3)), result.last)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = save_checkpoint(dict(step=1), tmp_path / "weights" / "last.pt")
+
+    def dies_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(dict(step=2), path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == dict(step=1)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def _one_error_line(capsys):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_bad_resume_inputs_get_one_line_naming_the_file(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "last.pt"
+    assert main(["train", "--resume", str(missing)]) == 2
+    assert str(missing) in _one_error_line(capsys)
+
+    torch.manual_seed(0)
+    good = train(yolo.build(TINY), epochs=2, steps_per_epoch=1, batch_size=2, img_size=32, seed=0,
+                 save_dir=tmp_path / "run", options=dict(cfg="tiny", data="synthetic", epochs=2, steps=1,
+                                                         batch_size=2, imgsz=32, nc=None, amp="none"),
+                 stop=lambda: True).last
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    assert main(["train", "--resume", str(truncated)]) == 2
+    line = _one_error_line(capsys)
+    assert str(truncated) in line and "truncated or corrupt" in line
+
+    assert main(["train", "--resume", str(good), "--cfg", "yolov5n"]) == 2
+    line = _one_error_line(capsys)
+    assert str(good) in line and "another model" in line
+
+    assert main(["train", "--resume", str(good), "--batch-size", "4"]) == 2
+    assert "--batch-size 4" in _one_error_line(capsys)
+
+    assert main(["train", "--resume", "--project", str(tmp_path / "empty")]) == 2
+    assert "no last.pt under" in _one_error_line(capsys)
+
+
+def test_cli_run_folders_number_themselves(tmp_path, capsys):
+    cfg = tiny_yaml(tmp_path)
+    argv = ["train", "--cfg", str(cfg), "--img", "32", "--batch-size", "2", "--steps", "1", "--quiet",
+            "--backend", "torch", "--project", str(tmp_path / "runs")]
+    assert main(argv) == 0 and main(argv) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp", "exp2"]
+    assert "results saved to" in capsys.readouterr().out
+    options = yaml.safe_load((tmp_path / "runs" / "exp2" / "opt.yaml").read_text())
+    assert options["imgsz"] == 32 and options["cfg"] == str(cfg) and options["save_dir"].endswith("exp2")
+    header = (tmp_path / "runs" / "exp" / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["epoch", "step", "train/box_loss", "train/obj_loss", "train/cls_loss", "images/s"]
+    assert "x/lr0" in header
+
+
+def test_ctrl_c_saves_last_pt_exits_130_and_resumes(tmp_path, capsys):
+    cfg = tiny_yaml(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MOBILEOPS_BACKEND")}
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "mobileops", "train", "--cfg", str(cfg), "--img", "32",
+                                 "--batch-size", "2", "--epochs", "500", "--steps", "2", "--backend", "torch",
+                                 "--device", "cpu", "--project", str(tmp_path / "runs")],
+                                stdout=out, stderr=err, env=env, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 180
+            while "loss box" not in err_path.read_text():  # a step has finished
+                assert proc.poll() is None, err_path.read_text()
+                assert time.monotonic() < deadline, "no training step finished within 180 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert code == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    last = tmp_path / "runs" / "exp" / "weights" / "last.pt"
+    naming = [line for line in (stdout + stderr).splitlines() if "last.pt" in line]
+    assert len(naming) == 1 and str(last) in naming[0], stdout + stderr
+    saved = torch.load(last, weights_only=True)
+    assert 1 <= saved["step"] < 1000 and f"at step {saved['step']} of 1000" in naming[0]
+    # Resume it (to the end of the next epoch only: --epochs may change on resume).
+    epochs = saved["step"] // 2 + 1
+    assert main(["train", "--resume", str(last), "--epochs", str(epochs), "--quiet"]) == 0
+    assert torch.load(last, weights_only=True)["step"] == 2 * epochs
+    assert f"resuming {last} at step {saved['step']}" in capsys.readouterr().out
+    assert len((tmp_path / "runs" / "exp" / "results.csv").read_text().splitlines()) == 1 + epochs
