@@ -8,7 +8,8 @@
   subprocess that must exit with 0; ``pytest`` / ``python -m pytest`` must name existing paths
   and known ``--bench-*`` options; ``python <script>.py`` must name an existing script; ``pip``
   lines cannot run here. Any other command fails the test until a check is added for it.
-- ``python -m mobileops ...`` in inline code is parsed too.
+- ``python -m mobileops ...`` in inline code is parsed too, and relative links point to files
+  and headings that exist.
 - The install-and-test line that CI reads from the README (``.ci/run``) is exactly the
   documented one.
 
@@ -241,6 +242,29 @@ def test_the_test_command_is_the_one_ci_runs():
     assert ci_lines, f"README.md has no line starting like {TEST_COMMAND!r}"
     assert ci_lines[0] == TEST_COMMAND, f"CI would run {ci_lines[0]!r}; the documented command is {TEST_COMMAND!r}"
     assert TEST_COMMAND in readme, "the test command must stand in a README ```bash block"
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of the Markdown headings in ``path``."""
+    out = set()
+    for heading in re.findall(r"^#+ (.+)$", _FENCE.sub("", path.read_text()), re.M):
+        out.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
+    return out
+
+
+def test_relative_links_point_to_files_and_headings():
+    broken = []
+    for path in SHELL_DOCS + [ROOT / "benchmarks" / "NOTES.md"]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _FENCE.sub("", path.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # an external address
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
+            if not resolved.exists():
+                broken.append(f"{_rel(path)}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{_rel(path)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
 
 
 # ----------------------------------------------------------------------------- the checker itself
