@@ -1,13 +1,16 @@
-"""``python -m mobileops info|check`` and the setup.py switches."""
+"""``python -m mobileops``: info, check, the one-line errors, --help, bench on Ctrl-C; the setup.py switches."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from mobileops.__main__ import main
+from mobileops.__main__ import build_parser, main
 from mobileops.backend import implemented_ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +82,103 @@ def test_build_needs_a_source_checkout(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(mobileops, "__file__", str(tmp_path / "site-packages" / "mobileops" / "__init__.py"))
     assert main(["build"]) == 2
     assert "needs a source checkout" in capsys.readouterr().err
+
+
+def test_help_lists_every_subcommand_and_train_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("info", "check", "bench", "train", "build"):
+        assert f"\n    {command} " in out, out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for shown in ("--epochs EPOCHS number of epochs (default: 1)", "(default: 320)", "(default: runs/train)",
+                  "--resume [PATH]", "--save-period", "--exist-ok", "--img IMGSZ, --imgsz IMGSZ, --img-size IMGSZ"):
+        assert shown in out, shown
+
+
+@pytest.mark.parametrize("command", ["info", "train"])
+def test_image_size_flag_is_the_same_everywhere(command):
+    head = ["info", "yolov5n"] if command == "info" else ["train"]
+    for flag in ("--img", "--imgsz", "--img-size"):
+        assert build_parser().parse_args(head + [flag, "64"]).imgsz == 64
+
+
+NO_TRITON = {"TRITON_INTERPRET": None}  # this machine (no CUDA) without the interpreter: triton cannot run
+
+
+@pytest.mark.parametrize("argv,env,names", [
+    (["train", "--img-size", "0"], {}, "--img 0"),
+    (["train", "--img-size", "-32"], {}, "--img -32"),
+    (["train", "--img", "48"], {}, "--img 48"),
+    (["train", "--device", "gpu0"], {}, "--device gpu0"),
+    (["train", "--backend", "triton"], NO_TRITON, "--backend triton"),
+    (["train"], dict(NO_TRITON, MOBILEOPS_BACKEND="triton"), "MOBILEOPS_BACKEND=triton"),
+    (["info", "yolov5n", "--img", "0"], {}, "--img 0"),
+    (["info", "yolov5n", "--img", "-32"], {}, "--img -32"),
+    (["info", "yolov5n"], dict(NO_TRITON, MOBILEOPS_BACKEND="triton"), "MOBILEOPS_BACKEND=triton"),
+    (["bench", "--device", "gpu0", "--no-save"], {}, "--device gpu0"),
+    (["bench", "--no-save"], dict(NO_TRITON, MOBILEOPS_BACKEND="triton"), "MOBILEOPS_BACKEND=triton"),
+])
+def test_bad_values_get_one_line_naming_the_flag(argv, env, names, monkeypatch, capsys):
+    for key, value in env.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], captured.err
+    assert "Traceback" not in captured.err and captured.out == ""  # info fails before printing its table
+    allowed = {"--img": "multiple of 32", "--device": "allowed: cpu, cuda", "--backend": "usable here: auto, torch",
+               "MOBILEOPS_BACKEND": "usable here: auto, torch"}
+    assert allowed[names.split()[0].split("=")[0]] in lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_cuda_device_without_cuda_is_a_one_line_error(command, capsys):
+    assert main([command, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device cuda: CUDA is not available here" in err and "--device cpu" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where triton cannot run (no CUDA)")
+def test_check_fails_when_the_selected_backend_cannot_run_here():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MOBILEOPS_BACKEND"] = "triton"
+    proc = subprocess.run([sys.executable, "-m", "mobileops", "check"], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "selected backend: triton (unusable here: no CUDA device" in proc.stdout
+    assert proc.stderr.startswith("error: the selected backend triton") and "Traceback" not in proc.stderr
+
+
+def test_bench_ctrl_c_keeps_and_writes_the_rows_measured(monkeypatch, tmp_path, capsys):
+    from mobileops.bench import cases, run, timing
+
+    def case(name):
+        return SimpleNamespace(kind="op", group="dwconv_bn_act", name=name,
+                               describe=lambda: dict(kind="op", group="dwconv_bn_act", name=name))
+
+    measured = []
+
+    def measure(case, *args, **kwargs):  # the second case is interrupted while it is being measured
+        if measured:
+            raise KeyboardInterrupt
+        measured.append(case)
+        return dict(case.describe(), times_ms={"eager": 1.0}, errors={})
+
+    monkeypatch.setattr(cases, "all_cases", lambda scope: [case("first"), case("second"), case("third")])
+    monkeypatch.setattr(run, "measure", measure)
+    monkeypatch.setattr(timing, "copy_bandwidth", lambda device: 1e9)
+    assert main(["bench", "--kinds", "op", "--quiet", "--out", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    written = list(tmp_path.glob("*.json"))
+    assert len(written) == 1 and f"wrote {written[0]}" in captured.out
+    document = json.loads(written[0].read_text())
+    assert document["interrupted"] is True and [r["name"] for r in document["rows"]] == [measured[0].name]
+    assert "interrupted: kept the 1 of 3 cases measured" in captured.err and "Traceback" not in captured.err
