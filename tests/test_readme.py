@@ -21,6 +21,7 @@ Placeholders like ``<cfg>`` are replaced by an example value from :data:`PLACEHO
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shlex
 import subprocess
@@ -198,6 +199,7 @@ def test_python_snippet_runs_as_written(where, source, tmp_path, monkeypatch):
     code = compile(source, where, "exec")
     with _restored_state(), torch.random.fork_rng():
         torch.manual_seed(0)
+        torch.set_num_threads(1)  # small tensors: more threads only contend on a busy machine
         exec(code, {"__name__": "__readme__"})
 
 
@@ -210,8 +212,9 @@ def test_shell_commands_parse_and_the_cheap_ones_run():
                 if argv is not None:
                     to_run.setdefault(shlex.join(argv), (where, argv))
     assert to_run, "no cheap python -m mobileops command found to run"
-    # All at once: each pays the import of torch, which is most of its time.
-    procs = {key: (where, subprocess.Popen([sys.executable, "-m", "mobileops", *argv], cwd=ROOT,
+    # All at once, one thread each: each pays the import of torch, which is most of its time.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = {key: (where, subprocess.Popen([sys.executable, "-m", "mobileops", *argv], cwd=ROOT, env=env,
                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
              for key, (where, argv) in to_run.items()}
     failures = []
