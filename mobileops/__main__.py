@@ -266,12 +266,17 @@ def _train(args) -> int:
     print(f"training {model.yaml['name']} on {device.type} ({backend_name} backend), {args.epochs} epoch(s) x "
           f"{args.steps} steps of {args.batch_size} synthetic {args.imgsz}px images, amp {args.amp}; "
           f"run folder {save_dir}", flush=True)
-    with mobileops.use_backend(backend_name), GracefulInterrupt() as interrupt:
-        result = train(model, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
-                       img_size=args.imgsz, amp=args.amp, channels_last=args.channels_last, lr=args.lr,
-                       seed=args.seed, progress=None if args.quiet else progress, save_dir=save_dir,
-                       save_period=args.save_period, options=options, resume=resumed, stop=interrupt.requested)
     last = save_dir / "weights" / "last.pt"
+    try:
+        with mobileops.use_backend(backend_name), GracefulInterrupt() as interrupt:
+            result = train(model, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
+                           img_size=args.imgsz, amp=args.amp, channels_last=args.channels_last, lr=args.lr,
+                           seed=args.seed, progress=None if args.quiet else progress, save_dir=save_dir,
+                           save_period=args.save_period, options=options, resume=resumed, stop=interrupt.requested)
+    except KeyboardInterrupt:  # the second Ctrl-C: stopped mid-step, the previous checkpoint stays
+        kept = f"the last checkpoint written is kept: {last}" if last.is_file() else "no checkpoint was written yet"
+        print(f"interrupted at once; {kept}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     if result.interrupted:
         print(f"interrupted at step {result.step} of {total}: saved {last} "
               f"(continue with: python -m mobileops train --resume {last})", flush=True)

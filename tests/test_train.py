@@ -50,11 +50,12 @@ def test_bf16_autocast_step_runs_and_stays_finite():
     assert torch.isfinite(parts).all() and all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_cli_train_runs_end_to_end(capsys):
+def test_cli_train_runs_end_to_end(capsys, tmp_path):
     assert main(["train", "--cfg", "yolov5n-c3uib", "--data", "synthetic", "--epochs", "1", "--steps", "2",
-                 "--batch-size", "2", "--img-size", "64", "--quiet"]) == 0
+                 "--batch-size", "2", "--img-size", "64", "--quiet", "--project", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "images/s" in out and "loss" in out
+    assert torch.load(tmp_path / "exp" / "weights" / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_train_reports_throughput_and_losses():

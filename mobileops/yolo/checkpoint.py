@@ -92,6 +92,19 @@ def restore_rng_states(states: dict[str, Any], data_generator: torch.Generator) 
             torch.cuda.set_rng_state(state, index)
 
 
+def _portable(value: Any) -> Any:
+    """Tensors on the CPU (a checkpoint from a GPU loads anywhere), paths as strings, tuples as lists."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_portable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
 def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
                     epoch: int, step: int, epoch_losses: list[float], data_generator: torch.Generator,
                     opt: dict[str, Any]) -> dict[str, Any]:
@@ -107,9 +120,10 @@ def make_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         data_generator: the synthetic data generator.
         opt: the run's options (plain types only).
     """
-    return dict(format=FORMAT, version=VERSION, model=model.state_dict(), yaml=dict(getattr(model, "yaml", {})),
-                optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=int(epoch), step=int(step),
-                epoch_losses=[float(v) for v in epoch_losses], rng=rng_states(data_generator), opt=dict(opt))
+    state = dict(model=model.state_dict(), yaml=dict(getattr(model, "yaml", {})), optimizer=optimizer.state_dict(),
+                 scaler=scaler.state_dict(), rng=rng_states(data_generator), opt=dict(opt))
+    return dict(format=FORMAT, version=VERSION, **_portable(state), epoch=int(epoch), step=int(step),
+                epoch_losses=[float(v) for v in epoch_losses])
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
