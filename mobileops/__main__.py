@@ -231,6 +231,9 @@ def _train(args) -> int:
         raise UsageError(f"--data {args.data!r}: only 'synthetic' is built in; for real data use mobileops "
                          "modules inside a YOLOv5 training tree (see the README)")
     _check_img(args.imgsz)
+    if args.save_period < 0:
+        raise UsageError(f"--save-period {args.save_period}: must be 0 (checkpoints at epoch ends only) or a "
+                         "positive number of steps")
     device = _resolve_device(args.device)
     backend_name = _resolve_backend(args.backend, device)
     if resumed is not None:
