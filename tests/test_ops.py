@@ -78,8 +78,8 @@ def test_dwconv_bn_act_float64_parity(device, backend_name, layout, training, ac
     y_ref.backward(grad)
 
     xo = _leaf(x, device, layout=LAYOUTS[layout])
-    bn = _bn_module(x.shape[1])
-    w, gamma, beta = (_leaf(t, device) for t in (conv.weight, bn.weight, bn.bias))
+    bn_params = _bn_module(x.shape[1])
+    w, gamma, beta = (_leaf(t, device) for t in (conv.weight, bn_params.weight, bn_params.bias))
     fresh = _bn_module(x.shape[1])
     rm, rv = fresh.running_mean.to(device), fresh.running_var.to(device)
     with mobileops.use_backend(backend_name):
