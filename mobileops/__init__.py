@@ -11,29 +11,29 @@
 
 from mobileops import ops
 from mobileops.backend import (
-                               BackendUnavailableError,
-                               available_backends,
-                               backend_status,
-                               get_backend,
-                               set_backend,
-                               use_backend,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    get_backend,
+    set_backend,
+    use_backend,
 )
 from mobileops.convert import ConversionReport, convert
 from mobileops.nn import (
-                               C3,
-                               C3_UIB,
-                               SPPF,
-                               Bottleneck,
-                               Concat,
-                               Conv,
-                               Conv3BN,
-                               Detect,
-                               MobileNetv3,
-                               SELayer,
-                               UniversalInvertedBottleneckBlock,
-                               h_sigmoid,
-                               h_swish,
-                               make_divisible,
+    C3,
+    C3_UIB,
+    SPPF,
+    Bottleneck,
+    Concat,
+    Conv,
+    Conv3BN,
+    Detect,
+    MobileNetv3,
+    SELayer,
+    UniversalInvertedBottleneckBlock,
+    h_sigmoid,
+    h_swish,
+    make_divisible,
 )
 
 __version__ = "0.1.0"
