@@ -65,7 +65,7 @@ class NvccBuildExt(build_ext):
         for ext in list(self.extensions):
             try:
                 self._build_with_nvcc(ext, nvcc)
-            except Exception as exc:
+            except Exception as exc:  # reported, and fatal when required
                 if mode == "required":
                     raise
                 print(f"\n*** mobileops: CUDA extension NOT built ({exc}); the cuda backend will be "

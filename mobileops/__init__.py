@@ -9,7 +9,7 @@
   :func:`backend_status`, env var ``MOBILEOPS_BACKEND``.
 """
 
-from mobileops import ops
+from mobileops import ops  # registers the torch backend's implementations
 from mobileops.backend import (
     BackendUnavailableError,
     available_backends,

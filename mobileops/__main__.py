@@ -26,10 +26,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _check_img(value: int, stride: int = 32) -> int:
-    if value < 1 or value % stride:
-        raise UsageError(f"--img {value}: the image size must be a positive multiple of {stride} "
-                         "(the detectors' largest stride), e.g. 320 or 640")
+def _check_img(value: int, stride: int | None = None) -> int:
+    """``--img`` must be positive and, once the model is known, a multiple of its largest stride."""
+    if value < 1 or (stride is not None and value % stride):
+        raise UsageError(f"--img {value}: the image size must be a positive multiple of {stride or 32} "
+                         "(the detector's largest stride), e.g. 320 or 640")
     return value
 
 
@@ -87,6 +88,7 @@ def _info(args) -> int:
     _check_img(args.imgsz)
     _resolve_backend(None)
     model = yolo.build(args.cfg, nc=args.nc)
+    _check_img(args.imgsz, int(max(model.stride.tolist())))
     if args.fuse:
         model.fuse()
     print(f"{'':>3}{'from':>18}{'n':>4}{'params':>11}  {'module':<34}arguments")
@@ -110,7 +112,7 @@ def _check(args) -> int:
         import triton
 
         print(f"triton {triton.__version__}")
-    except Exception as exc:
+    except Exception as exc:  # reported, not fatal
         print(f"triton: not importable ({type(exc).__name__}: {exc})")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -146,12 +148,12 @@ def _bench(args) -> int:
     _resolve_backend(None, device)
     cuda = device.type == "cuda"
     scope = args.scope or ("quick" if cuda else "cpu")
+    if not cuda and scope != "cpu":
+        raise UsageError(f"--scope {scope} needs a CUDA device; on a CPU only --scope cpu runs")
     if not cuda:
         print("No CUDA device: timing the CPU subset (the torch backend against eager PyTorch and eager "
               "with BatchNorm folded, and the detectors' inference latency). The triton and cuda kernels "
               "need a CUDA device.")
-        if scope != "cpu":
-            raise ValueError(f"scope {scope!r} needs a CUDA device; on a CPU only 'cpu' runs")
     selected = [c for c in cases.all_cases(scope)
                 if c.kind in args.kinds and all(part in f"{c.group} {c.name}" for part in args.filter)]
     if not selected:
@@ -178,17 +180,25 @@ def _bench(args) -> int:
 
 
 #: Options a resumed run may change; the rest come from the checkpoint (YOLOv5's --resume rule).
+#: --cfg/--nc may be given but must describe the checkpoint's model; the folder options choose
+#: where a checkpoint kept outside a run's weights/ folder continues (and, for a bare --resume,
+#: --project is where the latest run is looked for). The backend is never taken from the
+#: checkpoint: it is the one named here (--backend, MOBILEOPS_BACKEND, else auto), like the device.
 _RESUME_MAY_CHANGE = {"resume", "device", "backend", "quiet", "project", "name", "exist_ok", "epochs",
                       "save_period", "cfg", "nc"}
 _TRAIN_OPTIONS = ("cfg", "data", "epochs", "steps", "batch_size", "imgsz", "nc", "amp", "channels_last",
                   "backend", "lr", "seed", "save_period")
+_RESUME_FROM_CHECKPOINT = tuple(dest for dest in _TRAIN_OPTIONS if dest != "backend")
 
 
 def _resume_path(value, project: str) -> Path:
     from mobileops.yolo import checkpoint
 
     if value is True:
-        return checkpoint.latest_checkpoint(project)
+        try:
+            return checkpoint.latest_checkpoint(project)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"--resume: {exc}") from None
     path = Path(value)
     if path.is_dir():
         for candidate in (path / "weights" / "last.pt", path / "last.pt"):
@@ -224,16 +234,19 @@ def _train(args) -> int:
             if dest in saved and getattr(args, dest) != saved[dest]:
                 raise UsageError(f"{_flag(dest)} {getattr(args, dest)}: --resume {path} continues the run with its "
                                  f"own options ({_flag(dest)} {saved[dest]}); drop the flag or start a new run")
-        for dest in _TRAIN_OPTIONS:
+        in_run_folder = path.parent.name == "weights"
+        folder_flags = {"name", "exist_ok"} | ({"project"} if args.resume is not True else set())
+        clash = sorted(explicit & folder_flags) if in_run_folder else []
+        if clash:
+            raise UsageError(f"{_flag(clash[0])}: --resume {path} continues in its own run folder "
+                             f"{path.parent.parent}; drop {_flag(clash[0])}")
+        for dest in _RESUME_FROM_CHECKPOINT:
             if dest in saved and dest not in explicit & _RESUME_MAY_CHANGE:
                 setattr(args, dest, saved[dest])
     if args.data != "synthetic":
         raise UsageError(f"--data {args.data!r}: only 'synthetic' is built in; for real data use mobileops "
                          "modules inside a YOLOv5 training tree (see the README)")
     _check_img(args.imgsz)
-    if args.save_period < 0:
-        raise UsageError(f"--save-period {args.save_period}: must be 0 (checkpoints at epoch ends only) or a "
-                         "positive number of steps")
     device = _resolve_device(args.device)
     backend_name = _resolve_backend(args.backend, device)
     if resumed is not None:
@@ -275,7 +288,8 @@ def _train(args) -> int:
             result = train(model, epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size,
                            img_size=args.imgsz, amp=args.amp, channels_last=args.channels_last, lr=args.lr,
                            seed=args.seed, progress=None if args.quiet else progress, save_dir=save_dir,
-                           save_period=args.save_period, options=options, resume=resumed, stop=interrupt.requested)
+                           save_period=max(args.save_period, 0), options=options, resume=resumed,
+                           stop=interrupt.requested)
     except KeyboardInterrupt:  # the second Ctrl-C: stopped mid-step, the previous checkpoint stays
         kept = f"the last checkpoint written is kept: {last}" if last.is_file() else "no checkpoint was written yet"
         print(f"interrupted at once; {kept}", file=sys.stderr, flush=True)
@@ -315,6 +329,14 @@ def _build(args) -> int:
     return subprocess.run([sys.executable, "-m", "mobileops", "check"], cwd=root).returncode
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``error: ...``, exit status 2), like the
+    CLI's own checks, instead of the usage block followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: ...)`` where there is a default worth showing (not None or a False switch)."""
 
@@ -334,14 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         A fresh :class:`argparse.ArgumentParser`; parsing with it has no side effects.
     """
-    parser = argparse.ArgumentParser(prog="python -m mobileops", description=__doc__)
+    parser = _Parser(prog="python -m mobileops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="per-layer table and size of a detector config")
     p.add_argument("cfg", help="shipped config name (yolov5n, yolov5s, yolov5n-c3uib, "
                                "yolov5-mobilenetv3) or a yaml path")
     p.add_argument("--img", "--imgsz", "--img-size", dest="imgsz", type=int, default=640,
                    help="image size for the GFLOPs count, a multiple of 32 (default 640)")
-    p.add_argument("--nc", type=int, default=None, help="override the number of classes")
+    p.add_argument("--nc", type=_positive_int, default=None, help="override the number of classes")
     p.add_argument("--fuse", action="store_true", help="fold BatchNorms first")
     p.set_defaults(run=_info)
     p = sub.add_parser("check", help="environment and backend availability")
@@ -377,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per step")
     p.add_argument("--img", "--imgsz", "--img-size", dest="imgsz", type=int, default=320,
                    help="training image size, a multiple of 32")
-    p.add_argument("--nc", type=int, default=None, help="override the number of classes")
+    p.add_argument("--nc", type=_positive_int, default=None, help="override the number of classes")
     p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none", help="mixed precision")
     p.add_argument("--channels-last", action="store_true", help="train in channels_last memory format")
     p.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default=None,
@@ -389,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="exp", help="run folder name (numbered if it exists)")
     p.add_argument("--exist-ok", action="store_true", help="reuse <project>/<name> rather than numbering a new one")
     p.add_argument("--save-period", type=int, default=0,
-                   help="also write weights/last.pt every this many steps (0: at epoch ends only)")
+                   help="also write weights/last.pt every this many steps (below 1: at epoch ends only, "
+                        "as YOLOv5's -1)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue a run from its last.pt, its run folder, or (no PATH) the latest under --project")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -412,7 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     from mobileops.backend import BackendUnavailableError
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help exits 0 here as usual; a bad argument returns its status
+        if not done.code:
+            raise
+        return int(done.code)
     if args.command == "train":
         args.explicit = _explicit_options(argv)
     try:

@@ -75,7 +75,7 @@ def _interpreter_on() -> bool:
 def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)
-    except Exception as exc:
+    except Exception as exc:  # any import failure makes the backend unavailable
         return f"{type(exc).__name__}: {exc}"
     return None
 

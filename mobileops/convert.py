@@ -249,7 +249,7 @@ def convert(model: nn.Module, inplace: bool = True) -> ConversionReport:
         try:
             root = _rebuild(root, *target)
             report.replaced.append(("", type(model).__name__, type(root).__name__))
-        except Exception as error:
+        except Exception as error:  # any mismatch leaves the block as it was
             report.skipped.append(("", type(root).__name__, f"{type(error).__name__}: {error}"))
     else:
         _convert_children(root, "", report)
@@ -269,7 +269,7 @@ def _convert_children(parent: nn.Module, prefix: str, report: ConversionReport) 
             continue
         try:
             new = _rebuild(child, *target)
-        except Exception as error:
+        except Exception as error:  # any mismatch leaves the block as it was
             report.skipped.append((path, type(child).__name__, f"{type(error).__name__}: {error}"))
             _convert_children(child, path, report)
             continue

@@ -118,7 +118,7 @@ NO_TRITON = {"TRITON_INTERPRET": None}  # this machine (no CUDA) without the int
     (["train", "--img-size", "-32"], {}, "--img -32"),
     (["train", "--img", "48"], {}, "--img 48"),
     (["train", "--device", "gpu0"], {}, "--device gpu0"),
-    (["train", "--save-period", "-1"], {}, "--save-period -1"),
+    (["train", "--nc", "0"], {}, "--nc"),
     (["train", "--backend", "triton"], NO_TRITON, "--backend triton"),
     (["train"], dict(NO_TRITON, MOBILEOPS_BACKEND="triton"), "MOBILEOPS_BACKEND=triton"),
     (["info", "yolov5n", "--img", "0"], {}, "--img 0"),
@@ -139,7 +139,7 @@ def test_bad_values_get_one_line_naming_the_flag(argv, env, names, monkeypatch, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], captured.err
     assert "Traceback" not in captured.err and captured.out == ""  # info fails before printing its table
     allowed = {"--img": "multiple of 32", "--device": "allowed: cpu, cuda", "--backend": "usable here: auto, torch",
-               "--save-period": "positive number of steps",
+               "--nc": "expected a positive integer",
                "MOBILEOPS_BACKEND": "usable here: auto, torch"}
     assert allowed[names.split()[0].split("=")[0]] in lines[0]
 

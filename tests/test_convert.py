@@ -70,7 +70,8 @@ def test_conversion_keeps_every_bit_of_the_weights_in_their_dtype(dtype):
         for t in [*plain.parameters(), *plain.buffers()]:
             if t.is_floating_point():
                 # float64 values that float32 cannot hold: a float32 round trip would change them
-                t.copy_(torch.randn(t.shape, dtype=torch.float64).to(dtype) if t.dim() else t)
+                # (positive, so running variances stay valid; bfloat16 checks the dtype is kept)
+                t.copy_(torch.rand(t.shape, dtype=torch.float64).add(0.5).to(dtype) if t.dim() else t)
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     report = mobileops.convert(plain)
     assert len(report.replaced) == 2 and not report.skipped

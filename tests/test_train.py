@@ -150,6 +150,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == dict(step=1)
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # what a plain open() gives, not mkstemp's 0600
 
 
 def _one_error_line(capsys):
@@ -183,7 +186,49 @@ def test_bad_resume_inputs_get_one_line_naming_the_file(tmp_path, capsys):
     assert "--batch-size 4" in _one_error_line(capsys)
 
     assert main(["train", "--resume", "--project", str(tmp_path / "empty")]) == 2
-    assert "no last.pt under" in _one_error_line(capsys)
+    assert "--resume: no last.pt under" in _one_error_line(capsys)
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert main(["train", "--resume", str(empty)]) == 2
+    assert f"{empty}: an empty file" in _one_error_line(capsys)
+
+    pickled = tmp_path / "yolov5.pt"
+    torch.save(dict(model=yolo.build(TINY), epoch=3), pickled)  # what ultralytics/yolov5 writes
+    assert main(["train", "--resume", str(pickled)]) == 2
+    line = _one_error_line(capsys)
+    assert f"{pickled}: holds pickled Python objects" in line and "\x1b" not in line
+
+    assert main(["train", "--resume", str(good), "--name", "other"]) == 2
+    assert "--name: --resume" in _one_error_line(capsys) and not (tmp_path / "other").exists()
+
+
+def test_resume_takes_the_backend_from_here_not_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    # A run started on a GPU machine with --backend cuda resumes on a machine where cuda cannot run.
+    torch.manual_seed(0)
+    options = dict(cfg="tiny", data="synthetic", epochs=2, steps=1, batch_size=2, imgsz=32, nc=None, amp="none",
+                   backend="cuda")
+    last = train(yolo.build(TINY), epochs=2, steps_per_epoch=1, batch_size=2, img_size=32, save_dir=tmp_path / "run",
+                 options=options, stop=lambda: True).last
+    monkeypatch.setenv("MOBILEOPS_BACKEND", "torch")
+    assert main(["train", "--resume", str(last), "--quiet"]) == 0, capsys.readouterr().err
+    assert "(torch backend)" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "run" / "opt.yaml").read_text())["backend"] == "torch"
+
+
+def test_save_period_writes_every_n_steps_and_exist_ok_appends(tmp_path, monkeypatch):
+    import mobileops.yolo.checkpoint as checkpoint_lib
+
+    written = []
+    real_save = checkpoint_lib.save_checkpoint
+    monkeypatch.setattr(checkpoint_lib, "save_checkpoint",
+                        lambda state, path: written.append(state["step"]) or real_save(state, path))
+    torch.manual_seed(0)
+    train(yolo.build(TINY), epochs=2, steps_per_epoch=3, batch_size=2, img_size=32, save_dir=tmp_path, save_period=2)
+    assert written == [2, 3, 4, 6]  # every 2 steps, and at each epoch end (3, 6)
+    train(yolo.build(TINY), epochs=1, steps_per_epoch=1, batch_size=2, img_size=32, save_dir=tmp_path)
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["0", "3"], ["1", "6"], ["0", "1"]]  # the old rows are kept
 
 
 def test_cli_run_folders_number_themselves(tmp_path, capsys):

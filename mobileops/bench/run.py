@@ -114,7 +114,7 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
             else:
                 fn()  # fail here, per implementation, rather than inside the interleaved timing
                 ready[name] = fn
-        except Exception as exc:
+        except Exception as exc:  # recorded in the row; one failure must not end the run
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
     if ready:
         samples.update(timing.interleaved_cpu_samples_ms(ready))

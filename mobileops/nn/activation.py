@@ -8,7 +8,7 @@ from torch import nn
 from mobileops import ops
 
 
-class h_sigmoid(nn.Module):
+class h_sigmoid(nn.Module):  # the seed's class name
     """Hard sigmoid ``relu6(x + 3) / 6`` (MobileNetV3). ``inplace`` is kept for signature
     compatibility; the result is always a new tensor."""
 
@@ -20,7 +20,7 @@ class h_sigmoid(nn.Module):
         return ops.activation(x, "hsigmoid")
 
 
-class h_swish(nn.Module):
+class h_swish(nn.Module):  # the seed's class name
     """Hard swish ``x * relu6(x + 3) / 6`` (MobileNetV3). ``inplace`` as in :class:`h_sigmoid`."""
 
     def __init__(self, inplace: bool = True):

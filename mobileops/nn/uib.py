@@ -128,7 +128,7 @@ class UniversalInvertedBottleneckBlock(nn.Module):
         return fuse_modules(self)
 
 
-class C3_UIB(CSPBlock):
+class C3_UIB(CSPBlock):  # the seed's class name
     """YOLOv5 C3 with its bottlenecks replaced by Universal Inverted Bottlenecks.
 
     ``cv3(cat(m(cv1(x)), cv2(x)))`` with ``m`` = ``n`` x ``UniversalInvertedBottleneckBlock(c_, c_)``.

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from mobileops.yolo.rundir import atomic_write
 
 FORMAT = "mobileops-train-checkpoint"
 VERSION = 1
@@ -47,19 +49,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
         checkpoint: a dict of plain types and tensors (see :func:`make_checkpoint`).
         path: destination, e.g. ``runs/train/exp/weights/last.pt``; its folder is created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def rng_states(data_generator: torch.Generator) -> dict[str, Any]:
@@ -142,11 +132,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such file")
     if path.is_dir():
         raise ValueError(f"{path}: is a folder, not a checkpoint file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: an empty file, not a checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, OSError) as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupt? {type(exc).__name__}: "
+    except pickle.UnpicklingError:
+        # weights_only refuses pickled classes: what ultralytics/yolov5 saves in its own last.pt
+        raise ValueError(f"{path}: holds pickled Python objects (an ultralytics/yolov5 checkpoint, say); "
+                         "only mobileops training checkpoints can be resumed") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, OSError) as exc:
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))[:160]
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(exc).__name__}: "
                          f"{detail})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path}: not a mobileops training checkpoint (no format={FORMAT!r} entry)")

@@ -1,12 +1,15 @@
 """A training run's folder, as YOLOv5 lays it out: ``runs/train/exp``, ``exp2``, ... holding
-``weights/last.pt``, ``opt.yaml`` (the resolved options) and ``results.csv`` (one row per epoch)."""
+``weights/last.pt``, ``opt.yaml`` (the resolved options) and ``results.csv`` (one row per epoch).
+Every file of it is replaced atomically (:func:`atomic_write`)."""
 
 from __future__ import annotations
 
 import csv
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -32,6 +35,50 @@ def increment_path(path: str | Path, exist_ok: bool = False) -> Path:
     return candidate
 
 
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = True) -> Path:
+    """Replace ``path`` with what ``write(file)`` writes, atomically, and return the path.
+
+    The content goes to a temporary file in the same folder (created with the permissions a
+    plain ``open`` would give it), is flushed to disk, and then renamed over ``path`` with
+    :func:`os.replace`: until that rename the previous file is untouched, so a crash or a kill
+    at any moment leaves either the old file or the new one, whole.
+
+    Args:
+        path: the file to replace; its folder is created.
+        write: called once with the open temporary file.
+        binary: open it in binary mode (else text, with ``newline=""`` for csv).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_write` left in ``folder``.
+
+    Args:
+        folder: e.g. the run's ``weights`` folder (a run starting or resuming there).
+
+    Returns:
+        The files removed.
+    """
+    removed = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
 def write_options(save_dir: str | Path, options: dict[str, Any]) -> Path:
     """Write the run's resolved options to ``<save_dir>/opt.yaml`` and return its path.
 
@@ -39,21 +86,8 @@ def write_options(save_dir: str | Path, options: dict[str, Any]) -> Path:
         save_dir: the run folder.
         options: plain values (paths as strings).
     """
-    path = Path(save_dir) / "opt.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".opt.yaml.tmp")
-    tmp.write_text(yaml.safe_dump(options, sort_keys=False))
-    os.replace(tmp, path)
-    return path
-
-
-def results_header(lr_groups: int) -> list[str]:
-    """Column names of ``results.csv`` for an optimizer with ``lr_groups`` parameter groups.
-
-    Args:
-        lr_groups: number of optimizer parameter groups (one ``x/lr<i>`` column each, as in YOLOv5).
-    """
-    return list(RESULTS_COLUMNS) + [f"x/lr{i}" for i in range(lr_groups)]
+    text = yaml.safe_dump(options, sort_keys=False)
+    return atomic_write(Path(save_dir) / "opt.yaml", lambda f: f.write(text), binary=False)
 
 
 def append_results(save_dir: str | Path, row: dict[str, Any]) -> Path:
@@ -61,7 +95,8 @@ def append_results(save_dir: str | Path, row: dict[str, Any]) -> Path:
 
     Args:
         save_dir: the run folder.
-        row: values keyed by :func:`results_header`'s names, in that order.
+        row: values keyed by column name (:data:`RESULTS_COLUMNS`, then ``x/lr<i>`` per
+            optimizer parameter group as in YOLOv5), in that order.
     """
     path = Path(save_dir) / "results.csv"
     new = not path.exists() or path.stat().st_size == 0
@@ -89,11 +124,8 @@ def keep_results_before(save_dir: str | Path, epoch: int) -> None:
         return
     kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch]
     if len(kept) != len(rows):
-        tmp = path.with_name(".results.csv.tmp")
-        with tmp.open("w", newline="") as f:
-            csv.writer(f).writerows(kept)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: csv.writer(f).writerows(kept), binary=False)
 
 
-__all__ = ["RESULTS_COLUMNS", "append_results", "increment_path", "keep_results_before", "results_header",
-           "write_options"]
+__all__ = ["RESULTS_COLUMNS", "append_results", "atomic_write", "increment_path", "keep_results_before",
+           "remove_stale_temporaries", "write_options"]

@@ -197,8 +197,10 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
     options = dict(options or {})
     last = Path(save_dir) / "weights" / "last.pt" if save_dir is not None else None
     if save_dir is not None:
+        rundir.remove_stale_temporaries(Path(save_dir) / "weights")
         rundir.write_options(save_dir, options)
-        rundir.keep_results_before(save_dir, step // steps_per_epoch)
+        if checkpoint is not None:  # a fresh run into an existing folder (exist_ok) appends, as YOLOv5 does
+            rundir.keep_results_before(save_dir, step // steps_per_epoch)
 
     def save() -> Path:
         state = checkpoint_lib.make_checkpoint(
@@ -208,7 +210,7 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
 
     losses: list[list[float]] = []
     started = first_done = epoch_began = time.perf_counter()
-    epoch_images, interrupted, saved = 0, False, None
+    epoch_images, interrupted, saved, saving_s = 0, False, None, 0.0
     while step < total:
         images, targets = synthetic_batch(batch_size, img_size, nc, generator=generator, dtype=dtype)
         images = images.to(device, non_blocking=True)
@@ -237,12 +239,17 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
             epoch_losses, epoch_images, epoch_began = [0.0, 0.0, 0.0], 0, time.perf_counter()
         interrupted = stop is not None and stop() and step < total
         if save_dir is not None and (epoch_end or interrupted or (save_period and step % save_period == 0)):
+            began_saving = time.perf_counter()
             saved = save()
+            # images/s counts training only: the write moves the epoch's start (and the run's) on
+            seconds = time.perf_counter() - began_saving
+            epoch_began += seconds
+            saving_s += seconds
         if interrupted:
             break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    ended = time.perf_counter()
+    ended = time.perf_counter() - saving_s
     ran = len(losses)
     if ran > 1:
         rate = (ran - 1) * batch_size / max(ended - first_done, 1e-9)
