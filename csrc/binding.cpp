@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,17 @@ void set_device(int index) {
 }
 
 std::vector<std::string> implemented_ops() { return {"bn_act", "dwconv_act", "dwconv_bn_act", "squeeze_excite"}; }
+
+// The enums of ops.h by name, as mobileops/codes.py spells them (a test compares the two).
+std::map<std::string, std::map<std::string, int>> codes() {
+  return {
+      {"activation",
+       {{"none", kNone}, {"relu", kRelu}, {"relu6", kRelu6}, {"hswish", kHswish}, {"silu", kSilu},
+        {"hsigmoid", kHsigmoid}, {"sigmoid", kSigmoid}}},
+      {"norm", {{"none", kNormNone}, {"running", kNormRunning}, {"batch", kNormBatch}}},
+      {"dtype", {{"float32", kFloat32}, {"float16", kFloat16}, {"bfloat16", kBFloat16}, {"float64", kFloat64}}},
+  };
+}
 
 void require(bool ok, const std::string& op, const std::string& what) {
   if (!ok) throw std::invalid_argument(op + ": " + what);
@@ -172,6 +184,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("runtime_version", &runtime_version, "CUDA runtime version the extension was built with");
   m.def("device_count", &device_count, "(number of CUDA devices, error message or '')");
   m.def("implemented_ops", &implemented_ops, "fused ops implemented by this build");
+  m.def("codes", &codes, "{table: {name: code}} of the activation, norm and dtype enums (see mobileops/codes.py)");
   m.def("set_device", &set_device, "make a CUDA device current for the launches that follow");
   // Launches release the GIL: they only enqueue work on the given stream.
   m.def("dwconv_bn_act_forward", &checked_forward, py::call_guard<py::gil_scoped_release>());

@@ -7,9 +7,11 @@
 
 namespace mobileops {
 
-// dtype codes shared with the Python side (mobileops/cuda/_extension.py).
+// The codes of mobileops/codes.py (its single source on the Python side); codes() in
+// binding.cpp exports these values and a test checks that they match.
+// dtype codes (by torch dtype name).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-// activation codes: mobileops.kernels._common.ACTIVATION_CODES plus "sigmoid" (an SE gate).
+// activation codes, the SE gates (hsigmoid, sigmoid) included.
 enum Act : int { kNone = 0, kRelu = 1, kRelu6 = 2, kHswish = 3, kSilu = 4, kHsigmoid = 5, kSigmoid = 6 };
 // BatchNorm modes: "none" (beta is a conv bias), "running" (var is the running variance),
 // "batch" (var already holds rstd = 1/sqrt(batch var + eps)).

@@ -13,38 +13,51 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "hswish": 3, "silu": 4, "hsigmoid": 5}
+from mobileops.codes import ACTIVATION_CODES as ACTIVATION_CODES  # re-exported for the launchers
+
+# The codes as constexpr globals, the only kind of global a @triton.jit function may read.
+RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+RELU6 = tl.constexpr(ACTIVATION_CODES["relu6"])
+HSWISH = tl.constexpr(ACTIVATION_CODES["hswish"])
+SILU = tl.constexpr(ACTIVATION_CODES["silu"])
+HSIGMOID = tl.constexpr(ACTIVATION_CODES["hsigmoid"])
+SIGMOID = tl.constexpr(ACTIVATION_CODES["sigmoid"])
 
 
 @triton.jit
 def activation(u, ACT: tl.constexpr):
-    if ACT == 1:
+    if ACT == RELU:
         u = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    elif ACT == 2:
+    elif ACT == RELU6:
         u = tl.clamp(u, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL)
-    elif ACT == 3:
+    elif ACT == HSWISH:
         u = u * (tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0)
-    elif ACT == 4:
+    elif ACT == SILU:
         u = u / (1.0 + tl.exp(-u))
-    elif ACT == 5:
+    elif ACT == HSIGMOID:
         u = tl.clamp(u + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0
+    elif ACT == SIGMOID:
+        u = 1.0 / (1.0 + tl.exp(-u))
     return u
 
 
 @triton.jit
 def activation_grad(u, g, ACT: tl.constexpr):
     """``g * act'(u)`` with PyTorch's conventions at the kinks (derivative 0 there)."""
-    if ACT == 1:
+    if ACT == RELU:
         g = tl.where(u > 0.0, g, 0.0)
-    elif ACT == 2:
+    elif ACT == RELU6:
         g = tl.where((u > 0.0) & (u < 6.0), g, 0.0)
-    elif ACT == 3:
+    elif ACT == HSWISH:
         g = g * (tl.clamp(u + 3.0, 0.0, 6.0) / 6.0) + tl.where((u > -3.0) & (u < 3.0), g * u / 6.0, 0.0)
-    elif ACT == 4:
+    elif ACT == SILU:
         s = 1.0 / (1.0 + tl.exp(-u))
         g = g * s * (1.0 + u * (1.0 - s))
-    elif ACT == 5:
+    elif ACT == HSIGMOID:
         g = tl.where((u > -3.0) & (u < 3.0), g / 6.0, 0.0)
+    elif ACT == SIGMOID:
+        s = 1.0 / (1.0 + tl.exp(-u))
+        g = g * (1.0 - s) * s
     return g
 
 

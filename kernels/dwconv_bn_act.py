@@ -38,14 +38,17 @@ import torch
 import triton
 import triton.language as tl
 
+from mobileops.codes import NORM_CODES
 from mobileops.kernels import _common as common
 from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, tile_coords
 
 # How the kernel normalises: no BN (``dwconv_act``: beta is the conv bias), BN from the given
 # running mean/var, or BN from batch statistics (mean and rstd given, and the backward
 # includes their dependence on x).
-NORM_NONE, NORM_RUNNING, NORM_BATCH = 0, 1, 2
-NORM_CODES = {"none": NORM_NONE, "running": NORM_RUNNING, "batch": NORM_BATCH}
+# (constexpr globals: the kernels compare NORM against them)
+NORM_NONE = tl.constexpr(NORM_CODES["none"])
+NORM_RUNNING = tl.constexpr(NORM_CODES["running"])
+NORM_BATCH = tl.constexpr(NORM_CODES["batch"])
 
 
 @triton.jit
@@ -74,10 +77,10 @@ def _channel_params(gamma_ptr, beta_ptr, mean_ptr, var_ptr, c, cmask, eps,
                     NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-channel (mean, rstd, gamma, beta) so that u = (z - mean) * rstd * gamma + beta."""
-    if NORM == 0:
+    if NORM == NORM_NONE:
         mean = tl.zeros([BLOCK_C], dtype=ACC)
         rstd = tl.full([BLOCK_C], 1.0, dtype=ACC)
-    elif NORM == 1:
+    elif NORM == NORM_RUNNING:
         mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
         var = tl.load(var_ptr + c, mask=cmask, other=1.0).to(ACC)
         rstd = 1.0 / tl.sqrt(var + eps)
@@ -254,7 +257,7 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     mean, rstd, gamma, beta = _channel_params(gamma_ptr, beta_ptr, mean_ptr, var_ptr, c, cmask, eps,
                                               NORM, HAS_GAMMA, HAS_BETA, ACC, BLOCK_C)
-    if NORM == 2:
+    if NORM == NORM_BATCH:
         inv_count = tl.cast(inv_count_hi, ACC) + tl.cast(inv_count_lo, ACC)
         mean_du = tl.load(sum_du_ptr + c, mask=cmask, other=0.0).to(ACC) * inv_count
         mean_dux = tl.load(sum_dux_ptr + c, mask=cmask, other=0.0).to(ACC) * inv_count
@@ -278,7 +281,7 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
         g = tl.load(dy_ptr + n * sdn + (oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :],
                     mask=m, other=0.0).to(ACC)
         du = tl.where(m, activation_grad(xhat * gamma[None, :] + beta[None, :], g, ACT), 0.0)
-        if NORM == 2:
+        if NORM == NORM_BATCH:
             dz = (du - mean_du[None, :] - xhat * mean_dux[None, :]) * (gamma * rstd)[None, :]
             dz = tl.where(m, dz, 0.0)
         else:
@@ -298,7 +301,7 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
     if WEIGHT_GRAD:
         tl.store(part_dw_ptr + row * C * (K * K) + c[None, :] * (K * K) + tap[:, None], acc_w,
                  mask=tap_ok[:, None] & cmask[None, :])
-    if NORM != 2:
+    if NORM != NORM_BATCH:
         tl.store(part_du_ptr + row * C + c, sum_du, mask=cmask)
         tl.store(part_dux_ptr + row * C + c, sum_dux, mask=cmask)
 
@@ -490,7 +493,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gam
                       HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
     chunk_grid = lambda m: common.channel_grid(rows, c, m["BLOCK_C"])
     sums = None
-    if norm == NORM_BATCH:
+    if norm == NORM_CODES["batch"]:
         part_du = torch.empty((rows, c), device=x.device, dtype=acc_t)
         part_dux = torch.empty_like(part_du)
         args = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, mean_ptr=mean, rstd_ptr=var,

@@ -26,27 +26,7 @@ import triton.language as tl
 from mobileops.kernels import _common as common
 from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, channel_block, tile_coords
 
-GATE_CODES = {"hsigmoid": 0, "sigmoid": 1}
 _MLP_BLOCK_C = 32
-
-
-@triton.jit
-def _gate(a, GATE: tl.constexpr):
-    if GATE == 0:
-        g = tl.clamp(a + 3.0, 0.0, 6.0, propagate_nan=tl.PropagateNan.ALL) / 6.0
-    else:
-        g = 1.0 / (1.0 + tl.exp(-a))
-    return g
-
-
-@triton.jit
-def _gate_grad(a, d, GATE: tl.constexpr):
-    if GATE == 0:
-        d = tl.where((a > -3.0) & (a < 3.0), d / 6.0, 0.0)
-    else:
-        s = 1.0 / (1.0 + tl.exp(-a))
-        d = d * (1.0 - s) * s
-    return d
 
 
 @triton.jit
@@ -134,7 +114,7 @@ def _mlp_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, 
         a = tl.sum(w2.to(ACC) * h[None, :], axis=1)
         if HAS_B2:
             a += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(ACC)
-        tl.store(gate_ptr + n * C + c, _gate(a, GATE), mask=cmask)
+        tl.store(gate_ptr + n * C + c, activation(a, GATE), mask=cmask)
 
 
 @triton.jit
@@ -159,7 +139,7 @@ def _mlp_backward_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, d
         if HAS_B2:
             a += tl.load(b2_ptr + c, mask=cmask, other=0.0).to(ACC)
         d_gate = _sample_channel_sums(part_ptr, n, c, cmask, C, chunks_per_sample, ACC, BLOCK_C)
-        da = tl.where(cmask, _gate_grad(a, d_gate, GATE), 0.0)
+        da = tl.where(cmask, activation_grad(a, d_gate, GATE), 0.0)
         tl.store(d_pre_gate_ptr + n * C + c, da, mask=cmask)
         dh += tl.sum(w2 * da[:, None], axis=0)
     d_pre_hidden = tl.where(h_pre > 0.0, dh, 0.0)
@@ -276,7 +256,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     inv_hi, inv_lo = common.split_float(1.0 / (h * w))
     args = dict(part_ptr=parts, w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2),
                 pooled_ptr=pooled, gate_ptr=gates, C=c, R=r, chunks_per_sample=per_sample, inv_hw_hi=inv_hi,
-                inv_hw_lo=inv_lo, HAS_B1=b1 is not None, HAS_B2=b2 is not None, GATE=GATE_CODES[gate], ACC=acc)
+                inv_hw_lo=inv_lo, HAS_B1=b1 is not None, HAS_B2=b2 is not None, GATE=ACTIVATION_CODES[gate], ACC=acc)
     common.launch(_mlp_kernel, None, lambda m: (n,), args, _mlp_meta(r))
     args = dict(x_ptr=x, gate_ptr=gates, y_ptr=out, C=c, HW=h * w, W=w, **common.strides("sx", x),
                 **common.strides("sy", out), POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, out), ACC=acc)
@@ -307,7 +287,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     args = dict(part_ptr=parts, w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2),
                 pooled_ptr=pooled, d_pre_gate_ptr=d_pre_gate, hidden_ptr=hidden, d_pre_hidden_ptr=d_pre_hidden,
                 d_pooled_ptr=d_pooled, C=c, R=r, chunks_per_sample=per_sample, inv_hw_hi=inv_hi, inv_hw_lo=inv_lo,
-                HAS_B1=b1 is not None, HAS_B2=b2 is not None, GATE=GATE_CODES[gate], ACC=acc)
+                HAS_B1=b1 is not None, HAS_B2=b2 is not None, GATE=ACTIVATION_CODES[gate], ACC=acc)
     common.launch(_mlp_backward_kernel, None, lambda m: (n,), args, _mlp_meta(r))
     dw2 = _outer_sum(d_pre_gate, hidden, w2.dtype)
     dw1 = _outer_sum(d_pre_hidden, pooled, w1.dtype)

@@ -10,7 +10,7 @@ import torch
 from helpers import assert_nan_and_inf_land_as_with_torch, assert_within_bound, cuda_backend_on_cpu
 
 import mobileops
-from mobileops import ops
+from mobileops import codes, ops
 from mobileops.cuda import _extension
 
 F64 = torch.float64
@@ -23,6 +23,14 @@ def cuda_on_cpu(emulated_extension):
     """Select the cuda backend for CPU tensors, running the emulated kernels."""
     with cuda_backend_on_cpu(emulated_extension):
         yield
+
+
+def test_csrc_codes_are_the_python_table(emulated_extension):
+    # csrc/ops.h's enums, as the compiled binding exports them, against mobileops/codes.py,
+    # the table the Triton kernels and the CUDA launchers read.
+    assert emulated_extension.codes() == {"activation": codes.ACTIVATION_CODES, "norm": codes.NORM_CODES,
+                                          "dtype": codes.DTYPE_CODES}
+    assert set(ops.ACTIVATIONS) | set(ops.GATES) <= set(codes.ACTIVATION_CODES)
 
 
 def _gen(seed):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import torch
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-ACTIVATION_CODES = {"none": 0, "relu": 1, "relu6": 2, "hswish": 3, "silu": 4, "hsigmoid": 5, "sigmoid": 6}
-NORM_CODES = {"none": 0, "running": 1, "batch": 2}
+# The launchers read the codes as ext.ACTIVATION_CODES / ext.NORM_CODES (re-exported).
+from mobileops.codes import ACTIVATION_CODES as ACTIVATION_CODES
+from mobileops.codes import DTYPE_CODES as _DTYPE_NAME_CODES
+from mobileops.codes import NORM_CODES as NORM_CODES
+
+DTYPE_CODES = {getattr(torch, name): code for name, code in _DTYPE_NAME_CODES.items()}
 
 #: Tests only: a CPU build of csrc/ (tests/cuda_emulation) that stands in for mobileops._C and
 #: runs the same kernels on CPU tensors. None in normal use.
