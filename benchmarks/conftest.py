@@ -53,11 +53,10 @@ def pytest_generate_tests(metafunc):
 class BenchSession:
     """The rows of this pytest session and what measuring them needs."""
 
-    def __init__(self, config, default_out):
+    def __init__(self, config, out):
         self.compile_mode = None if (config.getoption("--bench-no-compile") or not CUDA) \
             else config.getoption("--bench-compile-mode")
-        out = config.getoption("--bench-out")
-        self.out = default_out if out is None else out
+        self.out = out
         self.rows = []
         self.path = None
         self._copy_bps = None
@@ -104,10 +103,10 @@ class BenchSession:
 
 @pytest.fixture(scope="session")
 def bench_session(request, tmp_path_factory):
-    default_out = None
-    if request.config.getoption("--bench-out") is None:
-        default_out = str(tmp_path_factory.mktemp("bench-results"))
-    session = BenchSession(request.config, default_out)
+    out = request.config.getoption("--bench-out")
+    if out is None:
+        out = str(tmp_path_factory.mktemp("bench-results"))
+    session = BenchSession(request.config, out)
     yield session
     path = session.write()
     if path is not None:

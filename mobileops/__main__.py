@@ -249,17 +249,17 @@ def _train(args) -> int:
     _check_img(args.imgsz)
     device = _resolve_device(args.device)
     backend_name = _resolve_backend(args.backend, device)
+    total = args.epochs * args.steps
     if resumed is not None:
         if "cfg" in explicit or "nc" in explicit:
             model = yolo.build(args.cfg, nc=args.nc)
         else:
             model = yolo.build(resumed["yaml"])
         checkpoint.check_compatible(model, resumed["model"], path)
-        total = args.epochs * args.steps
         if resumed["step"] >= total:
             raise UsageError(f"--resume {path}: the run finished ({resumed['step']} of {total} steps); "
                              "nothing to resume (pass a larger --epochs to train on)")
-        save_dir = path.parent.parent if path.parent.name == "weights" else \
+        save_dir = path.parent.parent if in_run_folder else \
             rundir.increment_path(Path(args.project) / args.name, args.exist_ok)
     else:
         save_dir = rundir.increment_path(Path(args.project) / args.name, args.exist_ok)
@@ -270,7 +270,6 @@ def _train(args) -> int:
     options = {dest: getattr(args, dest) for dest in _TRAIN_OPTIONS}
     options.update(cfg=str(args.cfg), backend=backend_name, device=str(device), project=str(args.project),
                    name=args.name, save_dir=str(save_dir))
-    total = args.epochs * args.steps
     bar = Progress(total - (resumed["step"] if resumed else 0), stream=sys.stderr)
 
     def progress(done, total, parts):

@@ -11,6 +11,13 @@ from mobileops import backend
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def one_error_line(captured) -> str:
+    """The one ``error: ...`` line a CLI call printed on stderr (``capsys.readouterr()``), no traceback."""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
 @contextlib.contextmanager
 def cuda_backend_on_cpu(extension):
     """Within the block the ``cuda`` backend takes CPU tensors and runs ``extension`` (the

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 import yaml
+from helpers import one_error_line
 
 import mobileops
 from mobileops import yolo
@@ -155,17 +156,10 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # what a plain open() gives, not mkstemp's 0600
 
 
-def _one_error_line(capsys):
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
-    return lines[0]
-
-
 def test_bad_resume_inputs_get_one_line_naming_the_file(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "last.pt"
     assert main(["train", "--resume", str(missing)]) == 2
-    assert str(missing) in _one_error_line(capsys)
+    assert str(missing) in one_error_line(capsys.readouterr())
 
     torch.manual_seed(0)
     good = train(yolo.build(TINY), epochs=2, steps_per_epoch=1, batch_size=2, img_size=32, seed=0,
@@ -175,32 +169,32 @@ def test_bad_resume_inputs_get_one_line_naming_the_file(tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:1000])
     assert main(["train", "--resume", str(truncated)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys.readouterr())
     assert str(truncated) in line and "truncated or corrupt" in line
 
     assert main(["train", "--resume", str(good), "--cfg", "yolov5n"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys.readouterr())
     assert str(good) in line and "another model" in line
 
     assert main(["train", "--resume", str(good), "--batch-size", "4"]) == 2
-    assert "--batch-size 4" in _one_error_line(capsys)
+    assert "--batch-size 4" in one_error_line(capsys.readouterr())
 
     assert main(["train", "--resume", "--project", str(tmp_path / "empty")]) == 2
-    assert "--resume: no last.pt under" in _one_error_line(capsys)
+    assert "--resume: no last.pt under" in one_error_line(capsys.readouterr())
 
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
     assert main(["train", "--resume", str(empty)]) == 2
-    assert f"{empty}: an empty file" in _one_error_line(capsys)
+    assert f"{empty}: an empty file" in one_error_line(capsys.readouterr())
 
     pickled = tmp_path / "yolov5.pt"
     torch.save(dict(model=yolo.build(TINY), epoch=3), pickled)  # what ultralytics/yolov5 writes
     assert main(["train", "--resume", str(pickled)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys.readouterr())
     assert f"{pickled}: holds pickled Python objects" in line and "\x1b" not in line
 
     assert main(["train", "--resume", str(good), "--name", "other"]) == 2
-    assert "--name: --resume" in _one_error_line(capsys) and not (tmp_path / "other").exists()
+    assert "--name: --resume" in one_error_line(capsys.readouterr()) and not (tmp_path / "other").exists()
 
 
 def test_resume_takes_the_backend_from_here_not_from_the_checkpoint(tmp_path, capsys, monkeypatch):

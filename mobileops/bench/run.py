@@ -251,8 +251,8 @@ def summary_table(rows: list[dict]) -> str:
             lines.append(f"    {name:<22} {ms:10.3f} ms  ({low:.3f}-{high:.3f}{count})")
         for name, problem in row.get("errors", {}).items():
             lines.append(f"    {name:<22} not timed: {problem}")
-        ratios = [_ratio_words(key.split("_speedup_vs_")[0], key.split("_speedup_vs_")[1], value)
-                  for key, value in row.items() if "_speedup_vs_" in key]
+        ratios = [_ratio_words(*key.split("_speedup_vs_"), value) for key, value in row.items()
+                  if "_speedup_vs_" in key]
         if ratios:
             lines.append("    " + "; ".join(ratios))
     return "\n".join(lines)

@@ -119,9 +119,9 @@ class TrainResult:
     last: Path | None = None
 
 
-def _resumed_state(resume, model: nn.Module, total: int) -> tuple[dict | None, str]:
+def _resumed_state(resume, model: nn.Module, total: int) -> dict | None:
     if resume is None:
-        return None, ""
+        return None
     if isinstance(resume, dict):
         checkpoint, path = resume, "<checkpoint>"
     else:
@@ -130,7 +130,7 @@ def _resumed_state(resume, model: nn.Module, total: int) -> tuple[dict | None, s
     checkpoint_lib.check_compatible(model, checkpoint["model"], path)
     if checkpoint["step"] >= total:
         raise ValueError(f"{path}: the run finished ({checkpoint['step']} of {total} steps); nothing to resume")
-    return checkpoint, path
+    return checkpoint
 
 
 def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch_size: int = 8,
@@ -178,7 +178,7 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
         raise ValueError(f"train: img_size must be a positive multiple of {largest_stride} (the largest stride), "
                          f"got {img_size}")
     total = epochs * steps_per_epoch
-    checkpoint, resume_path = _resumed_state(resume, model, total)
+    checkpoint = _resumed_state(resume, model, total)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype if param.is_floating_point() else torch.float32
     if channels_last:
