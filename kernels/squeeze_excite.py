@@ -4,17 +4,47 @@
 layout. Passes (all strided, so NCHW, channels_last and slices run without a copy):
 
 =========  =====================================================================================
-forward    ``_channel_sum_kernel`` (per-chunk sums of x) -> ``_mlp_kernel`` (one program per sample:
-           pool, FC, ReLU, FC, gate) -> ``_scale_kernel`` (y = post_act(x * gate)).
-           Two passes over x plus one small launch.
-backward   ``_channel_sum_kernel`` (per-chunk sums of dv * x, dv = dL/d(x * gate)) ->
-           ``_mlp_backward_kernel`` (one program per sample: d gate, d hidden, d pooled) ->
-           ``_outer_sum_kernel`` (FC weight gradients, samples added in order) ->
-           ``_input_grad_kernel`` (dx = dv * gate + d pooled / HW).
+forward    ``_pool_mlp_kernel`` (per-chunk channel sums of x; the last program of each sample
+           then runs that sample's MLP: pool, FC, ReLU, FC, gate) -> ``_scale_kernel``
+           (y = post_act(x * gate)). Two launches, two passes over x.
+backward   ``_pool_mlp_backward_kernel`` (per-chunk channel sums of dv * x, dv = dL/d(x * gate);
+           the last program of each sample then runs the MLP backward: d gate, d hidden,
+           d pooled) -> ``_weight_grad_kernel`` (both FC weight gradients and both bias
+           gradients, samples added in order) -> ``_input_grad_kernel`` (dx = dv * gate +
+           d pooled / HW). Three launches.
 =========  =====================================================================================
 
-The pooled means and gates (N x C, fp32) are the only saved activations besides x. No
-atomics: every reduction adds per-program or per-sample partials in a fixed order.
+The pooled means and gates (N x C, fp32) are the only saved activations besides x.
+
+Why the MLP rides on the channel-sum launch: a separate MLP launch costs a launch (host time
+and a GPU round trip) for a few microseconds of work, and SE sits on small feature maps where
+launches dominate. Each program stores its partial sums, then takes a ticket from an int32
+counter of its sample (``tl.atomic_add``, acq_rel, gpu scope). A sample's programs are all its
+chunks times all channel blocks of the grid, so the program that draws the last ticket finds
+every channel of the sample summed: it adds the partials chunk by chunk in the same order and
+with the same blocks as the former separate MLP kernel did (bit-identical results in
+deterministic mode, where both ran with 4 warps), runs the MLP and stores 0 back into the
+counter. The counters are therefore zero between launches and are zero-filled only when
+allocated (once per device, grown when a larger batch comes; no zero-fill launch per call).
+Only the order of arrival is racy, never the order of the adds, so results stay deterministic.
+
+GPU memory ordering follows PyTorch inductor's cooperative reductions
+(``triton_helpers.x_grid_barrier``): ``tl.debug_barrier()`` so every thread's partial stores
+precede the ticket, the release half of the atomic publishes them, its acquire half (in the
+last program) orders the reads after it, and the partials are read with ``.cg`` (L2, past the
+SM's non-coherent L1). This is tested only in Triton's CPU interpreter, which runs programs one
+after another: the ordering on a real GPU is unverified until a GPU run passes the tests.
+Caveats: the counters are shared by all launches on a device, so two of these kernels must not
+run concurrently on different streams (one stream at a time, as PyTorch's default stream
+gives); the counters are allocated on the first call for a device (or a larger batch), which
+must not be the first call inside a CUDA-graph capture (the zero-fill would only run on replay).
+
+Host time: everything that depends only on the call's signature (shapes, strides, dtypes,
+device, which biases exist, gate and post_act, deterministic mode, ``MOBILEOPS_AUTOTUNE``) --
+grids, block sizes, integer and constexpr arguments, chunking, scratch shapes -- is computed
+once into a plan, cached by a key tuple. A repeated call builds the key, allocates its outputs
+and scratch and fills the tensors into the plan's arguments. Plans are never evicted: there is
+one per layer shape and batch size, and each holds a few dozen integers.
 """
 
 from __future__ import annotations
@@ -24,19 +54,21 @@ import triton
 import triton.language as tl
 
 from mobileops.kernels import _common as common
-from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, channel_block, tile_coords
+from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, tile_coords
 
+# The per-sample MLP's channel block, and the weight-gradient tiles and bias-sum blocks: fixed
+# (never tuned), so the MLP's and the weight gradients' reductions never change their blocking.
 _MLP_BLOCK_C = 32
+_OUTER_BLOCK = 32
+_BIAS_BLOCK_ROWS = common.REDUCE_META["BLOCK_R"]  # the blocks of common.sum_rows, which these sums replaced
+_BIAS_BLOCK_M = common.REDUCE_META["BLOCK_M"]
 
 
 @triton.jit
-def _channel_sum_kernel(x_ptr, dy_ptr, gate_ptr, part_ptr, C, HW, W, chunks_per_sample, CHUNK,
-                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
-                        POST: tl.constexpr, GRAD: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-chunk channel sums of x (forward), or of dv * x (backward, GRAD)."""
-    pid = tl.program_id(0)
-    n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
+def _store_channel_partials(x_ptr, dy_ptr, gate_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK,
+                            C, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, POST: tl.constexpr, GRAD: tl.constexpr,
+                            ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's channel sums of x (forward), or of dv * x (backward, GRAD), over its chunk."""
     end = tl.minimum(start + CHUNK, HW)
     if GRAD:
         g = tl.load(gate_ptr + n * C + c, mask=cmask, other=0.0).to(ACC)
@@ -59,11 +91,24 @@ def _channel_sum_kernel(x_ptr, dy_ptr, gate_ptr, part_ptr, C, HW, W, chunks_per_
 
 
 @triton.jit
+def _took_last_ticket(count_ptr, n, chunks_per_sample):
+    """Count this program in as done with sample ``n``; True for the sample's last program,
+    which then sees the partials of all the others and must reset the counter."""
+    tl.debug_barrier()  # every thread's partial stores come before the ticket (release)
+    programs = chunks_per_sample * tl.num_programs(1) * tl.num_programs(2)
+    ticket = tl.atomic_add(count_ptr + n, 1, sem="acq_rel", scope="gpu")
+    return ticket == programs - 1
+
+
+@triton.jit
 def _sample_channel_sums(part_ptr, n, c, cmask, C, chunks_per_sample, ACC: tl.constexpr,
                          BLOCK_C: tl.constexpr):
+    """Sample ``n``'s sums over its chunks, added in chunk order. ``.cg``: other programs stored
+    them during this launch, so they must come from L2, not from a stale L1 line."""
     s = tl.zeros([BLOCK_C], dtype=ACC)
     for k in range(0, chunks_per_sample):
-        s += tl.load(part_ptr + (n * chunks_per_sample + k).to(tl.int64) * C + c, mask=cmask, other=0.0)
+        s += tl.load(part_ptr + (n * chunks_per_sample + k).to(tl.int64) * C + c, mask=cmask, other=0.0,
+                     cache_modifier=".cg")
     return s
 
 
@@ -84,11 +129,10 @@ def _hidden(pooled_ptr, w1_ptr, b1_ptr, n, r, rmask, C, HAS_B1: tl.constexpr, AC
 
 
 @triton.jit
-def _mlp_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, C, R, chunks_per_sample,
+def _sample_mlp(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, n, C, R, chunks_per_sample,
                 inv_hw_hi, inv_hw_lo, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, GATE: tl.constexpr,
                 ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """One sample: pooled mean, hidden = relu(fc1), gate = gate(fc2(hidden))."""
-    n = tl.program_id(0)
     inv_hw = tl.cast(inv_hw_hi, ACC) + tl.cast(inv_hw_lo, ACC)
     r = tl.arange(0, BLOCK_R)
     rmask = r < R
@@ -118,13 +162,12 @@ def _mlp_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, 
 
 
 @triton.jit
-def _mlp_backward_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, d_pre_gate_ptr, hidden_ptr,
-                         d_pre_hidden_ptr, d_pooled_ptr, C, R, chunks_per_sample, inv_hw_hi, inv_hw_lo,
+def _sample_mlp_backward(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, d_pre_gate_ptr, hidden_ptr,
+                         d_pre_hidden_ptr, d_pooled_ptr, n, C, R, chunks_per_sample, inv_hw_hi, inv_hw_lo,
                          HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, GATE: tl.constexpr, ACC: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """One sample, recomputing the MLP from the saved pooled means: the gradients at the fc2
     output, at the fc1 output (after the ReLU mask) and at the pooled means (already / HW)."""
-    n = tl.program_id(0)
     inv_hw = tl.cast(inv_hw_hi, ACC) + tl.cast(inv_hw_lo, ACC)
     r = tl.arange(0, BLOCK_R)
     rmask = r < R
@@ -154,11 +197,52 @@ def _mlp_backward_kernel(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, d
 
 
 @triton.jit
-def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, N, M1, M2, ACC: tl.constexpr, BLOCK_1: tl.constexpr,
-                      BLOCK_2: tl.constexpr):
-    """out[i, j] = sum_n a[n, i] * b[n, j], samples added in order (a weight gradient)."""
-    i = tl.program_id(0) * BLOCK_1 + tl.arange(0, BLOCK_1)
-    j = channel_block() * BLOCK_2 + tl.arange(0, BLOCK_2)
+def _pool_mlp_kernel(x_ptr, part_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr,
+                     C, R, HW, W, chunks_per_sample, CHUNK, inv_hw_hi, inv_hw_lo, sxn, sxc, sxh, sxw,
+                     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, GATE: tl.constexpr, INDEX64: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-chunk channel sums of x; each sample's last program runs the sample's MLP."""
+    pid = tl.program_id(0)
+    n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
+    _store_channel_partials(x_ptr, x_ptr, part_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK, C,
+                            sxn, sxc, sxh, sxw, sxn, sxc, sxh, sxw, 0, False, ACC, BLOCK_P, BLOCK_C)
+    if _took_last_ticket(count_ptr, n, chunks_per_sample):
+        tl.debug_barrier()  # as inductor's grid barrier: every thread reads after the acquire
+        _sample_mlp(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, n, C, R, chunks_per_sample,
+                    inv_hw_hi, inv_hw_lo, HAS_B1, HAS_B2, GATE, ACC, BLOCK_R, MLP_BLOCK_C)
+        tl.store(count_ptr + n, 0)
+
+
+@triton.jit
+def _pool_mlp_backward_kernel(x_ptr, dy_ptr, gate_ptr, part_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                              pooled_ptr, d_pre_gate_ptr, hidden_ptr, d_pre_hidden_ptr, d_pooled_ptr,
+                              C, R, HW, W, chunks_per_sample, CHUNK, inv_hw_hi, inv_hw_lo,
+                              sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, POST: tl.constexpr,
+                              HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, GATE: tl.constexpr,
+                              INDEX64: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                              MLP_BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-chunk channel sums of dv * x; each sample's last program runs the sample's MLP backward."""
+    pid = tl.program_id(0)
+    n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
+    _store_channel_partials(x_ptr, dy_ptr, gate_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK, C,
+                            sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, POST, True, ACC, BLOCK_P, BLOCK_C)
+    if _took_last_ticket(count_ptr, n, chunks_per_sample):
+        tl.debug_barrier()  # as inductor's grid barrier: every thread reads after the acquire
+        _sample_mlp_backward(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, d_pre_gate_ptr, hidden_ptr,
+                             d_pre_hidden_ptr, d_pooled_ptr, n, C, R, chunks_per_sample, inv_hw_hi, inv_hw_lo,
+                             HAS_B1, HAS_B2, GATE, ACC, BLOCK_R, MLP_BLOCK_C)
+        tl.store(count_ptr + n, 0)
+
+
+@triton.jit
+def _outer_sum_tile(a_ptr, b_ptr, out_ptr, tile, N, M1, M2, ACC: tl.constexpr, BLOCK_1: tl.constexpr,
+                    BLOCK_2: tl.constexpr):
+    """Tile ``tile`` (row-major over the blocks) of out[i, j] = sum_n a[n, i] * b[n, j], samples
+    added in order (a weight gradient)."""
+    blocks_2 = tl.cdiv(M2, BLOCK_2)
+    i = (tile // blocks_2) * BLOCK_1 + tl.arange(0, BLOCK_1)
+    j = (tile % blocks_2) * BLOCK_2 + tl.arange(0, BLOCK_2)
     imask = i < M1
     jmask = j < M2
     acc = tl.zeros([BLOCK_1, BLOCK_2], dtype=ACC)
@@ -168,6 +252,43 @@ def _outer_sum_kernel(a_ptr, b_ptr, out_ptr, N, M1, M2, ACC: tl.constexpr, BLOCK
         acc += a[:, None] * b[None, :]
     tl.store(out_ptr + i[:, None] * M2 + j[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=imask[:, None] & jmask[None, :])
+
+
+@triton.jit
+def _column_sums_block(in_ptr, out_ptr, block, ROWS, M, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """Block ``block`` of out[m] = sum_r in[r, m], rows added as common.sum_rows_kernel adds them."""
+    m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < M
+    acc = tl.zeros([BLOCK_M], dtype=ACC)
+    for r0 in range(0, ROWS, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        v = tl.load(in_ptr + r.to(tl.int64)[:, None] * M + m[None, :],
+                    mask=(r < ROWS)[:, None] & mmask[None, :], other=0.0)
+        acc += tl.sum(v.to(ACC), axis=0)
+    tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mmask)
+
+
+@triton.jit
+def _weight_grad_kernel(d_pre_gate_ptr, hidden_ptr, d_pre_hidden_ptr, pooled_ptr, dw1_ptr, db1_ptr, dw2_ptr,
+                        db2_ptr, N, C, R, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        BLOCK_M: tl.constexpr):
+    """All four parameter gradients in one launch, the programs split in consecutive ranges:
+    dw2 tiles, dw1 tiles, then the db2 and db1 blocks of the biases that exist."""
+    pid = tl.program_id(0)
+    dw2_tiles = tl.cdiv(C, BLOCK_1) * tl.cdiv(R, BLOCK_2)
+    dw1_tiles = tl.cdiv(R, BLOCK_1) * tl.cdiv(C, BLOCK_2)
+    db2_blocks = tl.cdiv(C, BLOCK_M) if HAS_B2 else 0
+    if pid < dw2_tiles:
+        _outer_sum_tile(d_pre_gate_ptr, hidden_ptr, dw2_ptr, pid, N, C, R, ACC, BLOCK_1, BLOCK_2)
+    elif pid < dw2_tiles + dw1_tiles:
+        _outer_sum_tile(d_pre_hidden_ptr, pooled_ptr, dw1_ptr, pid - dw2_tiles, N, R, C, ACC, BLOCK_1, BLOCK_2)
+    elif pid < dw2_tiles + dw1_tiles + db2_blocks:
+        _column_sums_block(d_pre_gate_ptr, db2_ptr, pid - dw2_tiles - dw1_tiles, N, C, ACC, BLOCK_ROWS, BLOCK_M)
+    elif HAS_B1:
+        _column_sums_block(d_pre_hidden_ptr, db1_ptr, pid - dw2_tiles - dw1_tiles - db2_blocks, N, R, ACC,
+                           BLOCK_ROWS, BLOCK_M)
 
 
 @triton.jit
@@ -205,37 +326,74 @@ def _input_grad_kernel(x_ptr, dy_ptr, gate_ptr, d_pooled_ptr, dx_ptr, C, HW, W,
              dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-_KEY = ["C", "HW", "W", "sxc", "sxw", "POST"]
-_channel_sum_tuned = triton.autotune(common.configs(4096), key=_KEY + ["GRAD", "CHUNK"])(_channel_sum_kernel)
-_scale_tuned = triton.autotune(common.configs(4096), key=_KEY)(_scale_kernel)
-_input_grad_tuned = triton.autotune(common.configs(4096), key=_KEY)(_input_grad_kernel)
+_KEY = ["C", "HW", "W", "sxc", "sxw"]
+_pool_mlp_tuned = triton.autotune(common.configs(4096), key=_KEY + ["CHUNK", "R"])(_pool_mlp_kernel)
+_pool_mlp_backward_tuned = triton.autotune(common.configs(4096), key=_KEY + ["CHUNK", "R", "POST"])(
+    _pool_mlp_backward_kernel)
+_scale_tuned = triton.autotune(common.configs(4096), key=_KEY + ["POST"])(_scale_kernel)
+_input_grad_tuned = triton.autotune(common.configs(4096), key=_KEY + ["POST"])(_input_grad_kernel)
+
+# int32 ticket counters per device, all zero between launches (see the module docstring).
+_ticket_counters: dict[torch.device, torch.Tensor] = {}
 
 
-def _channel_sums(x, dy, gate, post_act):
-    """(partials [N * chunks, C], chunks per sample) of x, or of dv * x when ``dy`` is given."""
+def _counters(device: torch.device, samples: int) -> torch.Tensor:
+    """At least ``samples`` zeroed ticket counters on ``device``, allocated on first use and
+    grown (doubling) when a larger batch comes; plans keep the buffer they were built with."""
+    counters = _ticket_counters.get(device)
+    if counters is None or counters.numel() < samples:
+        size = max(samples, 2 * counters.numel() if counters is not None else 0)
+        counters = _ticket_counters[device] = torch.zeros(size, device=device, dtype=torch.int32)
+    return counters
+
+
+def _fixed_grid(grid_of, meta: dict | None):
+    """``grid_of`` itself when autotuning picks the blocks, else a constant grid function."""
+    if meta is None:
+        return grid_of
+    grid = grid_of(meta)
+    return lambda _meta: grid
+
+
+def _pool_plan(x: torch.Tensor, r: int, b1, b2, gate: str, index64: bool) -> dict:
+    """The launch plumbing of a pool + MLP launch shared by the forward and the backward."""
     n, c, h, w = x.shape
     acc, acc_t = common.acc_dtype(x)
     chunk = common.chunk_size(x, h * w)
     per_sample = common.cdiv(h * w, chunk)
-    parts = torch.empty((n * per_sample, c), device=x.device, dtype=acc_t)
-    grad = dy is not None
-    args = dict(x_ptr=x, dy_ptr=dy if grad else x, gate_ptr=gate if grad else parts, part_ptr=parts,
-                C=c, HW=h * w, W=w, chunks_per_sample=per_sample, CHUNK=chunk, **common.strides("sx", x),
-                **common.strides("sd", dy if grad else x), POST=ACTIVATION_CODES[post_act], GRAD=grad,
-                INDEX64=common.index64(x, *([dy] if grad else [])), ACC=acc)
-    common.launch(_channel_sum_kernel, _channel_sum_tuned,
-                  lambda m: common.channel_grid(n * per_sample, c, m["BLOCK_C"]), args,
-                  common.fixed_meta(x, reduction=True))
-    return parts, per_sample
+    inv_hi, inv_lo = common.split_float(1.0 / (h * w))
+    meta = common.fixed_meta(x, reduction=True)
+    return dict(
+        parts_shape=(n * per_sample, c), acc_t=acc_t, meta=meta, counters=_counters(x.device, n),
+        grid_of=_fixed_grid(lambda m: common.channel_grid(n * per_sample, c, m["BLOCK_C"]), meta),
+        consts=dict(C=c, R=r, HW=h * w, W=w, chunks_per_sample=per_sample, CHUNK=chunk, inv_hw_hi=inv_hi,
+                    inv_hw_lo=inv_lo, **common.strides("sx", x), HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+                    GATE=ACTIVATION_CODES[gate], INDEX64=index64, ACC=acc, BLOCK_R=common.next_power_of_2(r),
+                    MLP_BLOCK_C=_MLP_BLOCK_C))
 
 
-def _mlp_meta(r: int) -> dict:
-    return dict(BLOCK_R=common.next_power_of_2(r), BLOCK_C=_MLP_BLOCK_C)
-
-
-def _elementwise_grid(x):
+def _elementwise_plan(x: torch.Tensor) -> tuple:
+    """(meta, grid function) of the elementwise launches over x."""
     n, c, h, w = x.shape
-    return lambda m: common.channel_grid(n * common.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"])
+    meta = common.fixed_meta(x, reduction=False)
+    grid_of = _fixed_grid(lambda m: common.channel_grid(n * common.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"]),
+                          meta)
+    return meta, grid_of
+
+
+_forward_plans: dict[tuple, dict] = {}
+_backward_plans: dict[tuple, dict] = {}
+
+
+def _forward_plan(x, r, b1, b2, out, gate, post_act) -> dict:
+    common.check_device(x)
+    plan = _pool_plan(x, r, b1, b2, gate, common.index64(x))
+    n, c, h, w = x.shape
+    acc, _ = common.acc_dtype(x)
+    plan["scale_meta"], plan["scale_grid_of"] = _elementwise_plan(x)
+    plan["scale_consts"] = dict(C=c, HW=h * w, W=w, **common.strides("sx", x), **common.strides("sy", out),
+                                POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, out), ACC=acc)
+    return plan
 
 
 def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -243,25 +401,50 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
             post_act: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Write the SE output into ``out`` (any strides); returns ``(out, pooled, gate)``, the
     last two (N, C) in float32 (float64 for float64 x) for the backward."""
-    common.check_device(x)
-    n, c, h, w = x.shape
-    r = w1.shape[0]
-    acc, acc_t = common.acc_dtype(x)
-    pooled = torch.empty((n, c), device=x.device, dtype=acc_t)
+    key = (x.shape, x.stride(), x.dtype, x.device, out.stride(), w1.shape[0], b1 is None, b2 is None, gate,
+           post_act, torch.are_deterministic_algorithms_enabled(), common.autotune_enabled())
+    plan = _forward_plans.get(key)
+    if plan is None:
+        if x.numel() == 0:
+            common.check_device(x)
+            stats = x.new_zeros(x.shape[:2], dtype=common.acc_dtype(x)[1])
+            return out, stats, torch.zeros_like(stats)
+        plan = _forward_plans[key] = _forward_plan(x, w1.shape[0], b1, b2, out, gate, post_act)
+    pooled = torch.empty(x.shape[:2], device=x.device, dtype=plan["acc_t"])
     gates = torch.empty_like(pooled)
-    if x.numel() == 0:
-        return out, pooled.zero_(), gates.zero_()
     w1, w2 = w1.contiguous(), w2.contiguous()
-    parts, per_sample = _channel_sums(x, None, None, post_act)
-    inv_hi, inv_lo = common.split_float(1.0 / (h * w))
-    args = dict(part_ptr=parts, w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2),
-                pooled_ptr=pooled, gate_ptr=gates, C=c, R=r, chunks_per_sample=per_sample, inv_hw_hi=inv_hi,
-                inv_hw_lo=inv_lo, HAS_B1=b1 is not None, HAS_B2=b2 is not None, GATE=ACTIVATION_CODES[gate], ACC=acc)
-    common.launch(_mlp_kernel, None, lambda m: (n,), args, _mlp_meta(r))
-    args = dict(x_ptr=x, gate_ptr=gates, y_ptr=out, C=c, HW=h * w, W=w, **common.strides("sx", x),
-                **common.strides("sy", out), POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, out), ACC=acc)
-    common.launch(_scale_kernel, _scale_tuned, _elementwise_grid(x), args, common.fixed_meta(x, reduction=False))
+    parts = torch.empty(plan["parts_shape"], device=x.device, dtype=plan["acc_t"])
+    args = dict(plan["consts"], x_ptr=x, part_ptr=parts, count_ptr=plan["counters"], w1_ptr=w1,
+                b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled,
+                gate_ptr=gates)
+    common.launch(_pool_mlp_kernel, _pool_mlp_tuned, plan["grid_of"], args, plan["meta"])
+    args = dict(plan["scale_consts"], x_ptr=x, gate_ptr=gates, y_ptr=out)
+    common.launch(_scale_kernel, _scale_tuned, plan["scale_grid_of"], args, plan["scale_meta"])
     return out, pooled, gates
+
+
+def _backward_plan(dy, x, r, b1, b2, gate, post_act, memory_format) -> dict:
+    common.check_device(x)
+    plan = _pool_plan(x, r, b1, b2, gate, common.index64(x, dy))
+    n, c, h, w = x.shape
+    acc, _ = common.acc_dtype(x)
+    dx_like = torch.empty(x.shape, device="meta", dtype=x.dtype, memory_format=memory_format)
+    post = ACTIVATION_CODES[post_act]
+    plan["consts"].update(**common.strides("sd", dy), POST=post)
+    tiles = 2 * common.cdiv(c, _OUTER_BLOCK) * common.cdiv(r, _OUTER_BLOCK)  # dw2's and dw1's, each C x R
+    bias_blocks = (common.cdiv(c, _BIAS_BLOCK_M) if b2 is not None else 0) + (
+        common.cdiv(r, _BIAS_BLOCK_M) if b1 is not None else 0)
+    weight_grid = (tiles + bias_blocks,)
+    plan["weight_grid_of"] = lambda _meta: weight_grid
+    plan["weight_consts"] = dict(N=n, C=c, R=r, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+                                 ACC=plan["consts"]["ACC"])
+    plan["weight_meta"] = dict(BLOCK_1=_OUTER_BLOCK, BLOCK_2=_OUTER_BLOCK, BLOCK_ROWS=_BIAS_BLOCK_ROWS,
+                               BLOCK_M=_BIAS_BLOCK_M)
+    plan["input_meta"], plan["input_grid_of"] = _elementwise_plan(x)
+    plan["input_consts"] = dict(C=c, HW=h * w, W=w, **common.strides("sx", x), **common.strides("sd", dy),
+                                **common.strides("so", dx_like), POST=post, INDEX64=common.index64(x, dy, dx_like),
+                                ACC=acc)
+    return plan
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -269,45 +452,36 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
              memory_format: torch.memory_format):
     """Gradients of :func:`forward`: ``(dx, dw1, db1 or None, dw2, db2 or None)``, the weight
     gradients in the weights' dtypes."""
-    common.check_device(x)
-    n, c, h, w = x.shape
+    key = (x.shape, x.stride(), x.dtype, x.device, dy.stride(), w1.shape[0], b1 is None, b2 is None, gate,
+           post_act, memory_format, torch.are_deterministic_algorithms_enabled(), common.autotune_enabled())
+    plan = _backward_plans.get(key)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format)
+    if plan is None:
+        if x.numel() == 0:
+            common.check_device(x)
+            return (dx, *(torch.zeros_like(t) if t is not None else None for t in (w1, b1, w2, b2)))
+        plan = _backward_plans[key] = _backward_plan(dy, x, w1.shape[0], b1, b2, gate, post_act, memory_format)
+    n, c = x.shape[:2]
     r = w1.shape[0]
-    acc, acc_t = common.acc_dtype(x)
-    dx = torch.empty((n, c, h, w), device=x.device, dtype=x.dtype, memory_format=memory_format)
-    if x.numel() == 0:
-        zeros = [torch.zeros_like(t) if t is not None else None for t in (w1, b1, w2, b2)]
-        return (dx, *zeros)
     w1, w2 = w1.contiguous(), w2.contiguous()
-    parts, per_sample = _channel_sums(x, dy, gates, post_act)
+    acc_t = plan["acc_t"]
+    parts = torch.empty(plan["parts_shape"], device=x.device, dtype=acc_t)
     d_pre_gate = torch.empty((n, c), device=x.device, dtype=acc_t)
-    d_pooled = torch.empty_like(d_pre_gate)
+    d_pooled = torch.empty((n, c), device=x.device, dtype=acc_t)
     hidden = torch.empty((n, r), device=x.device, dtype=acc_t)
-    d_pre_hidden = torch.empty_like(hidden)
-    inv_hi, inv_lo = common.split_float(1.0 / (h * w))
-    args = dict(part_ptr=parts, w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2),
-                pooled_ptr=pooled, d_pre_gate_ptr=d_pre_gate, hidden_ptr=hidden, d_pre_hidden_ptr=d_pre_hidden,
-                d_pooled_ptr=d_pooled, C=c, R=r, chunks_per_sample=per_sample, inv_hw_hi=inv_hi, inv_hw_lo=inv_lo,
-                HAS_B1=b1 is not None, HAS_B2=b2 is not None, GATE=ACTIVATION_CODES[gate], ACC=acc)
-    common.launch(_mlp_backward_kernel, None, lambda m: (n,), args, _mlp_meta(r))
-    dw2 = _outer_sum(d_pre_gate, hidden, w2.dtype)
-    dw1 = _outer_sum(d_pre_hidden, pooled, w1.dtype)
-    db2 = common.sum_rows(d_pre_gate, b2.dtype) if b2 is not None else None
-    db1 = common.sum_rows(d_pre_hidden, b1.dtype) if b1 is not None else None
-    args = dict(x_ptr=x, dy_ptr=dy, gate_ptr=gates, d_pooled_ptr=d_pooled, dx_ptr=dx, C=c, HW=h * w, W=w,
-                **common.strides("sx", x), **common.strides("sd", dy), **common.strides("so", dx),
-                POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, dy, dx), ACC=acc)
-    common.launch(_input_grad_kernel, _input_grad_tuned, _elementwise_grid(x), args,
-                  common.fixed_meta(x, reduction=False))
+    d_pre_hidden = torch.empty((n, r), device=x.device, dtype=acc_t)
+    args = dict(plan["consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, part_ptr=parts, count_ptr=plan["counters"],
+                w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled,
+                d_pre_gate_ptr=d_pre_gate, hidden_ptr=hidden, d_pre_hidden_ptr=d_pre_hidden, d_pooled_ptr=d_pooled)
+    common.launch(_pool_mlp_backward_kernel, _pool_mlp_backward_tuned, plan["grid_of"], args, plan["meta"])
+    dw1 = torch.empty((r, c), device=x.device, dtype=w1.dtype)
+    dw2 = torch.empty((c, r), device=x.device, dtype=w2.dtype)
+    db1 = torch.empty(r, device=x.device, dtype=b1.dtype) if b1 is not None else None
+    db2 = torch.empty(c, device=x.device, dtype=b2.dtype) if b2 is not None else None
+    args = dict(plan["weight_consts"], d_pre_gate_ptr=d_pre_gate, hidden_ptr=hidden, d_pre_hidden_ptr=d_pre_hidden,
+                pooled_ptr=pooled, dw1_ptr=dw1, db1_ptr=common.absent(db1, dw1), dw2_ptr=dw2,
+                db2_ptr=common.absent(db2, dw2))
+    common.launch(_weight_grad_kernel, None, plan["weight_grid_of"], args, plan["weight_meta"])
+    args = dict(plan["input_consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, d_pooled_ptr=d_pooled, dx_ptr=dx)
+    common.launch(_input_grad_kernel, _input_grad_tuned, plan["input_grid_of"], args, plan["input_meta"])
     return dx, dw1, db1, dw2, db2
-
-
-def _outer_sum(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    n, m1 = a.shape
-    m2 = b.shape[1]
-    out = torch.empty((m1, m2), device=a.device, dtype=out_dtype)
-    acc = tl.float64 if a.dtype == torch.float64 else tl.float32
-    args = dict(a_ptr=a, b_ptr=b, out_ptr=out, N=n, M1=m1, M2=m2, ACC=acc)
-    common.launch(_outer_sum_kernel, None,
-                  lambda m: common.channel_grid(common.cdiv(m1, m["BLOCK_1"]), m2, m["BLOCK_2"]), args,
-                  dict(BLOCK_1=32, BLOCK_2=32))
-    return out
