@@ -42,6 +42,32 @@ _impls: dict[str, dict[str, Callable]] = {}
 _selected: str | None = None
 _override_stack: list[str] = []
 _recorders: list[list[dict]] = []
+# MOBILEOPS_BACKEND as read at the first op call (reading the environment costs microseconds).
+_env_choice: str | None = None
+# (backend, device type or None, TRITON_INTERPRET) -> the reason the backend cannot run, or None.
+_problems: dict[tuple, str | None] = {}
+# Every op's call plans (mobileops.ops._plan): they hold a backend choice, so they go together.
+_plan_caches: list[dict] = []
+
+
+def plan_cache() -> dict:
+    """A new, empty cache of call plans that :func:`forget_choices` clears (one per op)."""
+    cache: dict = {}
+    _plan_caches.append(cache)
+    return cache
+
+
+def forget_choices() -> None:
+    """Forget every decision cached from the environment: the ``MOBILEOPS_BACKEND`` value, each
+    backend's availability and every op's call plans (validated arguments, chosen
+    implementation). Call it after changing what those depend on within a process (setting
+    ``MOBILEOPS_BACKEND`` or ``TRITON_INTERPRET``, building the CUDA extension); selecting a
+    backend with :func:`set_backend` or :func:`use_backend` needs no call."""
+    global _env_choice
+    _env_choice = None
+    _problems.clear()
+    for cache in _plan_caches:
+        cache.clear()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -62,6 +88,7 @@ def register_impl(op: str, backend: str) -> Callable[[Callable], Callable]:
 
     def decorate(fn: Callable) -> Callable:
         _impls.setdefault(op, {})[backend] = fn
+        forget_choices()  # a plan may hold the implementation this one replaces
         return fn
 
     return decorate
@@ -103,7 +130,15 @@ def _cuda_extension_status() -> str | None:
 # asks the CUDA runtime, which cannot be traced).
 @torch.compiler.assume_constant_result
 def _backend_problem(backend: str, device: torch.device | None) -> str | None:
-    """Why ``backend`` cannot run on ``device`` (None: on any device here), or None."""
+    """Why ``backend`` cannot run on ``device`` (None: on any device here), or None. Asked once
+    per (backend, device type, ``TRITON_INTERPRET``) until :func:`forget_choices`."""
+    key = (backend, None if device is None else device.type, os.environ.get("TRITON_INTERPRET"))
+    if key not in _problems:
+        _problems[key] = _find_problem(backend, device)
+    return _problems[key]
+
+
+def _find_problem(backend: str, device: torch.device | None) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
@@ -164,7 +199,10 @@ def get_backend() -> str:
         return _override_stack[-1]
     if _selected is not None:
         return _selected
-    return _check_choice(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
+    global _env_choice
+    if _env_choice is None:
+        _env_choice = _check_choice(os.environ.get(ENV_VAR, "auto") or "auto", f"environment variable {ENV_VAR}")
+    return _env_choice
 
 
 def set_backend(name: str) -> None:
@@ -252,7 +290,30 @@ def exporting() -> bool:
     backend gives way to the torch composition, whose results agree within the dtype's bound.
     ``torch.compile`` and ``torch.export`` are not exporting in this sense: they trace the fused
     ops as custom ops."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return torch._C._get_tracing_state() is not None or _onnx_exporting()
+
+
+def _onnx_flags():
+    # torch.onnx.is_in_onnx_export imports two modules on every call (3-4 us); read the flags it
+    # reads directly where this torch has them where they were found (torch 2.11-2.13).
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    if not (hasattr(_flags, "_is_onnx_exporting") and hasattr(GLOBALS, "in_onnx_export")):
+        return None
+    return _flags, GLOBALS
+
+
+def _onnx_exporting() -> bool:
+    flags = _ONNX_FLAGS
+    if flags is None:
+        return torch.onnx.is_in_onnx_export()
+    return flags[1].in_onnx_export or flags[0]._is_onnx_exporting
+
+
+_ONNX_FLAGS = _onnx_flags()
 
 
 def _capturing(device: torch.device) -> bool:

@@ -19,10 +19,13 @@ from mobileops import backend
 @pytest.fixture(autouse=True)
 def _reset_backend_selection(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    # Tests replace backend internals and environment variables that cached choices depend on.
+    backend.forget_choices()
     saved = backend._selected
     yield
     backend._selected = saved
     backend._override_stack.clear()
+    backend.forget_choices()
 
 
 @pytest.fixture(scope="session")

@@ -28,11 +28,13 @@ def cuda_backend_on_cpu(extension):
     saved = _extension.EMULATION
     _extension.EMULATION = extension
     backend._backend_problem = lambda name, device: None if name == "cuda" else real_problem(name, device)
+    backend.forget_choices()  # plans made before chose without the emulated backend
     try:
         yield
     finally:
         _extension.EMULATION = saved
         backend._backend_problem = real_problem
+        backend.forget_choices()
 
 
 def runnable_backends(op: str, device: str):

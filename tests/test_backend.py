@@ -45,6 +45,8 @@ def test_environment_variable(monkeypatch):
     monkeypatch.setenv("MOBILEOPS_BACKEND", "torch")
     assert mobileops.get_backend() == "torch"
     monkeypatch.setenv("MOBILEOPS_BACKEND", "quantum")
+    assert mobileops.get_backend() == "torch", "the variable is read once, at the first choice"
+    backend.forget_choices()
     with pytest.raises(ValueError, match="MOBILEOPS_BACKEND"):
         ops.dwconv_bn_act(*_dw_inputs())
     mobileops.set_backend("torch")  # an explicit choice overrides the environment

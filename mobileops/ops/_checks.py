@@ -64,11 +64,10 @@ def _is_real(value) -> bool:
     return type(value) is float or isinstance(value, numbers.Real)
 
 
-def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running_var,
-             training: bool, momentum, eps, also: dict | None = None) -> None:
-    """BatchNorm parameters: per-channel tensors (each may be None), a sane momentum and eps,
-    and running statistics that a training call may update in place without touching its
-    inputs (``x``, the BN parameters and the tensors named in ``also``)."""
+def check_bn_tensors(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running_var,
+                     training: bool) -> None:
+    """BatchNorm tensors: per-channel (each may be None), running statistics both given or
+    both absent, and a bool ``training``."""
     channels = (x.shape[1],)
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
@@ -77,13 +76,15 @@ def check_bn(op: str, x: torch.Tensor, bn_weight, bn_bias, running_mean, running
         raise ValueError(f"{op}: running_mean and running_var must both be given or both be None")
     if not isinstance(training, bool):
         raise TypeError(f"{op}: training must be a bool, got {type(training).__name__}")
+
+
+def check_bn_scalars(op: str, momentum, eps) -> None:
+    """A momentum in [0, 1] and a positive eps (checked on every call: they are values, and a
+    module with ``momentum=None`` passes a new one each step)."""
     if not _is_real(momentum) or not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{op}: momentum must be a number in [0, 1], got {momentum!r}")
     if not _is_real(eps) or not float(eps) > 0.0:
         raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
-    if training and running_mean is not None:
-        check_written_in_place(op, {"running_mean": running_mean, "running_var": running_var},
-                               {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias, **(also or {})})
 
 
 def _has_memory(t) -> bool:

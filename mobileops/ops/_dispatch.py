@@ -29,17 +29,21 @@ class KernelOp:
 
     Args:
         name: the custom op's qualified name, e.g. ``"mobileops::squeeze_excite_triton"``.
-        body: the implementation; its annotations give the custom op's schema.
+        body: the implementation.
+        schema: the custom op's schema, e.g. ``"(Tensor x, str gate) -> Tensor"`` (one string per op,
+            shared by its backends, so their bodies can be one function bound to each backend's
+            launchers).
         mutates_args: arguments ``body`` writes in place (as for ``torch.library.custom_op``).
         fake: the fake (meta) implementation.
         setup_context, backward: the autograd formula, as for ``torch.library.register_autograd``
             (None: not differentiable).
     """
 
-    def __init__(self, name: str, body: Callable, *, mutates_args=(), fake: Callable,
+    def __init__(self, name: str, body: Callable, *, schema: str, mutates_args=(), fake: Callable,
                  setup_context: Callable = None, backward: Callable = None):
+        self.name = name
         self.body = body
-        self.custom_op = torch.library.custom_op(name, body, mutates_args=mutates_args)
+        self.custom_op = torch.library.custom_op(name, body, mutates_args=mutates_args, schema=schema)
         self.custom_op.register_fake(fake)
         self.function = None
         if backward is not None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mobileops import backend
-from mobileops.ops import _checks
+from mobileops.ops import _checks, _plan
 from mobileops.ops.activation import activation as apply_activation
 from mobileops.ops.activation import check_activation
 
@@ -20,16 +20,34 @@ def bn_act(x: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tenso
     Arguments and BatchNorm semantics are those of :func:`mobileops.ops.dwconv_bn_act`
     without the convolution. Returns a tensor in ``x``'s dtype and memory format.
     """
+    key = _plan.call_key(x, (bn_weight, bn_bias, running_mean, running_var), (activation, training, type(training)))
+    plan = _plan.lookup(_PLANS, key)
+    if plan is None:
+        plan = _plan.remember(_PLANS, key, _bn_act_plan(x, bn_weight, bn_bias, running_mean, running_var, activation,
+                                                        training))
+    _checks.check_bn_scalars("bn_act", momentum, eps)
+    if plan.writes_in_place:
+        _checks.check_written_in_place("bn_act", {"running_mean": running_mean, "running_var": running_var},
+                                       {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias})
+    return plan.impl(x, bn_weight, bn_bias, running_mean, running_var, momentum=float(momentum), eps=float(eps),
+                     **plan.options)
+
+
+_PLANS = backend.plan_cache()
+
+
+def _bn_act_plan(x, bn_weight, bn_bias, running_mean, running_var, activation, training) -> _plan.Plan:
+    """Validate a call signature of :func:`bn_act` and choose its implementation."""
     op = "bn_act"
     _checks.check_input(op, x)
-    _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    _checks.check_bn_tensors(op, x, bn_weight, bn_bias, running_mean, running_var, training)
     check_activation(activation, op=op)
     batch_stats = training or running_mean is None
     _checks.check_batch_stats_size(op, x.shape, x.shape[2:], batch_stats)
     inference = not batch_stats and not _checks.needs_grad(x, bn_weight, bn_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
-    return impl(x, bn_weight, bn_bias, running_mean, running_var, activation=activation,
-                training=training, momentum=float(momentum), eps=float(eps))
+    return _plan.Plan(impl, dict(activation=activation, training=training),
+                      writes_in_place=training and running_mean is not None)
 
 
 @backend.register_impl("bn_act", "torch")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mobileops import backend
-from mobileops.ops import _checks
+from mobileops.ops import _checks, _plan
 from mobileops.ops.activation import activation as apply_activation
 from mobileops.ops.activation import check_activation
 
@@ -42,11 +42,30 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor
     Returns:
         (N, C, H_out, W_out) tensor in ``x``'s dtype and memory format.
     """
+    key = _plan.call_key(x, (weight, bn_weight, bn_bias, running_mean, running_var),
+                         (stride, type(stride), padding, type(padding), activation, training, type(training)))
+    plan = _plan.lookup(_DWCONV_BN_ACT_PLANS, key)
+    if plan is None:
+        plan = _plan.remember(_DWCONV_BN_ACT_PLANS, key, _dwconv_bn_act_plan(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation, training))
+    _checks.check_bn_scalars("dwconv_bn_act", momentum, eps)
+    if plan.writes_in_place:
+        _checks.check_written_in_place("dwconv_bn_act", {"running_mean": running_mean, "running_var": running_var},
+                                       {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias, "weight": weight})
+    return plan.impl(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum=float(momentum),
+                     eps=float(eps), **plan.options)
+
+
+_DWCONV_BN_ACT_PLANS = backend.plan_cache()
+
+
+def _dwconv_bn_act_plan(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
+                        training) -> _plan.Plan:
+    """Validate a call signature of :func:`dwconv_bn_act` and choose its implementation."""
     op = "dwconv_bn_act"
     _checks.check_input(op, x)
     k = _checks.check_depthwise_weight(op, weight, x)
-    _checks.check_bn(op, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                     also={"weight": weight})
+    _checks.check_bn_tensors(op, x, bn_weight, bn_bias, running_mean, running_var, training)
     stride = _checks.check_int(op, "stride", stride, 1)
     padding = _checks.resolve_padding(op, padding, k)
     check_activation(activation, op=op)
@@ -55,9 +74,8 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor
     _checks.check_batch_stats_size(op, x.shape, out_hw, batch_stats)
     inference = not batch_stats and not _checks.needs_grad(x, weight, bn_weight, bn_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
-    return impl(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-                padding=padding, activation=activation, training=training,
-                momentum=float(momentum), eps=float(eps))
+    return _plan.Plan(impl, dict(stride=stride, padding=padding, activation=activation, training=training),
+                      writes_in_place=training and running_mean is not None)
 
 
 def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -68,6 +86,18 @@ def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     This is :func:`dwconv_bn_act` after the BatchNorm has been folded into ``weight`` and
     ``bias`` (``fuse()``); arguments as there, with ``bias`` of shape (C,) or None.
     """
+    key = _plan.call_key(x, (weight, bias), (stride, type(stride), padding, type(padding), activation))
+    plan = _plan.lookup(_DWCONV_ACT_PLANS, key)
+    if plan is None:
+        plan = _plan.remember(_DWCONV_ACT_PLANS, key, _dwconv_act_plan(x, weight, bias, stride, padding, activation))
+    return plan.impl(x, weight, bias, **plan.options)
+
+
+_DWCONV_ACT_PLANS = backend.plan_cache()
+
+
+def _dwconv_act_plan(x, weight, bias, stride, padding, activation) -> _plan.Plan:
+    """Validate a call signature of :func:`dwconv_act` and choose its implementation."""
     op = "dwconv_act"
     _checks.check_input(op, x)
     k = _checks.check_depthwise_weight(op, weight, x)
@@ -77,7 +107,7 @@ def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     check_activation(activation, op=op)
     _checks.check_conv_output(op, x, k, stride, padding)
     impl = backend.resolve(op, x.device, inference=not _checks.needs_grad(x, weight, bias), numel=x.numel())
-    return impl(x, weight, bias, stride=stride, padding=padding, activation=activation)
+    return _plan.Plan(impl, dict(stride=stride, padding=padding, activation=activation))
 
 
 @backend.register_impl("dwconv_bn_act", "torch")

@@ -4,7 +4,8 @@ the convolution: ``weight=None``). Both backends share this wiring; only the lau
 differs (:mod:`mobileops.kernels.dwconv_bn_act` for Triton, :mod:`mobileops.cuda.dwconv_bn_act`
 for the CUDA extension).
 
-Per backend ``B``, three ``torch.library`` custom ops, each with a fake (meta) implementation so
+Per backend ``B`` one :class:`DwconvBnActKernels` object (:data:`TRITON`, :data:`CUDA`) holds three
+``torch.library`` custom ops, each with a fake (meta) implementation so
 ``torch.compile(fullgraph=True)`` traces them without graph breaks (eager calls skip the custom-op
 dispatch and run the same code directly: :mod:`mobileops.ops._dispatch`):
 
@@ -21,6 +22,7 @@ interpret them (``TRITON_INTERPRET=1``), so importing mobileops must not define 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -57,109 +59,137 @@ def _autocast(x: Tensor, *tensors: Tensor | None):
     return (x, *tensors)
 
 
-def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
-    """Define the three custom ops for backend ``name`` and register its ``dwconv_bn_act``,
-    ``dwconv_act`` and ``bn_act`` implementations.
+# One schema per op, shared by both backends (the names and order of the bodies' arguments).
+_BATCH_STATS_SCHEMA = ("(Tensor x, Tensor? weight, Tensor(a2!)? running_mean, Tensor(a3!)? running_var, "
+                       "SymInt stride, SymInt padding, float momentum, float eps) -> (Tensor, Tensor)")
+_FORWARD_SCHEMA = ("(Tensor x, Tensor? weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, Tensor? var, "
+                   "SymInt stride, SymInt padding, str activation, str norm, float eps) -> Tensor")
+_BACKWARD_SCHEMA = ("(Tensor dy, Tensor x, Tensor? weight, Tensor? bn_weight, Tensor? bn_bias, Tensor? mean, "
+                    "Tensor? var, SymInt stride, SymInt padding, str activation, str norm, float eps, "
+                    "bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor)")
 
-    ``load_kernels()`` returns the launcher module (``forward``, ``batch_stats``,
-    ``backward``; see :mod:`mobileops.kernels.dwconv_bn_act`), imported on first use.
+
+def _batch_stats_body(launchers, x, weight, running_mean, running_var, stride, padding, momentum, eps):
+    return launchers().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
+                                   momentum=momentum, eps=eps)
+
+
+def _batch_stats_fake(x, weight, running_mean, running_var, stride, padding, momentum, eps):
+    c = x.shape[1]
+    return x.new_empty(c, dtype=_acc_dtype(x)), x.new_empty(c, dtype=_acc_dtype(x))
+
+
+def _forward_body(launchers, x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps):
+    out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
+                      memory_format=_checks.suggest_memory_format(x))
+    return launchers().forward(x, weight, bn_weight, bn_bias, mean, var, out=out, stride=stride, padding=padding,
+                               activation=activation, norm=norm, eps=eps)
+
+
+def _forward_fake(x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps):
+    return torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
+                       memory_format=_checks.suggest_memory_format(x))
+
+
+def _backward_body(launchers, dy, x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps,
+                   weight_grad):
+    dx, dw, sum_du, sum_dux = launchers().backward(
+        dy, x, weight, bn_weight, bn_bias, mean, var, stride=stride, padding=padding, activation=activation,
+        norm=norm, eps=eps, weight_grad=weight_grad, memory_format=_checks.suggest_memory_format(x))
+    d_bn_weight = sum_dux.to(bn_weight.dtype) if bn_weight is not None else sum_dux
+    d_bn_bias = sum_du.to(bn_bias.dtype) if bn_bias is not None else sum_du
+    return dx, dw if dw is not None else x.new_empty(0), d_bn_weight, d_bn_bias
+
+
+def _backward_fake(dy, x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps,
+                   weight_grad):
+    c, acc = x.shape[1], _acc_dtype(x)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_checks.suggest_memory_format(x))
+    has_dw = weight_grad and weight is not None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if has_dw else x.new_empty(0)
+    return (dx, dw, x.new_empty(c, dtype=bn_weight.dtype if bn_weight is not None else acc),
+            x.new_empty(c, dtype=bn_bias.dtype if bn_bias is not None else acc))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, mean, var, *config = inputs
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
+    ctx.config = config
+
+
+def _autograd_backward(backward_op, ctx, dy):
+    x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, dw, d_bn_weight, d_bn_bias = backward_op(dy, x, weight, bn_weight, bn_bias, mean, var, *ctx.config,
+                                                 weight is not None and needs[1])
+    return (dx if needs[0] else None, dw if weight is not None and needs[1] else None,
+            d_bn_weight if bn_weight is not None and needs[2] else None,
+            d_bn_bias if bn_bias is not None and needs[3] else None) + (None,) * 7
+
+
+class DwconvBnActKernels:
+    """One kernel backend's ``dwconv_bn_act``, ``dwconv_act`` and ``bn_act``: its three custom
+    ops and the implementations registered with :mod:`mobileops.backend`.
+
+    Attributes:
+        backend: the backend name (``"triton"`` or ``"cuda"``).
+        batch_stats: :class:`KernelOp` ``mobileops::dwconv_bn_stats_<backend>``.
+        forward: :class:`KernelOp` ``mobileops::dwconv_bn_act_<backend>`` (differentiable).
+        backward: :class:`KernelOp` ``mobileops::dwconv_bn_act_<backend>_backward``.
+
+    Args:
+        backend: the backend name.
+        launchers: returns the launcher module (``forward``, ``batch_stats``, ``backward``; see
+            :mod:`mobileops.kernels.dwconv_bn_act`), imported on first use.
     """
 
-    def _batch_stats_body(x: Tensor, weight: Tensor | None, running_mean: Tensor | None,
-                          running_var: Tensor | None, stride: int, padding: int, momentum: float,
-                          eps: float) -> tuple[Tensor, Tensor]:
-        return load_kernels().batch_stats(x, weight, running_mean, running_var, stride=stride, padding=padding,
-                                          momentum=momentum, eps=eps)
+    def __init__(self, backend_name: str, launchers: Callable[[], Any]):
+        self.backend = backend_name
+        self.batch_stats = KernelOp(f"mobileops::dwconv_bn_stats_{backend_name}",
+                                    functools.partial(_batch_stats_body, launchers), schema=_BATCH_STATS_SCHEMA,
+                                    mutates_args=("running_mean", "running_var"), fake=_batch_stats_fake)
+        self.backward = KernelOp(f"mobileops::dwconv_bn_act_{backend_name}_backward",
+                                 functools.partial(_backward_body, launchers), schema=_BACKWARD_SCHEMA,
+                                 fake=_backward_fake)
+        self.forward = KernelOp(f"mobileops::dwconv_bn_act_{backend_name}", functools.partial(_forward_body, launchers),
+                                schema=_FORWARD_SCHEMA, fake=_forward_fake, setup_context=_setup_context,
+                                backward=functools.partial(_autograd_backward, self.backward))
+        backend.register_impl("dwconv_bn_act", backend_name)(self.dwconv_bn_act)
+        backend.register_impl("dwconv_act", backend_name)(self.dwconv_act)
+        backend.register_impl("bn_act", backend_name)(self.bn_act)
 
-    def _batch_stats_fake(x, weight, running_mean, running_var, stride, padding, momentum, eps):
-        c = x.shape[1]
-        return x.new_empty(c, dtype=_acc_dtype(x)), x.new_empty(c, dtype=_acc_dtype(x))
-
-    _batch_stats = KernelOp(f"mobileops::dwconv_bn_stats_{name}", _batch_stats_body,
-                            mutates_args=("running_mean", "running_var"), fake=_batch_stats_fake)
-
-    def _forward_body(x: Tensor, weight: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
-                      mean: Tensor | None, var: Tensor | None, stride: int, padding: int, activation: str,
-                      norm: str, eps: float) -> Tensor:
-        out = torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
-                          memory_format=_checks.suggest_memory_format(x))
-        return load_kernels().forward(x, weight, bn_weight, bn_bias, mean, var, out=out, stride=stride,
-                                      padding=padding, activation=activation, norm=norm, eps=eps)
-
-    def _forward_fake(x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps):
-        return torch.empty(_out_shape(x, weight, stride, padding), device=x.device, dtype=x.dtype,
-                           memory_format=_checks.suggest_memory_format(x))
-
-    def _backward_body(dy: Tensor, x: Tensor, weight: Tensor | None, bn_weight: Tensor | None,
-                       bn_bias: Tensor | None, mean: Tensor | None, var: Tensor | None, stride: int,
-                       padding: int, activation: str, norm: str, eps: float,
-                       weight_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        dx, dw, sum_du, sum_dux = load_kernels().backward(
-            dy, x, weight, bn_weight, bn_bias, mean, var, stride=stride, padding=padding,
-            activation=activation, norm=norm, eps=eps, weight_grad=weight_grad,
-            memory_format=_checks.suggest_memory_format(x))
-        d_bn_weight = sum_dux.to(bn_weight.dtype) if bn_weight is not None else sum_dux
-        d_bn_bias = sum_du.to(bn_bias.dtype) if bn_bias is not None else sum_du
-        return dx, dw if dw is not None else x.new_empty(0), d_bn_weight, d_bn_bias
-
-    def _backward_fake(dy, x, weight, bn_weight, bn_bias, mean, var, stride, padding, activation, norm, eps,
-                       weight_grad):
-        c, acc = x.shape[1], _acc_dtype(x)
-        dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_checks.suggest_memory_format(x))
-        has_dw = weight_grad and weight is not None
-        dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if has_dw else x.new_empty(0)
-        return (dx, dw, x.new_empty(c, dtype=bn_weight.dtype if bn_weight is not None else acc),
-                x.new_empty(c, dtype=bn_bias.dtype if bn_bias is not None else acc))
-
-    _backward_op = KernelOp(f"mobileops::dwconv_bn_act_{name}_backward", _backward_body, fake=_backward_fake)
-
-    def _setup_context(ctx, inputs, output):
-        x, weight, bn_weight, bn_bias, mean, var, *config = inputs
-        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, var)
-        ctx.config = config
-
-    def _autograd_backward(ctx, dy):
-        x, weight, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        dx, dw, d_bn_weight, d_bn_bias = _backward_op(dy, x, weight, bn_weight, bn_bias, mean, var, *ctx.config,
-                                                      weight is not None and needs[1])
-        return (dx if needs[0] else None, dw if weight is not None and needs[1] else None,
-                d_bn_weight if bn_weight is not None and needs[2] else None,
-                d_bn_bias if bn_bias is not None and needs[3] else None) + (None,) * 7
-
-    _forward = KernelOp(f"mobileops::dwconv_bn_act_{name}", _forward_body, fake=_forward_fake,
-                        setup_context=_setup_context, backward=_autograd_backward)
-
-    def _conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
+    def _conv_bn_act(self, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
                      training, momentum, eps):
         """Batch statistics (updating the running ones) then normalise, or running statistics."""
         if training or running_mean is None:
             update = training and running_mean is not None
-            mean, rstd = _batch_stats(x.detach(), weight.detach() if weight is not None else None,
-                                      running_mean if update else None, running_var if update else None,
-                                      stride, padding, momentum, eps)
-            return _forward(x, weight, bn_weight, bn_bias, mean, rstd, stride, padding, activation, "batch", eps)
-        return _forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
-                        "running", eps)
+            mean, rstd = self.batch_stats(x.detach(), weight.detach() if weight is not None else None,
+                                          running_mean if update else None, running_var if update else None,
+                                          stride, padding, momentum, eps)
+            return self.forward(x, weight, bn_weight, bn_bias, mean, rstd, stride, padding, activation, "batch", eps)
+        return self.forward(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
+                            "running", eps)
 
-    @backend.register_impl("dwconv_bn_act", name)
-    def _dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, padding,
-                       activation, training, momentum, eps):
+    def dwconv_bn_act(self, x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, padding,
+                      activation, training, momentum, eps):
+        """This backend's :func:`mobileops.ops.dwconv_bn_act` (arguments already validated)."""
         x, weight = _autocast(x, weight)
-        return _conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
-                            training, momentum, eps)
+        return self._conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
+                                 activation, training, momentum, eps)
 
-    @backend.register_impl("dwconv_act", name)
-    def _dwconv_act(x, weight, bias, *, stride, padding, activation):
+    def dwconv_act(self, x, weight, bias, *, stride, padding, activation):
+        """This backend's :func:`mobileops.ops.dwconv_act`."""
         x, weight, bias = _autocast(x, weight, bias)
-        return _forward(x, weight, None, bias, None, None, stride, padding, activation, "none", 0.0)
+        return self.forward(x, weight, None, bias, None, None, stride, padding, activation, "none", 0.0)
 
-    @backend.register_impl("bn_act", name)
-    def _bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, activation, training, momentum, eps):
+    def bn_act(self, x, bn_weight, bn_bias, running_mean, running_var, *, activation, training, momentum, eps):
+        """This backend's :func:`mobileops.ops.bn_act` (the kernels without a conv)."""
         # Under autocast BatchNorm runs in its input's dtype, so nothing is cast here.
-        return _conv_bn_act(x, None, bn_weight, bn_bias, running_mean, running_var, 1, 0, activation, training,
-                            momentum, eps)
+        return self._conv_bn_act(x, None, bn_weight, bn_bias, running_mean, running_var, 1, 0, activation, training,
+                                 momentum, eps)
 
 
-for _name in ("triton", "cuda"):
-    define_backend(_name, backend.launcher_loader(_name, "dwconv_bn_act"))
+#: The Triton backend's kernels (:mod:`mobileops.kernels.dwconv_bn_act`).
+TRITON = DwconvBnActKernels("triton", backend.launcher_loader("triton", "dwconv_bn_act"))
+#: The CUDA extension's kernels (:mod:`mobileops.cuda.dwconv_bn_act`).
+CUDA = DwconvBnActKernels("cuda", backend.launcher_loader("cuda", "dwconv_bn_act"))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mobileops import backend
-from mobileops.ops import _checks
+from mobileops.ops import _checks, _plan
 from mobileops.ops.activation import GATES, check_activation
 from mobileops.ops.activation import activation as apply_activation
 
@@ -27,6 +27,19 @@ def squeeze_excite(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Te
     Returns:
         Tensor shaped like ``x`` in its dtype and memory format.
     """
+    key = _plan.call_key(x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), (gate, post_act))
+    plan = _plan.lookup(_PLANS, key)
+    if plan is None:
+        plan = _plan.remember(_PLANS, key, _squeeze_excite_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate,
+                                                                post_act))
+    return plan.impl(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, **plan.options)
+
+
+_PLANS = backend.plan_cache()
+
+
+def _squeeze_excite_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act) -> _plan.Plan:
+    """Validate a call signature of :func:`squeeze_excite` and choose its implementation."""
     op = "squeeze_excite"
     _checks.check_input(op, x)
     channels = x.shape[1]
@@ -41,7 +54,7 @@ def squeeze_excite(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Te
     check_activation(post_act, "post_act", op=op)
     inference = not _checks.needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
-    return impl(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate=gate, post_act=post_act)
+    return _plan.Plan(impl, dict(gate=gate, post_act=post_act))
 
 
 @backend.register_impl("squeeze_excite", "torch")

@@ -2,7 +2,8 @@
 wiring; the launchers are :mod:`mobileops.kernels.squeeze_excite` and
 :mod:`mobileops.cuda.squeeze_excite`, imported on first use).
 
-Per backend ``B``, two ``torch.library`` custom ops with fake implementations
+Per backend ``B`` one :class:`SqueezeExciteKernels` object (:data:`TRITON`, :data:`CUDA`) holds two
+``torch.library`` custom ops with fake implementations
 (``torch.compile(fullgraph=True)`` traces them): ``mobileops::squeeze_excite_B`` returns the
 output plus the per-sample pooled means and gates, which its registered autograd saves, and
 ``mobileops::squeeze_excite_B_backward`` computes every gradient from x, those two small tensors
@@ -12,6 +13,7 @@ and the output gradient. Eager calls run the same code without the custom-op dis
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,62 +33,87 @@ def _like_x(x: Tensor) -> Tensor:
     return torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_checks.suggest_memory_format(x))
 
 
-def define_backend(name: str, load_kernels: Callable[[], Any]) -> None:
-    """Define the two custom ops for backend ``name`` and register its ``squeeze_excite``.
+_FORWARD_SCHEMA = ("(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str gate, "
+                   "str post_act) -> (Tensor, Tensor, Tensor)")
+_BACKWARD_SCHEMA = ("(Tensor dy, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+                    "Tensor pooled, Tensor gates, str gate, str post_act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
-    ``load_kernels()`` returns the launcher module (``forward``, ``backward``; see
-    :mod:`mobileops.kernels.squeeze_excite`), imported on first use.
+
+def _forward_body(launchers, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act):
+    return launchers().forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=_like_x(x), gate=gate,
+                               post_act=post_act)
+
+
+def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act):
+    per_sample = x.new_empty(x.shape[:2], dtype=_stats_dtype(x))
+    return _like_x(x), per_sample, torch.empty_like(per_sample)
+
+
+def _backward_body(launchers, dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates, gate, post_act):
+    dx, dw1, db1, dw2, db2 = launchers().backward(
+        dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates, gate=gate, post_act=post_act,
+        memory_format=_checks.suggest_memory_format(x))
+    # an absent bias gets its own empty tensor: outputs of a custom op may not alias each other
+    return dx, dw1, db1 if db1 is not None else x.new_empty(0), dw2, db2 if db2 is not None else x.new_empty(0)
+
+
+def _backward_fake(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates, gate, post_act):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+
+    return _like_x(x), like(fc1_weight), like(fc1_bias), like(fc2_weight), like(fc2_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act = inputs
+    _, pooled, gates = output
+    ctx.mark_non_differentiable(pooled, gates)
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates)
+    ctx.config = (gate, post_act)
+
+
+def _autograd_backward(backward_op, ctx, dy, _d_pooled, _d_gates):
+    # pooled and gates are returned only to be saved here; nothing downstream uses them.
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = backward_op(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates,
+                                         *ctx.config)
+    needs = ctx.needs_input_grad
+    grads = (dx, dw1, db1 if fc1_bias is not None else None, dw2, db2 if fc2_bias is not None else None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+
+class SqueezeExciteKernels:
+    """One kernel backend's ``squeeze_excite``: its two custom ops and the implementation
+    registered with :mod:`mobileops.backend`.
+
+    Attributes:
+        backend: the backend name (``"triton"`` or ``"cuda"``).
+        forward: :class:`KernelOp` ``mobileops::squeeze_excite_<backend>`` (differentiable).
+        backward: :class:`KernelOp` ``mobileops::squeeze_excite_<backend>_backward``.
+
+    Args:
+        backend: the backend name.
+        launchers: returns the launcher module (``forward``, ``backward``; see
+            :mod:`mobileops.kernels.squeeze_excite`), imported on first use.
     """
 
-    def _forward_body(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
-                      fc2_bias: Tensor | None, gate: str, post_act: str) -> tuple[Tensor, Tensor, Tensor]:
-        return load_kernels().forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=_like_x(x), gate=gate,
-                                      post_act=post_act)
+    def __init__(self, backend_name: str, launchers: Callable[[], Any]):
+        self.backend = backend_name
+        self.backward = KernelOp(f"mobileops::squeeze_excite_{backend_name}_backward",
+                                 functools.partial(_backward_body, launchers), schema=_BACKWARD_SCHEMA,
+                                 fake=_backward_fake)
+        self.forward = KernelOp(f"mobileops::squeeze_excite_{backend_name}",
+                                functools.partial(_forward_body, launchers), schema=_FORWARD_SCHEMA,
+                                fake=_forward_fake, setup_context=_setup_context,
+                                backward=functools.partial(_autograd_backward, self.backward))
+        backend.register_impl("squeeze_excite", backend_name)(self.squeeze_excite)
 
-    def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act):
-        per_sample = x.new_empty(x.shape[:2], dtype=_stats_dtype(x))
-        return _like_x(x), per_sample, torch.empty_like(per_sample)
-
-    def _backward_body(dy: Tensor, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
-                       fc2_bias: Tensor | None, pooled: Tensor, gates: Tensor, gate: str,
-                       post_act: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        dx, dw1, db1, dw2, db2 = load_kernels().backward(
-            dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates, gate=gate, post_act=post_act,
-            memory_format=_checks.suggest_memory_format(x))
-        # an absent bias gets its own empty tensor: outputs of a custom op may not alias each other
-        return dx, dw1, db1 if db1 is not None else x.new_empty(0), dw2, db2 if db2 is not None else x.new_empty(0)
-
-    def _backward_fake(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates, gate, post_act):
-        def like(t):
-            return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
-
-        return _like_x(x), like(fc1_weight), like(fc1_bias), like(fc2_weight), like(fc2_bias)
-
-    _backward_op = KernelOp(f"mobileops::squeeze_excite_{name}_backward", _backward_body, fake=_backward_fake)
-
-    def _setup_context(ctx, inputs, output):
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act = inputs
-        _, pooled, gates = output
-        ctx.mark_non_differentiable(pooled, gates)
-        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates)
-        ctx.config = (gate, post_act)
-
-    def _autograd_backward(ctx, dy, _d_pooled, _d_gates):
-        # pooled and gates are returned only to be saved here; nothing downstream uses them.
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates = ctx.saved_tensors
-        dx, dw1, db1, dw2, db2 = _backward_op(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates,
-                                              *ctx.config)
-        needs = ctx.needs_input_grad
-        grads = (dx, dw1, db1 if fc1_bias is not None else None, dw2, db2 if fc2_bias is not None else None)
-        return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
-
-    _forward = KernelOp(f"mobileops::squeeze_excite_{name}", _forward_body, fake=_forward_fake,
-                        setup_context=_setup_context, backward=_autograd_backward)
-
-    @backend.register_impl("squeeze_excite", name)
-    def _squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate, post_act):
-        return _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act)[0]
+    def squeeze_excite(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate, post_act):
+        """This backend's :func:`mobileops.ops.squeeze_excite` (arguments already validated)."""
+        return self.forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act)[0]
 
 
-for _name in ("triton", "cuda"):
-    define_backend(_name, backend.launcher_loader(_name, "squeeze_excite"))
+#: The Triton backend's kernels (:mod:`mobileops.kernels.squeeze_excite`).
+TRITON = SqueezeExciteKernels("triton", backend.launcher_loader("triton", "squeeze_excite"))
+#: The CUDA extension's kernels (:mod:`mobileops.cuda.squeeze_excite`).
+CUDA = SqueezeExciteKernels("cuda", backend.launcher_loader("cuda", "squeeze_excite"))

@@ -1,0 +1,96 @@
+"""Call plans: what a fused-op call decides from its signature, decided once per signature.
+
+Validating the arguments, choosing the backend and normalising the options depend only on the
+call's *signature*: each tensor's shape, strides, dtype, device and ``requires_grad``, the
+options, grad mode, the backend selection and autocast. The first call with a signature does
+all of it and stores a :class:`Plan`; a repeated call builds the signature key, finds the plan
+with one dictionary lookup and runs it, checking per call only what depends on values
+(momentum, eps, and whether in-place outputs share memory with the inputs).
+
+Calls that must not be cached take the full path every time: tensor subclasses (fake and
+functional tensors while tracing), ``torch.compile`` tracing, TorchScript tracing and ONNX
+export, and :func:`mobileops.backend.record_calls`. :func:`mobileops.backend.forget_choices`
+clears every plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from mobileops import backend
+from mobileops.ops._checks import autocast_on
+
+#: A cache holding more plans than this is emptied and starts again (a model sees a few dozen
+#: signatures; thousands mean shapes that vary call after call, where a plan is not reused).
+MAX_PLANS = 4096
+
+
+class Plan(NamedTuple):
+    """The decisions for one call signature.
+
+    Attributes:
+        impl: the chosen backend's implementation of the op.
+        options: keyword arguments for ``impl`` fixed by the signature (normalised stride,
+            padding, activation...).
+        writes_in_place: whether the call updates running statistics in place (then the
+            caller checks per call that they share no memory with the inputs).
+    """
+
+    impl: Callable
+    options: dict
+    writes_in_place: bool = False
+
+
+def call_key(x, tensors: tuple, options: tuple):
+    """The signature key of a call on input ``x``, other tensor arguments ``tensors`` (each may
+    be None) and hashable ``options`` (include each option's type: ``2.0 == 2`` and ``True == 1``
+    hash alike); None when this call must take the full path."""
+    if (type(x) is not Tensor or backend._recorders or torch.compiler.is_compiling()
+            or backend.exporting()):
+        return None
+    try:
+        # One comprehension: this runs on every call, and each tensor attribute costs ~0.1 us.
+        signature = tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                           for t in tensors])
+    except AttributeError:  # not a tensor: the full path says which argument is wrong
+        return None
+    if x.is_cuda:
+        # auto takes the kernels under CUDA-graph capture
+        context = (torch.is_autocast_enabled("cuda"), torch.cuda.is_current_stream_capturing())
+        autocast = context[0]
+    else:
+        autocast = autocast_on(x.device)
+        context = (autocast,)
+    if autocast:
+        context += (torch.get_autocast_dtype(x.device.type),)
+    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, signature, options, torch.is_grad_enabled(),
+            backend.get_backend(), context)
+
+
+def lookup(cache: dict, key) -> Plan | None:
+    """The plan stored under ``key`` (None for no key, an unknown one or an unhashable option)."""
+    if key is None:
+        return None
+    try:
+        return cache.get(key)
+    except TypeError:  # an unhashable option (a list...): the full path reports what is wrong
+        return None
+
+
+def remember(cache: dict, key, plan: Plan) -> Plan:
+    """Store ``plan`` under ``key`` (unless there is no key) and return it."""
+    if key is not None:
+        if len(cache) >= MAX_PLANS:
+            cache.clear()
+        try:
+            cache[key] = plan
+        except TypeError:
+            pass
+    return plan
+
+
+__all__ = ["MAX_PLANS", "Plan", "call_key", "lookup", "remember"]
