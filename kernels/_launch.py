@@ -1,0 +1,377 @@
+"""Launching compiled Triton kernels without Triton's per-call Python path.
+
+``kernel[grid](**kwargs)`` and ``autotuner[grid](**kwargs)`` spend 20-85 us of Python per launch
+before Triton's C launcher runs (keyword binding, the specialization of every argument, the
+kernel-cache key built from strings, the autotuner's key). Once a launch went through that
+normal path, which compiles, autotunes and returns the ``CompiledKernel``, :func:`launch` keeps
+what the launcher needs for that launch site and call shape, and later calls with the same shape
+call the compiled kernel's launcher directly with the argument tuple Triton would pass
+(as vLLM's cached kernels and PyTorch inductor's static launcher do).
+
+What a compiled kernel assumed is part of the cache key, so a call only reuses a kernel compiled
+for the same assumptions: Triton 3.6-3.9 specialise a tensor argument on its dtype and on
+``data_ptr() % 16``, a scalar on its type and value (equal to 1, a multiple of 16, i32/i64/u64),
+and a constexpr on its value. The key holds each tensor's dtype and alignment and each other
+argument's exact type and value, plus the current driver, device, ``num_warps`` and the option
+knobs ``JITFunction.run`` reads on every call. Anything else takes the normal path, which
+compiles the new specialization and fills the cache: a kernel with ``pre_run_hooks``, a changed
+global the kernel read, an argument of another kind, an autotuner whose tuning cache no longer
+holds the chosen config, ``TRITON_INTERPRET=1`` (the kernels are then not ``JITFunction``), a
+non-CUDA target, and any triton whose internals this module was not written against
+(:data:`DISABLED_REASON`). Launch hooks are passed on as Triton passes them: the launcher calls
+``knobs.runtime.launch_enter_hook`` / ``launch_exit_hook`` with the same launch metadata.
+
+``MOBILEOPS_TRITON_FAST_LAUNCH=0`` (read at import) or ``enabled = False`` turns it off.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+import triton
+
+#: Triton releases whose runtime internals (JITFunction.run, Autotuner.run, CompiledKernel,
+#: the CUDA launcher's argument list) this module mirrors; read in 3.6 and 3.9.
+SUPPORTED_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
+
+# Cache entries per call layout before it is emptied: call shapes that never repeat (every
+# image size different) must not grow memory without bound.
+MAX_ENTRIES = 1024
+
+_MISSING = object()
+
+
+def _disabled_reason() -> str | None:
+    """Why this triton cannot use the fast path, or None."""
+    try:
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:
+        return f"unrecognised triton version {triton.__version__!r}"
+    if version not in SUPPORTED_TRITON:
+        return f"triton {triton.__version__} is not one of the versions whose launch path this mirrors"
+    try:
+        from triton import knobs
+        from triton.compiler.compiler import CompiledKernel
+        from triton.runtime.autotuner import Autotuner, Config
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+    except ImportError as exc:
+        return f"triton's runtime moved: {exc}"
+    needed = ((JITFunction, ("run", "create_binder")), (Autotuner, ("run", "prune_configs")),
+              (Config, ("all_kwargs",)), (CompiledKernel, ("run", "launch_metadata", "_init_handles")),
+              (knobs.runtime, ("launch_enter_hook", "launch_exit_hook", "debug")),
+              (knobs.compilation, ("instrumentation_mode",)), (driver, ("active",)))
+    for owner, names in needed:
+        missing = [name for name in names if not hasattr(owner, name)]
+        if missing:
+            return f"triton's {getattr(owner, '__name__', type(owner).__name__)} lacks {', '.join(missing)}"
+    return None
+
+
+DISABLED_REASON = _disabled_reason()
+enabled = DISABLED_REASON is None and os.environ.get("MOBILEOPS_TRITON_FAST_LAUNCH", "1") != "0"
+
+if DISABLED_REASON is None:
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    _RUNTIME = knobs.runtime
+    _COMPILATION = knobs.compilation
+    # JITFunction.run adds these knobs to the compile options on every call (3.9 added the
+    # fpsan one); their values are part of the key.
+    _FPSAN = hasattr(_COMPILATION, "fpsan_homomorphic_casts")
+    _STAGES_HOOK = hasattr(_RUNTIME, "add_stages_inspection_hook")
+
+# Types whose specialization the key captures exactly: a scalar by its exact type and value,
+# a tensor by dtype and alignment. Any other argument type keeps its launch site on Triton's path.
+_SCALARS = (int, float, bool, type(None), str)
+
+
+def _is_tensor_type(t: type) -> bool:
+    return issubclass(t, torch.Tensor)
+
+
+class _Layout:
+    """The calls of one site whose arguments have one tuple of types: which ones are tensors
+    decides the generated key function."""
+
+    __slots__ = ("key", "entries")
+
+    def __init__(self, types: tuple):
+        parts = []
+        for i, t in enumerate(types):
+            if _is_tensor_type(t):
+                # Triton's get_tensor_specialization: data_ptr() % 16 == 0
+                parts.append(f"v[{i}].dtype, v[{i}].data_ptr() % 16 == 0")
+            else:
+                parts.append(f"v[{i}]")
+        namespace: dict = {}
+        exec(f"def key(v, extra):\n    return (extra, {', '.join(parts)})\n", namespace)
+        self.key = namespace["key"]
+        self.entries: dict = {}
+
+
+def _layout_allowed(types: tuple) -> bool:
+    return all(t in _SCALARS or _is_tensor_type(t) or issubclass(t, triton.language.dtype) for t in types)
+
+
+class _Site:
+    """What one JITFunction (fixed configuration) or Autotuner needs for direct launches."""
+
+    __slots__ = ("owner", "fn", "usable", "names", "getter", "arg_names", "arg_getter", "layouts", "global_checks")
+
+    def __init__(self, owner, fn, arg_names: list[str] | None, usable: bool):
+        self.owner = owner
+        self.fn = fn
+        self.usable = usable
+        self.names = list(fn.arg_names) if usable else []
+        self.getter = _tuple_getter(self.names) if usable else None
+        # Autotuned sites: the arguments the caller passes (all but the configs' meta-parameters)
+        self.arg_names = arg_names
+        self.arg_getter = _tuple_getter(arg_names) if usable and arg_names is not None else None
+        self.layouts: dict = {}
+        self.global_checks: tuple = ()
+
+    def snapshot_globals(self) -> None:
+        """Record what the globals the kernel read hold now (the normal path has just checked
+        their values): per globals dict, a getter of those names and their values. A later
+        call that finds other values takes the normal path, which raises as Triton does."""
+        by_dict: dict = {}
+        for (name, _), (_, d) in self.fn.used_global_vals.items():
+            by_dict.setdefault(id(d), (d, []))[1].append(name)
+        checks = []
+        for d, names in by_dict.values():
+            get = _tuple_getter(names)
+            checks.append((get, d, get(d)))
+        self.global_checks = tuple(checks)
+
+
+def _tuple_getter(names: list[str]):
+    if len(names) == 1:
+        name = names[0]
+        return lambda m: (m[name],)
+    return operator.itemgetter(*names)
+
+
+# id(JITFunction or Autotuner) -> _Site; the site keeps its owner, so a reused id is noticed.
+_SITES: dict = {}
+
+
+def _find_site(owner) -> _Site | None:
+    site = _SITES.get(id(owner))
+    return site if site is not None and site.owner is owner and site.usable else None
+
+
+def _extra_key(fn, drv, device, warps):
+    """Everything besides the arguments that selects the compiled kernel: the driver and
+    device (Triton's kernel cache is per device), ``num_warps`` (fixed configurations) and the
+    options JITFunction.run reads on every call."""
+    return (drv, device, warps, fn.debug or _RUNTIME.debug, _COMPILATION.instrumentation_mode,
+            _COMPILATION.fpsan_homomorphic_casts if _FPSAN else None)
+
+
+def _hooks_block(fn) -> bool:
+    """True when something must see every call through Triton's own path."""
+    return bool(fn.pre_run_hooks) or (_STAGES_HOOK and _RUNTIME.add_stages_inspection_hook is not None)
+
+
+def _globals_unchanged(site: _Site) -> bool:
+    for get, d, values in site.global_checks:
+        if get(d) != values:
+            return False
+    return True
+
+
+def _run(compiled, drv, device, grid, vals) -> None:
+    """The launch JITFunction.run makes, from the resolved grid and the bound arguments."""
+    stream = drv.get_current_stream(device)
+    size = len(grid)
+    compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
+                 compiled.packed_metadata, compiled.launch_metadata(grid, stream, *vals),
+                 _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *vals)
+
+
+# What a cache lookup may raise for arguments unlike the ones the layout was built from
+# (a missing name, an unhashable value, a non-tensor where a tensor was); they go the normal way.
+_LOOKUP_ERRORS = (KeyError, TypeError, AttributeError, RuntimeError)
+
+
+def _fixed_fast(kernel, grid, merged: dict, warps) -> bool:
+    site = _find_site(kernel)
+    if site is None or _hooks_block(kernel):
+        return False
+    try:
+        vals = site.getter(merged)
+        if len(merged) != len(vals):
+            return False
+        layout = site.layouts.get(tuple(map(type, vals)))
+        if layout is None:
+            return False
+        drv = driver.active
+        device = drv.get_current_device()
+        compiled = layout.entries.get(layout.key(vals, _extra_key(kernel, drv, device, warps)))
+        if compiled is None or not _globals_unchanged(site):
+            return False
+    except _LOOKUP_ERRORS:
+        return False
+    _run(compiled, drv, device, grid, vals)
+    return True
+
+
+def _tuned_fast(tuned, grid_of, args: dict) -> bool:
+    site = _find_site(tuned)
+    if site is None or _hooks_block(site.fn):
+        return False
+    try:
+        avals = site.arg_getter(args)
+        if len(args) != len(avals):
+            return False
+        layout = site.layouts.get(tuple(map(type, avals)))
+        if layout is None:
+            return False
+        drv = driver.active
+        device = drv.get_current_device()
+        entry = layout.entries.get(layout.key(avals, _extra_key(site.fn, drv, device, None)))
+        if entry is None:
+            return False
+        tune_key, config, config_kwargs, compiled = entry
+        # re-tuned, or the tuning cache cleared: Autotuner.run decides again
+        if tuned.cache.get(tune_key) is not config or not _globals_unchanged(site):
+            return False
+    except _LOOKUP_ERRORS:
+        return False
+    bound = args | config_kwargs  # Autotuner.run's grid argument: every parameter by name
+    tuned.best_config = config
+    _run(compiled, drv, device, grid_of(bound), site.getter(bound))
+    return True
+
+
+# Instance attributes the fast path reads (set in __init__, so checked per object).
+_JIT_ATTRS = ("device_caches", "arg_names", "used_global_vals", "pre_run_hooks", "debug")
+_TUNER_ATTRS = ("cache", "keys", "arg_names", "configs", "best_config")
+_COMPILED_ATTRS = ("function", "packed_metadata", "src")
+
+
+def _site_for(owner, fn, arg_names, compiled) -> _Site | None:
+    site = _SITES.get(id(owner))
+    if site is None or site.owner is not owner:
+        device = driver.active.get_current_device()
+        usable = (all(hasattr(fn, a) for a in _JIT_ATTRS) and all(hasattr(compiled, a) for a in _COMPILED_ATTRS)
+                  and (owner is fn or all(hasattr(owner, a) for a in _TUNER_ATTRS))
+                  # the specialization rules mirrored are CUDA's
+                  and getattr(fn.device_caches[device][2], "backend", None) == "cuda")
+        site = _SITES[id(owner)] = _Site(owner, fn, arg_names, usable)
+    return site if site.usable else None
+
+
+def _assumptions_match(compiled, vals) -> bool:
+    """The kernel the normal path returned was compiled for these arguments with exactly the
+    tensor assumptions the key records (16-byte alignment or none): anything else (another
+    attribute, another rule) means this triton specialises on something the key misses."""
+    attrs = getattr(compiled.src, "attrs", None)
+    if not isinstance(attrs, dict):
+        return False
+    for i, value in enumerate(vals):
+        if isinstance(value, torch.Tensor):
+            want = [["tt.divisibility", 16]] if value.data_ptr() % 16 == 0 else []
+            if attrs.get((i,), []) != want:
+                return False
+    return True
+
+
+def _remember(site: _Site, key_vals, extra, entry) -> None:
+    types = tuple(map(type, key_vals))
+    if not _layout_allowed(types):
+        return
+    layout = site.layouts.get(types)
+    if layout is None:
+        layout = site.layouts[types] = _Layout(types)
+    if len(layout.entries) >= MAX_ENTRIES:
+        layout.entries.clear()
+    layout.entries[layout.key(key_vals, extra)] = entry
+    site.snapshot_globals()
+
+
+def _remember_fixed(kernel, compiled, merged: dict, warps) -> None:
+    if not isinstance(compiled, CompiledKernel) or _hooks_block(kernel):
+        return
+    site = _site_for(kernel, kernel, None, compiled)
+    if site is None or set(merged) != set(site.names):
+        return
+    vals = site.getter(merged)
+    if not _assumptions_match(compiled, vals):
+        site.usable = False
+        return
+    drv = driver.active
+    _remember(site, vals, _extra_key(kernel, drv, drv.get_current_device(), warps), compiled)
+
+
+def _tune_key(tuned, args: dict) -> tuple:
+    """Autotuner.run's key for keyword-only arguments: the key arguments' values, then the
+    dtype of every argument that has one."""
+    named = {k: v for k, v in args.items() if k in tuned.arg_names}
+    key = [named[k] for k in tuned.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def _remember_tuned(tuned, compiled, args: dict) -> None:
+    fn = tuned.fn
+    config = getattr(tuned, "best_config", None)
+    # One config is used without the tuning cache; a config's pre_hook must run on every call.
+    if (not isinstance(compiled, CompiledKernel) or config is None or config.pre_hook is not None
+            or len(tuned.configs) < 2 or _hooks_block(fn)):
+        return
+    tune_key = _tune_key(tuned, args)
+    if any(isinstance(v, torch.Tensor) for v in tune_key):  # a tensor in the key counts by identity
+        return
+    # The tuning cache must hold this config under the key computed here: this checks the
+    # mirror of Autotuner.run's key against the autotuner itself.
+    if tuned.cache.get(tune_key) is not config:
+        return
+    site = _site_for(tuned, fn, list(args), compiled)
+    if site is None or set(site.arg_names) != set(args):
+        return
+    config_kwargs = dict(config.kwargs)
+    bound = args | config_kwargs
+    if set(bound) != set(site.names) or len(bound) != len(site.names):
+        return
+    if not _assumptions_match(compiled, site.getter(bound)):
+        site.usable = False
+        return
+    drv = driver.active
+    _remember(site, site.arg_getter(args), _extra_key(fn, drv, drv.get_current_device(), None),
+              (tune_key, config, config_kwargs, compiled))
+
+
+def launch(kernel, tuned, grid_of, args: dict, meta: dict | None) -> None:
+    """Launch ``kernel`` with the fixed ``meta`` (``num_warps`` included), or through the
+    autotuner ``tuned`` when ``meta`` is None; ``grid_of(meta)`` maps the meta-parameters to
+    the grid. Calls the compiled kernel's launcher directly when an earlier call of the same
+    shape went through Triton's normal path, which every other call takes."""
+    fast = enabled and DISABLED_REASON is None  # enabled may be set by hand on a triton that lacks the internals
+    if meta is not None:
+        meta = dict(meta)
+        warps = meta.pop("num_warps", 4)
+        grid = grid_of(meta)
+        if not fast or not isinstance(kernel, JITFunction):
+            kernel[grid](**args, **meta, num_warps=warps)
+            return
+        merged = args | meta
+        if _fixed_fast(kernel, grid, merged, warps):
+            return
+        compiled = kernel[grid](**args, **meta, num_warps=warps)
+        _remember_fixed(kernel, compiled, merged, warps)
+        return
+    if not fast or not isinstance(tuned, Autotuner) or not isinstance(tuned.fn, JITFunction):
+        tuned[grid_of](**args)
+        return
+    if _tuned_fast(tuned, grid_of, args):
+        return
+    compiled = tuned[grid_of](**args)
+    _remember_tuned(tuned, compiled, args)
