@@ -18,11 +18,28 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+
+class Backend(NamedTuple):
+    """One backend: its name, the device types its implementations take, and the package that
+    holds one launcher module per fused op (None: the ops' own torch code)."""
+
+    name: str
+    device_types: tuple[str, ...]
+    launcher_package: str | None
+
+
+#: Every backend, by name: the one place backend names are defined.
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("torch", ("cpu", "cuda", "meta"), None),
+    # CPU (and meta) tensors only under TRITON_INTERPRET=1, Triton's interpreter (tests): _find_problem
+    Backend("triton", ("cuda",), "mobileops.kernels"),
+    Backend("cuda", ("cuda",), "mobileops.cuda"),
+)}
+BACKENDS = tuple(REGISTRY)
 CHOICES = ("auto",) + BACKENDS
 
 #: Ops for which ``auto`` tries the CUDA extension before Triton on CUDA tensors. It stays empty
@@ -145,7 +162,7 @@ def _find_problem(backend: str, device: torch.device | None) -> str | None:
         err = _import_error("triton")
         if err is not None:
             return f"triton is not importable ({err})"
-        on_cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+        on_cuda = torch.cuda.is_available() if device is None else device.type in REGISTRY["triton"].device_types
         if not on_cuda and not _interpreter_on():
             if device is not None and device.type != "cpu":
                 return f"triton kernels cannot run on {device.type} tensors"
@@ -154,21 +171,17 @@ def _find_problem(backend: str, device: torch.device | None) -> str | None:
         problem = _cuda_extension_status()
         if problem is not None:
             return problem
-        if device is not None and device.type != "cuda":
+        if device is not None and device.type not in REGISTRY["cuda"].device_types:
             return f"the CUDA extension cannot run on {device.type} tensors"
     if not any(backend in table for table in _impls.values()):
         return "no fused op is implemented by this backend yet"
     return None
 
 
-#: Where each kernel backend's per-op launcher modules live (same functions in both).
-_LAUNCHER_PACKAGES = {"triton": "mobileops.kernels", "cuda": "mobileops.cuda"}
-
-
 def launcher_loader(backend: str, op: str) -> Callable[[], Any]:
     """A function importing the launcher module of ``op`` on ``backend`` on first call (Triton
     decides at kernel-definition time whether to interpret, so nothing is imported early)."""
-    name = f"{_LAUNCHER_PACKAGES[backend]}.{op}"
+    name = f"{REGISTRY[backend].launcher_package}.{op}"
 
     @functools.cache  # import_module itself costs microseconds on every call
     def load():
