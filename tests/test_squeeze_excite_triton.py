@@ -5,6 +5,7 @@ low precision with poisoned allocations, determinism. CPU interpreter without a 
 import pytest
 import torch
 from helpers import FLOORS, assert_within_bound, relative_norm_error
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mobileops
 from mobileops import ops, yolo
@@ -138,3 +139,98 @@ def test_deterministic_results():
     runs = [_fwd_bwd("triton", inputs, dy, gate="sigmoid", post_act="none") for _ in range(2)]
     for name, a, b in zip(NAMES, *runs):
         assert torch.equal(a, b), name
+
+
+def _counting_launches(monkeypatch) -> list:
+    """The kernels launched from now on (every Triton launch goes through _common.launch)."""
+    from mobileops.kernels import _common
+
+    launched, real_launch = [], _common.launch
+
+    def counting_launch(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(_common, "launch", counting_launch)
+    return launched
+
+
+@pytest.mark.parametrize("biases", [True, False], ids=["biases", "no-biases"])
+def test_two_launches_forward_and_at_most_three_backward(monkeypatch, biases):
+    inputs = _inputs(2, 20, 5, 6, 5, biases=biases)
+    leaves = [t.requires_grad_(True) for t in inputs if t is not None]
+    launched = _counting_launches(monkeypatch)
+    with mobileops.use_backend("triton"):
+        with torch.no_grad():
+            ops.squeeze_excite(*inputs)
+        assert len(launched) == 2, "inference"
+        launched.clear()
+        y = ops.squeeze_excite(*inputs)
+        assert len(launched) == 2, "training forward"
+        launched.clear()
+        torch.autograd.grad(y, leaves, torch.ones_like(y))
+        assert len(launched) <= 3, "backward"
+
+
+class _RecordingOps(TorchDispatchMode):
+    """The aten ops run while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_repeated_calls_fill_nothing_with_zeros_and_leave_the_counters_zero():
+    """The ticket counters are zero-filled once, reset by the kernels, and reused."""
+    from mobileops.kernels import squeeze_excite as se
+
+    x, w1, b1, w2, b2 = _inputs(3, 20, 9, 8, 5)
+    kwargs = dict(gate="hsigmoid", post_act="hswish")
+    dy = torch.randn_like(x)
+
+    def call():
+        y, pooled, gates = se.forward(x, w1, b1, w2, b2, out=torch.empty_like(x), **kwargs)
+        grads = se.backward(dy, x, w1, b1, w2, b2, pooled, gates, memory_format=torch.contiguous_format, **kwargs)
+        return [y, pooled, gates, *grads]
+
+    first = call()
+    recording = _RecordingOps()
+    with recording:
+        second = call()
+    assert not [name for name in recording.names if "zero" in name or "fill" in name]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    counters = se._ticket_counters[x.device]
+    assert counters.numel() >= 3 and not counters.any()
+
+
+@pytest.mark.parametrize("shape,reduced", [
+    ((1, 37, 13, 11), 5),    # N = 1; C not a multiple of the channel block; three chunks per sample
+    ((3, 21, 3, 4), 33),     # R past one weight-gradient tile, a single short chunk
+    ((5, 3, 10, 13), 2),     # fewer channels than a block, two chunks
+], ids=["n1-c37-3chunks", "r33", "c3"])
+def test_odd_shapes_match_the_torch_backend(shape, reduced):
+    inputs = _inputs(*shape, reduced, layout=torch.channels_last)
+    dy = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
+    ours, ref = (_fwd_bwd(b, inputs, dy, gate="hsigmoid", post_act="relu6") for b in ("triton", "torch"))
+    for name, o, r in zip(NAMES, ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_each_signature_gets_its_own_launch_plan():
+    """Calls that differ only in what the cached plans are keyed on (layout, biases, gate, batch
+    size: a larger batch also grows the counters) each match the torch backend."""
+    variants = [dict(layout=torch.contiguous_format), dict(layout=torch.channels_last),
+                dict(layout=torch.channels_last, biases=False), dict(layout=torch.channels_last, gate="sigmoid"),
+                dict(layout=torch.channels_last, n=7)]
+    for variant in variants:
+        n, gate = variant.pop("n", 2), variant.pop("gate", "hsigmoid")
+        inputs = _inputs(n, 20, 5, 6, 5, **variant)
+        dy = torch.randn(n, 20, 5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+        ours, ref = (_fwd_bwd(b, inputs, dy, gate=gate, post_act="hswish") for b in ("triton", "torch"))
+        for name, o, r in zip(NAMES, ours, ref):
+            torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name, v=variant: f"{v} {n}: {m}")
