@@ -247,11 +247,16 @@ def test_nan_and_inf_land_where_pytorch_puts_them(cuda_on_cpu):
     assert_nan_and_inf_land_as_with_torch("cpu", "cuda")
 
 
+@pytest.mark.parametrize("training, launch", [(True, "batch statistics"), (False, "forward")], ids=["train", "eval"])
 @pytest.mark.parametrize("k", [1, 4, 9])
-def test_unsupported_kernel_sizes_are_refused(cuda_on_cpu, k):
+def test_unsupported_kernel_sizes_are_refused(cuda_on_cpu, k, training, launch):
+    # The op accepts any K (the torch and triton backends run it); the CUDA binding refuses
+    # what its kernels were not compiled for, naming its argument, before anything launches.
     x = torch.randn(1, 3, 9, 9, dtype=F64)
-    with mobileops.use_backend("cuda"), pytest.raises(ValueError, match=r"kernel size must be 3, 5 or 7"):
-        ops.dwconv_bn_act(x, torch.randn(3, 1, k, k, dtype=F64), None, None, None, None, training=True)
+    stats = (torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64))
+    with mobileops.use_backend("cuda"), pytest.raises(
+            ValueError, match=rf"^dwconv_bn_act {launch}: kernel_size must be 3, 5 or 7 \(0: no conv\), got {k}$"):
+        ops.dwconv_bn_act(x, torch.randn(3, 1, k, k, dtype=F64), None, None, *stats, training=training)
 
 
 # ---- offsets past 2**31 elements ---------------------------------------------------------

@@ -1,9 +1,10 @@
 """The CUDA extension mobileops._C: it is built wherever nvcc is (CI included), imports without
-a GPU and says so, checks every argument before a launch, and the Python launchers refuse
-tensors they cannot run. GPU parity of the cuda backend is in test_ops.py (every runnable
-backend) and test_cuda_backend.py."""
+a GPU and says so, and its launch functions take named arguments only and check every argument
+before a launch (on the built extension and on the emulated build of csrc/). GPU parity of the
+cuda backend is in test_ops.py (every runnable backend) and test_cuda_backend.py."""
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -52,66 +53,120 @@ def test_extension_implements_what_the_backend_registers():
     assert set(backend.implemented_ops("cuda")) == {"bn_act", "dwconv_act", "dwconv_bn_act", "squeeze_excite"}
 
 
-def _forward_args(**change):
-    # A well-formed call except for what `change` breaks; nothing is launched when it raises.
-    args = dict(dtype=0, k=3, act=2, norm=1, x=1, sx=(72, 9, 3, 1), w=2, gamma=3, beta=4, mean=5, var=6, eps=1e-5,
-                y=7, sy=(72, 9, 3, 1), shape=[2, 8, 3, 3, 3, 3, 1, 1], channels_last=False, stream=0)
-    args.update(change)
-    return list(args.values())
+# A well-formed call of each launch function, with made-up addresses: every test below breaks
+# one argument, so the binding refuses the call before anything is launched (in the emulated
+# build a launch would dereference these addresses).
+_S = (36, 9, 3, 1)
+_CALLS = {
+    "dwconv_bn_act_forward": dict(
+        dtype=0, kernel_size=3, activation=2, norm=1, x=1, x_strides=_S, x_shape=(1, 4, 3, 3), stride=1, padding=1,
+        weight=2, gamma=3, beta=4, mean=5, var=6, eps=1e-5, y=7, y_strides=_S, y_shape=(1, 4, 3, 3),
+        channels_last=False, stream=0),
+    "dwconv_bn_stats": dict(
+        dtype=0, kernel_size=3, x=1, x_strides=_S, x_shape=(1, 4, 3, 3), stride=1, padding=1, weight=2, chunk=9,
+        chunks=1, part_count=3, part_mean=4, part_m2=5, mean=6, rstd=7, running_mean=8, running_var=9,
+        momentum=0.1, eps=1e-5, channels_last=False, stream=0),
+    "dwconv_bn_act_backward": dict(
+        dtype=0, kernel_size=3, activation=0, norm=1, dy=1, dy_strides=_S, dy_shape=(1, 4, 3, 3), x=2,
+        x_strides=_S, x_shape=(1, 4, 3, 3), stride=1, padding=1, weight=3, gamma=0, beta=0, mean=4, var=5,
+        eps=1e-5, chunk=9, chunks=1, part_du=6, part_dux=7, sum_du=8, sum_dux=9, dz=10, dz_strides=_S, part_dw=11,
+        dw=12, dx=13, dx_strides=_S, channels_last=False, stream=0),
+    "squeeze_excite_forward": dict(
+        dtype=0, gate=5, post_act=0, x=1, x_strides=_S, x_shape=(1, 4, 3, 3), hidden=2, w1=2, b1=0, w2=3, b2=0,
+        pooled=4, gates=5, y=6, y_strides=_S, channels_last=False, stream=0),
+    "squeeze_excite_backward": dict(
+        dtype=0, gate=5, post_act=0, dy=1, dy_strides=_S, x=2, x_strides=_S, x_shape=(1, 4, 3, 3), hidden=2, w1=3,
+        b1=4, w2=5, b2=0, pooled=6, gates=7, d_gate=8, d_pre_gate=9, hidden_act=10, d_pre_hidden=11, d_pooled=12,
+        dw1=13, db1=14, dw2=15, db2=0, dx=16, dx_strides=_S, channels_last=False, stream=0),
+}
+_OPS = {"dwconv_bn_act_forward": "dwconv_bn_act forward", "dwconv_bn_stats": "dwconv_bn_act batch statistics",
+        "dwconv_bn_act_backward": "dwconv_bn_act backward", "squeeze_excite_forward": "squeeze_excite forward",
+        "squeeze_excite_backward": "squeeze_excite backward"}
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(dtype=7), "dtype code"),
-    (dict(act=9), "activation code"),
-    (dict(norm=5), "norm code"),
-    (dict(k=4), "kernel size must be 3, 5 or 7"),
-    (dict(shape=[2, 8, 3, 3, 2, 3, 1, 1]), "output size does not match"),
-    (dict(shape=[2, 8, 3, 3, 3, 3, 0, 1]), "stride must be >= 1"),
-    (dict(shape=[2, 70000, 3, 3, 3, 3, 1, 1]), "at most 65535 channels"),
-    (dict(x=0), "must be given"),
-    (dict(mean=0), "mean and var"),
-    (dict(eps=-1.0), "eps must be >= 0"),
-])
-def test_binding_checks_every_argument(change, match):
-    ext = _extension()
-    with pytest.raises(ValueError, match=match):
-        ext.dwconv_bn_act_forward(*_forward_args(**change))
+@pytest.fixture(params=["built", "emulated"])
+def binding(request):
+    """The launch functions of the built mobileops._C (where nvcc built it) and of the emulated
+    build of csrc/ (everywhere): both are csrc/binding.cpp, whose checks run before a launch."""
+    if request.param == "built":
+        return _extension()
+    return request.getfixturevalue("emulated_extension")
 
 
-def test_binding_checks_statistics_backward_and_se_arguments():
-    ext = _extension()
-    shape = [1, 4, 1, 1, 1, 1, 1, 1]
-    with pytest.raises(ValueError, match="at least 2 values per channel"):
-        ext.dwconv_bn_stats(0, 3, 1, (4, 1, 1, 1), 2, shape, 1, 1, 3, 4, 5, 6, 7, 0, 0, 0.1, 1e-5, False, 0)
-    with pytest.raises(ValueError, match="chunks must tile"):
-        ext.dwconv_bn_stats(0, 3, 1, (36, 9, 3, 1), 2, [1, 4, 3, 3, 3, 3, 1, 1], 4, 1, 3, 4, 5, 6, 7, 0, 0, 0.1,
-                            1e-5, False, 0)
-    with pytest.raises(ValueError, match="running_mean and running_var come together"):
-        ext.dwconv_bn_stats(0, 3, 1, (36, 9, 3, 1), 2, [1, 4, 3, 3, 3, 3, 1, 1], 9, 1, 3, 4, 5, 6, 7, 8, 0, 0.1,
-                            1e-5, False, 0)
-    strides = (36, 9, 3, 1)
-    with pytest.raises(ValueError, match="weight-gradient buffers come together"):
-        ext.dwconv_bn_act_backward(0, 3, 0, 1, 1, strides, 2, strides, 3, 0, 0, 4, 5, 1e-5, [1, 4, 3, 3, 3, 3, 1, 1],
-                                   9, 1, 6, 7, 8, 9, 10, strides, 11, 0, 12, strides, False, 0)
-    with pytest.raises(ValueError, match="gate code"):
-        ext.squeeze_excite_forward(0, 2, 0, 1, strides, [1, 4, 3, 3], 2, 2, 0, 3, 0, 4, 5, 6, strides, False, 0)
-    with pytest.raises(ValueError, match="shared memory"):
-        ext.squeeze_excite_forward(0, 5, 0, 1, strides, [1, 8000, 3, 3], 2000, 2, 0, 3, 0, 4, 5, 6, strides, False, 0)
-    with pytest.raises(ValueError, match="a bias and its gradient"):
-        ext.squeeze_excite_backward(0, 5, 0, 1, strides, 2, strides, [1, 4, 3, 3], 2, 3, 4, 5, 0, 6, 7, 8, 9, 10, 11,
-                                    12, 13, 0, 14, 0, 15, strides, False, 0)
+# (function, the arguments that break the call, what the message must say); the message starts
+# with the op and names the argument at fault.
+REFUSED = [
+    ("dwconv_bn_act_forward", dict(dtype=7), r"dtype must be a code in 0\.\.3, got 7"),
+    ("dwconv_bn_act_forward", dict(activation=9), r"activation must be a code in 0\.\.5, got 9"),
+    ("dwconv_bn_act_forward", dict(activation=6), r"activation must be a code in 0\.\.5, got 6"),
+    ("dwconv_bn_act_forward", dict(norm=5), r"norm must be a code in 0\.\.2, got 5"),
+    ("dwconv_bn_act_forward", dict(kernel_size=4), r"kernel_size must be 3, 5 or 7 \(0: no conv\), got 4"),
+    ("dwconv_bn_act_forward", dict(kernel_size=7), r"a 7x7 kernel does not fit x_shape \(1, 4, 3, 3\) with padding 1"),
+    ("dwconv_bn_act_forward", dict(kernel_size=0), r"without a conv \(kernel_size 0\) stride must be 1 and padding 0"),
+    ("dwconv_bn_act_forward", dict(y_shape=(1, 4, 2, 3)), r"y_shape must be \(1, 4, 3, 3\) for x_shape"),
+    ("dwconv_bn_act_forward", dict(stride=0), r"stride must be >= 1, got 0"),
+    ("dwconv_bn_act_forward", dict(padding=-1), r"padding must be in \[0, 2\*\*29\), got -1"),
+    ("dwconv_bn_act_forward", dict(x_shape=(1, 70000, 3, 3), y_shape=(1, 70000, 3, 3)),
+     r"x_shape\[1\] \(channels\) must be at most 65535"),
+    ("dwconv_bn_act_forward", dict(x_shape=(1, 4, 2 ** 31, 3)), r"x_shape\[2\] must be in \[0, 2\*\*31\)"),
+    ("dwconv_bn_act_forward", dict(x_strides=(36, -9, 3, 1)), r"x_strides\[1\] must be >= 0, got -9"),
+    ("dwconv_bn_act_forward", dict(y_strides=(36, 0, 3, 1)), r"y_strides\[1\] is 0 on a written tensor of size 4"),
+    ("dwconv_bn_act_forward", dict(x=0), r"x is required \(got a null pointer\)"),
+    ("dwconv_bn_act_forward", dict(y=0), r"y is required"),
+    ("dwconv_bn_act_forward", dict(weight=0), r"weight is required"),
+    ("dwconv_bn_act_forward", dict(var=0), r"var is required"),
+    ("dwconv_bn_act_forward", dict(eps=-1.0), r"eps must be >= 0"),
+    ("dwconv_bn_stats", dict(dtype=-1), r"dtype must be a code in 0\.\.3, got -1"),
+    ("dwconv_bn_stats", dict(kernel_size=9), r"kernel_size must be 3, 5 or 7"),
+    ("dwconv_bn_stats", dict(x_shape=(1, 4, 1, 1), padding=0, kernel_size=0, stride=1),
+     r"batch statistics need at least 2 values per channel, got 1"),
+    ("dwconv_bn_stats", dict(chunk=4), r"chunks of chunk positions must tile the 9 positions exactly, got 1 x 4"),
+    ("dwconv_bn_stats", dict(chunks=0), r"chunk and chunks must be >= 1"),
+    ("dwconv_bn_stats", dict(running_var=0), r"running_mean and running_var must both be given or both be null"),
+    ("dwconv_bn_stats", dict(part_m2=0), r"part_m2 is required"),
+    ("dwconv_bn_stats", dict(momentum=1.5), r"momentum must be in \[0, 1\]"),
+    ("dwconv_bn_act_backward", dict(activation=7), r"activation must be a code in 0\.\.5, got 7"),
+    ("dwconv_bn_act_backward", dict(norm=3), r"norm must be a code in 0\.\.2, got 3"),
+    ("dwconv_bn_act_backward", dict(kernel_size=1), r"kernel_size must be 3, 5 or 7"),
+    ("dwconv_bn_act_backward", dict(dy_shape=(1, 4, 3, 2)), r"dy_shape must be \(1, 4, 3, 3\)"),
+    ("dwconv_bn_act_backward", dict(dx_strides=(36, 9, 0, 1)), r"dx_strides\[2\] is 0 on a written tensor"),
+    ("dwconv_bn_act_backward", dict(chunks=2),
+     r"chunks of chunk positions must tile the 9 positions exactly, got 2 x 9"),
+    ("dwconv_bn_act_backward", dict(dw=0), r"part_dw and dw must both be given or both be null"),
+    ("dwconv_bn_act_backward", dict(dz=0), r"dz is required"),
+    ("dwconv_bn_act_backward", dict(sum_dux=0), r"sum_dux is required"),
+    ("squeeze_excite_forward", dict(dtype=4), r"dtype must be a code in 0\.\.3, got 4"),
+    ("squeeze_excite_forward", dict(gate=2), r"gate must be the code of hsigmoid \(5\) or sigmoid \(6\), got 2"),
+    ("squeeze_excite_forward", dict(post_act=6), r"post_act must be a code in 0\.\.5, got 6"),
+    ("squeeze_excite_forward", dict(hidden=0), r"hidden must be >= 1, got 0"),
+    ("squeeze_excite_forward", dict(x_shape=(1, 8000, 3, 3), hidden=2000),
+     r"x_shape\[1\] \(channels, 8000\) \+ hidden \(2000\) too large for one block's shared memory"),
+    ("squeeze_excite_forward", dict(w2=0), r"w2 is required"),
+    ("squeeze_excite_backward", dict(gate=0), r"gate must be the code of hsigmoid"),
+    ("squeeze_excite_backward", dict(db1=0), r"b1 and db1 must both be given or both be null"),
+    ("squeeze_excite_backward", dict(db2=17), r"b2 and db2 must both be given or both be null"),
+    ("squeeze_excite_backward", dict(d_pooled=0), r"d_pooled is required"),
+]
 
 
-def test_launchers_refuse_cpu_tensors_and_bad_arguments():
-    from mobileops.cuda import dwconv_bn_act as dw
-    from mobileops.cuda import squeeze_excite as se
+@pytest.mark.parametrize("function, change, match", REFUSED, ids=lambda v: v if isinstance(v, str) else None)
+def test_binding_refuses_a_bad_argument_by_name(binding, function, change, match):
+    with pytest.raises(ValueError, match=rf"^{_OPS[function]}: {match}"):
+        getattr(binding, function)(**{**_CALLS[function], **change})
 
-    x = torch.randn(1, 4, 5, 5)
-    with pytest.raises(ValueError, match="must be on a CUDA device"):
-        dw.forward(x, torch.randn(4, 1, 3, 3), None, None, None, None, out=torch.empty_like(x), stride=1, padding=1,
-                   activation="relu", norm="none", eps=0.0)
-    with pytest.raises(ValueError, match="must be on a CUDA device"):
-        se.forward(x, torch.randn(2, 4), None, torch.randn(4, 2), None, out=torch.empty_like(x), gate="hsigmoid",
-                   post_act="none")
-    with pytest.raises(TypeError, match="unsupported dtype"):
-        dw.batch_stats(x.to(torch.int32), None, None, None, stride=1, padding=0, momentum=0.1, eps=1e-5)
+
+@pytest.mark.parametrize("function", _CALLS)
+def test_binding_takes_named_arguments_only(binding, function):
+    """A positional call, a missing keyword and an unknown one are refused before any check:
+    the message names the function and lists every keyword it takes."""
+    call = getattr(binding, function)
+    signature = rf"(?s){function}\(\): incompatible function arguments.*\(\*, dtype: "
+    with pytest.raises(TypeError, match=signature):
+        call(*_CALLS[function].values())
+    missing = {name: value for name, value in _CALLS[function].items() if name != "stream"}
+    with pytest.raises(TypeError, match=signature) as refused:
+        call(**missing)
+    assert "stream: " in str(refused.value) and "stream=" not in str(refused.value)  # expected, not given
+    with pytest.raises(TypeError, match=signature):
+        call(**_CALLS[function], gama=3)
+    assert set(_CALLS[function]) == set(re.findall(r"(\w+): ", call.__doc__.splitlines()[0]))

@@ -6,6 +6,7 @@ arguments), so the custom-op wiring in :mod:`mobileops.ops` serves both backends
 - :mod:`mobileops.cuda.dwconv_bn_act`: ``forward``, ``batch_stats``, ``backward``
 - :mod:`mobileops.cuda.squeeze_excite`: ``forward``, ``backward``
 
-They allocate outputs and workspaces with torch, check every tensor (device, dtype, shape)
-before a launch, and pass raw pointers, element strides and the current stream.
+They allocate outputs and workspaces with torch and call the binding with keyword arguments:
+raw pointers, element strides, sizes, codes and the current stream. The ops in
+:mod:`mobileops.ops` validate the user's tensors; the binding checks each argument it receives.
 """

@@ -1,5 +1,6 @@
-"""What every CUDA launcher needs: the extension module, dtype and activation codes, tensor
-checks, pointers, strides and the current stream."""
+"""What every CUDA launcher needs: the extension module, dtype and activation codes, pointers,
+strides and the current stream. Tensors are validated by the ops (:mod:`mobileops.ops`) and
+each launch's arguments by the binding (``csrc/binding.cpp``), so nothing here checks them."""
 
 from __future__ import annotations
 
@@ -24,32 +25,6 @@ def extension():
     from mobileops import _C  # type: ignore[attr-defined]
 
     return _C
-
-
-def _device_type() -> str:
-    return "cpu" if EMULATION is not None else "cuda"
-
-
-def check_tensor(op: str, name: str, t: torch.Tensor | None, device: torch.device,
-                 dtype: torch.dtype | None = None, dim: int | None = None) -> None:
-    """Raise ValueError/TypeError unless ``t`` (if given) is on ``device`` with ``dtype``/``dim``."""
-    if t is None:
-        return
-    if t.device != device:
-        raise ValueError(f"{op} (cuda backend): {name} is on {t.device}, expected {device}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op} (cuda backend): {name} has dtype {t.dtype}, expected {dtype}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{op} (cuda backend): {name} must be {dim}-D, got shape {tuple(t.shape)}")
-
-
-def dtype_code(op: str, x: torch.Tensor) -> int:
-    """The kernels' dtype code of ``x``, which must be a floating CUDA tensor."""
-    if x.dtype not in DTYPE_CODES:
-        raise TypeError(f"{op} (cuda backend): unsupported dtype {x.dtype} (float32, float16, bfloat16, float64)")
-    if x.device.type != _device_type():
-        raise ValueError(f"{op} (cuda backend): tensors must be on a CUDA device, got {x.device}")
-    return DTYPE_CODES[x.dtype]
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:

@@ -9,48 +9,35 @@ float copy and written back.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from mobileops.cuda import _extension as ext
 
-_OP = "dwconv_bn_act"
+#: dz_strides when there is no conv (and so no dz workspace).
+_NO_STRIDES = (0, 0, 0, 0)
 
 
-def _shape(x: torch.Tensor, weight: torch.Tensor | None, stride: int, padding: int):
-    n, c, h, w = x.shape
-    k = 0 if weight is None else weight.shape[-1]
-    if k:
-        ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    else:
-        ho, wo, stride, padding = h, w, 1, 0
-    return k, [n, c, h, w, ho, wo, stride, padding]
+def _kernel_size(weight: torch.Tensor | None) -> int:
+    """The kernels' K: 0 without a conv (bn_act)."""
+    return 0 if weight is None else weight.shape[-1]
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor | None, *params: torch.Tensor | None) -> int:
-    code = ext.dtype_code(_OP, x)
-    ext.check_tensor(_OP, "x", x, x.device, dim=4)
-    if x.shape[1] > 65535:
-        raise ValueError(f"{_OP} (cuda backend): at most 65535 channels, got {x.shape[1]}")
-    if weight is not None:
-        ext.check_tensor(_OP, "weight", weight, x.device, x.dtype, dim=4)
-        if weight.shape[-1] not in (3, 5, 7) or weight.shape[-2] != weight.shape[-1]:
-            raise ValueError(f"{_OP} (cuda backend): kernel size must be 3, 5 or 7, got {tuple(weight.shape[-2:])}")
-    for i, p in enumerate(params):
-        ext.check_tensor(_OP, f"per-channel argument {i}", p, x.device, dim=1)
-        if p is not None and p.numel() != x.shape[1]:
-            raise ValueError(f"{_OP} (cuda backend): per-channel argument {i} has {p.numel()} values, "
-                             f"expected {x.shape[1]}")
-    return code
+def _out_hw(x_shape: torch.Size, k: int, stride: int, padding: int) -> tuple[int, int]:
+    """The conv output's (H_out, W_out); the binding derives the same and checks it."""
+    h, w = x_shape[2:]
+    return ((h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1) if k else (h, w)
 
 
+@functools.lru_cache(maxsize=1024)
 def _chunking(positions: int, channels: int, channels_last: bool) -> tuple[int, int]:
     """(chunk, chunks): enough (chunk, channel group) blocks to fill a GPU, at least 4 positions
     per thread; a fixed function of the shape and layout, so the reduction order, and the
     result, never change between runs. The reducing kernels' blocks are 32 channels x 8
     position rows in channels_last and 1 channel x 256 rows otherwise (csrc/common.cuh,
-    reduce_block)."""
+    reduce_block). Cached: it depends on the call's signature only."""
     rows, groups = (8, math.ceil(channels / 32)) if channels_last else (256, channels)
     chunks = max(1, min(math.ceil(positions / (4 * rows)), math.ceil(2048 / max(1, groups))))
     chunk = math.ceil(positions / chunks)
@@ -63,8 +50,8 @@ def _weight(weight: torch.Tensor | None) -> torch.Tensor | None:
 
 def _params(weight, gamma, beta, mean, var, acc: torch.dtype) -> list[torch.Tensor | None]:
     """The conv weight (contiguous) and the BN tensors (in ``acc``) as the kernels read them.
-    The caller must hold the list until the launch returns: a converted copy whose address
-    alone is passed would be freed at once, and the next copy could take its memory."""
+    The caller must hold them until the launch returns: a converted copy whose address alone
+    is passed would be freed at once, and the next copy could take its memory."""
     return [_weight(weight)] + [ext.as_acc(t, acc) for t in (gamma, beta, mean, var)]
 
 
@@ -73,22 +60,18 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, gamma: torch.Tensor | 
             *, out: torch.Tensor, stride: int, padding: int, activation: str, norm: str,
             eps: float) -> torch.Tensor:
     """Write ``act((conv(x) - mean) * rstd * gamma + beta)`` into ``out`` (see the Triton
-    launcher for ``norm``) and return it."""
-    code = _check(x, weight, gamma, beta, mean, var)
-    ext.check_tensor(_OP, "out", out, x.device, x.dtype, dim=4)
-    k, shape = _shape(x, weight, stride, padding)
-    if tuple(out.shape) != (shape[0], shape[1], shape[4], shape[5]):
-        raise ValueError(f"{_OP} (cuda backend): out has shape {tuple(out.shape)}, expected "
-                         f"{(shape[0], shape[1], shape[4], shape[5])}")
+    launcher for ``norm``) and return it. The op in :mod:`mobileops.ops` has validated the
+    tensors; the binding checks what it is given (codes, kernel size, sizes, ``out``'s shape)."""
     if out.numel() == 0:
         return out
-    acc = ext.acc_dtype(x)
     stream = ext.prepare(x)
-    params = _params(weight, gamma, beta, mean, var, acc)  # referenced until the launch returns
+    conv_weight, gamma, beta, mean, var = _params(weight, gamma, beta, mean, var, ext.acc_dtype(x))
     ext.extension().dwconv_bn_act_forward(
-        code, k, ext.ACTIVATION_CODES[activation], ext.NORM_CODES[norm], ext.ptr(x), ext.strides(x),
-        *map(ext.ptr, params), float(eps), ext.ptr(out), ext.strides(out),
-        shape, ext.channels_last(out), stream)
+        dtype=ext.DTYPE_CODES[x.dtype], kernel_size=_kernel_size(weight), activation=ext.ACTIVATION_CODES[activation],
+        norm=ext.NORM_CODES[norm], x=x.data_ptr(), x_strides=ext.strides(x), x_shape=x.shape, stride=stride,
+        padding=padding, weight=ext.ptr(conv_weight), gamma=ext.ptr(gamma), beta=ext.ptr(beta), mean=ext.ptr(mean),
+        var=ext.ptr(var), eps=eps, y=out.data_ptr(), y_strides=ext.strides(out), y_shape=out.shape,
+        channels_last=ext.channels_last(out), stream=stream)
     return out
 
 
@@ -97,26 +80,25 @@ def batch_stats(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torc
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and rstd of conv(x) in the accumulation dtype, updating the
     running statistics in place (nn.BatchNorm2d's rule) when given."""
-    code = _check(x, weight, running_mean, running_var)
-    k, shape = _shape(x, weight, stride, padding)
+    k = _kernel_size(weight)
+    ho, wo = _out_hw(x.shape, k, stride, padding)
     acc = ext.acc_dtype(x)
-    c, positions = shape[1], shape[0] * shape[4] * shape[5]
-    if positions < 2:
-        raise ValueError(f"{_OP} (cuda backend): batch statistics need at least 2 values per channel")
+    c = x.shape[1]
     layout = ext.channels_last(x)
-    chunk, chunks = _chunking(positions, c, layout)
+    chunk, chunks = _chunking(x.shape[0] * ho * wo, c, layout)
     parts = torch.empty((3, chunks, c), device=x.device, dtype=acc)
     mean = torch.empty(c, device=x.device, dtype=acc)
     rstd = torch.empty_like(mean)
-    update = running_mean is not None
     run_mean, run_var = ext.as_acc(running_mean, acc), ext.as_acc(running_var, acc)
     stream = ext.prepare(x)
     conv_weight = _weight(weight)  # referenced until the launch returns (see _params)
     ext.extension().dwconv_bn_stats(
-        code, k, ext.ptr(x), ext.strides(x), ext.ptr(conv_weight), shape, chunk, chunks, ext.ptr(parts[0]),
-        ext.ptr(parts[1]), ext.ptr(parts[2]), ext.ptr(mean), ext.ptr(rstd), ext.ptr(run_mean), ext.ptr(run_var),
-        float(momentum), float(eps), layout, stream)
-    if update:
+        dtype=ext.DTYPE_CODES[x.dtype], kernel_size=k, x=x.data_ptr(), x_strides=ext.strides(x), x_shape=x.shape,
+        stride=stride, padding=padding, weight=ext.ptr(conv_weight), chunk=chunk, chunks=chunks,
+        part_count=parts[0].data_ptr(), part_mean=parts[1].data_ptr(), part_m2=parts[2].data_ptr(),
+        mean=mean.data_ptr(), rstd=rstd.data_ptr(), running_mean=ext.ptr(run_mean), running_var=ext.ptr(run_var),
+        momentum=momentum, eps=eps, channels_last=layout, stream=stream)
+    if running_mean is not None:
         for target, updated in ((running_mean, run_mean), (running_var, run_var)):
             if updated.data_ptr() != target.data_ptr():
                 target.copy_(updated)
@@ -129,12 +111,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gam
              weight_grad: bool, memory_format: torch.memory_format):
     """Gradients of :func:`forward`: ``(dx, dweight or None, sum_du, sum_du_xhat)`` as the
     Triton launcher returns them."""
-    code = _check(x, weight, gamma, beta, mean, var)
-    ext.check_tensor(_OP, "dy", dy, x.device, x.dtype, dim=4)
-    k, shape = _shape(x, weight, stride, padding)
-    n, c, h, w, ho, wo = shape[:6]
-    if tuple(dy.shape) != (n, c, ho, wo):
-        raise ValueError(f"{_OP} (cuda backend): dy has shape {tuple(dy.shape)}, expected {(n, c, ho, wo)}")
+    k = _kernel_size(weight)
+    n, c, h, w = x.shape
+    ho, wo = _out_hw(x.shape, k, stride, padding)
     acc = ext.acc_dtype(x)
     weight_grad = weight_grad and weight is not None
     dx = torch.empty((n, c, h, w), device=x.device, dtype=x.dtype, memory_format=memory_format)
@@ -142,20 +121,23 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gam
     if dx.numel() == 0 or positions == 0:
         zeros = torch.zeros(c, device=x.device, dtype=acc)
         return dx.zero_(), torch.zeros_like(weight) if weight_grad else None, zeros, zeros.clone()
-    chunk, chunks = _chunking(positions, c, ext.channels_last(dx))
+    layout = ext.channels_last(dx)
+    chunk, chunks = _chunking(positions, c, layout)
     parts = torch.empty((2, chunks, c), device=x.device, dtype=acc)
     # separate tensors: the custom op's outputs must not share storage
-    sums = [torch.empty(c, device=x.device, dtype=acc) for _ in range(2)]
+    sum_du, sum_dux = torch.empty(c, device=x.device, dtype=acc), torch.empty(c, device=x.device, dtype=acc)
     dz = torch.empty((n, c, ho, wo), device=x.device, dtype=acc, memory_format=memory_format) if k else None
-    taps = k * k
-    part_dw = torch.empty((chunks, c * taps), device=x.device, dtype=acc) if weight_grad else None
+    part_dw = torch.empty((chunks, c * k * k), device=x.device, dtype=acc) if weight_grad else None
     dw = torch.empty((c, 1, k, k), device=x.device, dtype=acc) if weight_grad else None
     stream = ext.prepare(x)
-    params = _params(weight, gamma, beta, mean, var, acc)  # referenced until the launch returns
+    conv_weight, gamma, beta, mean, var = _params(weight, gamma, beta, mean, var, acc)
     ext.extension().dwconv_bn_act_backward(
-        code, k, ext.ACTIVATION_CODES[activation], ext.NORM_CODES[norm], ext.ptr(dy), ext.strides(dy), ext.ptr(x),
-        ext.strides(x), *map(ext.ptr, params), float(eps), shape, chunk, chunks,
-        ext.ptr(parts[0]), ext.ptr(parts[1]), ext.ptr(sums[0]), ext.ptr(sums[1]), ext.ptr(dz),
-        ext.strides(dz) if dz is not None else (0, 0, 0, 0), ext.ptr(part_dw), ext.ptr(dw), ext.ptr(dx),
-        ext.strides(dx), ext.channels_last(dx), stream)
-    return dx, dw.to(weight.dtype) if dw is not None else None, sums[0], sums[1]
+        dtype=ext.DTYPE_CODES[x.dtype], kernel_size=k, activation=ext.ACTIVATION_CODES[activation],
+        norm=ext.NORM_CODES[norm], dy=dy.data_ptr(), dy_strides=ext.strides(dy), dy_shape=dy.shape, x=x.data_ptr(),
+        x_strides=ext.strides(x), x_shape=x.shape, stride=stride, padding=padding, weight=ext.ptr(conv_weight),
+        gamma=ext.ptr(gamma), beta=ext.ptr(beta), mean=ext.ptr(mean), var=ext.ptr(var), eps=eps, chunk=chunk,
+        chunks=chunks, part_du=parts[0].data_ptr(), part_dux=parts[1].data_ptr(), sum_du=sum_du.data_ptr(),
+        sum_dux=sum_dux.data_ptr(), dz=ext.ptr(dz), dz_strides=ext.strides(dz) if k else _NO_STRIDES,
+        part_dw=ext.ptr(part_dw), dw=ext.ptr(dw), dx=dx.data_ptr(), dx_strides=ext.strides(dx), channels_last=layout,
+        stream=stream)
+    return dx, dw.to(weight.dtype) if dw is not None else None, sum_du, sum_dux
