@@ -215,23 +215,27 @@ def _pool_mlp_kernel(x_ptr, part_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
 
 
 @triton.jit
-def _pool_mlp_backward_kernel(x_ptr, dy_ptr, gate_ptr, part_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                              pooled_ptr, d_pre_gate_ptr, hidden_ptr, d_pre_hidden_ptr, d_pooled_ptr,
+def _pool_mlp_backward_kernel(x_ptr, dy_ptr, gate_ptr, scratch_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                              pooled_ptr, d_pre_gate_at, d_pooled_at, hidden_at, d_pre_hidden_at,
                               C, R, HW, W, chunks_per_sample, CHUNK, inv_hw_hi, inv_hw_lo,
                               sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, POST: tl.constexpr,
                               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, GATE: tl.constexpr,
                               INDEX64: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                               MLP_BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-chunk channel sums of dv * x; each sample's last program runs the sample's MLP backward."""
+    """Per-chunk channel sums of dv * x; each sample's last program runs the sample's MLP backward.
+    The partials and the MLP's outputs share one scratch buffer: partials first, the others at
+    the ``*_at`` offsets (see _scratch_layout)."""
+    part_ptr = scratch_ptr
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     _store_channel_partials(x_ptr, dy_ptr, gate_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK, C,
                             sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, POST, True, ACC, BLOCK_P, BLOCK_C)
     if _took_last_ticket(count_ptr, n, chunks_per_sample):
         tl.debug_barrier()  # as inductor's grid barrier: every thread reads after the acquire
-        _sample_mlp_backward(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, d_pre_gate_ptr, hidden_ptr,
-                             d_pre_hidden_ptr, d_pooled_ptr, n, C, R, chunks_per_sample, inv_hw_hi, inv_hw_lo,
-                             HAS_B1, HAS_B2, GATE, ACC, BLOCK_R, MLP_BLOCK_C)
+        _sample_mlp_backward(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, scratch_ptr + d_pre_gate_at,
+                             scratch_ptr + hidden_at, scratch_ptr + d_pre_hidden_at, scratch_ptr + d_pooled_at, n,
+                             C, R, chunks_per_sample, inv_hw_hi, inv_hw_lo, HAS_B1, HAS_B2, GATE, ACC, BLOCK_R,
+                             MLP_BLOCK_C)
         tl.store(count_ptr + n, 0)
 
 
@@ -270,12 +274,15 @@ def _column_sums_block(in_ptr, out_ptr, block, ROWS, M, ACC: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _weight_grad_kernel(d_pre_gate_ptr, hidden_ptr, d_pre_hidden_ptr, pooled_ptr, dw1_ptr, db1_ptr, dw2_ptr,
-                        db2_ptr, N, C, R, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
+def _weight_grad_kernel(scratch_ptr, pooled_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, d_pre_gate_at, hidden_at,
+                        d_pre_hidden_at, N, C, R, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                         BLOCK_M: tl.constexpr):
     """All four parameter gradients in one launch, the programs split in consecutive ranges:
     dw2 tiles, dw1 tiles, then the db2 and db1 blocks of the biases that exist."""
+    d_pre_gate_ptr = scratch_ptr + d_pre_gate_at
+    hidden_ptr = scratch_ptr + hidden_at
+    d_pre_hidden_ptr = scratch_ptr + d_pre_hidden_at
     pid = tl.program_id(0)
     dw2_tiles = tl.cdiv(C, BLOCK_1) * tl.cdiv(R, BLOCK_2)
     dw1_tiles = tl.cdiv(R, BLOCK_1) * tl.cdiv(C, BLOCK_2)
@@ -308,7 +315,7 @@ def _scale_kernel(x_ptr, gate_ptr, y_ptr, C, HW, W, sxn, sxc, sxh, sxw, syn, syc
 
 
 @triton.jit
-def _input_grad_kernel(x_ptr, dy_ptr, gate_ptr, d_pooled_ptr, dx_ptr, C, HW, W,
+def _input_grad_kernel(x_ptr, dy_ptr, gate_ptr, scratch_ptr, dx_ptr, d_pooled_at, C, HW, W,
                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
                        POST: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -318,7 +325,7 @@ def _input_grad_kernel(x_ptr, dy_ptr, gate_ptr, d_pooled_ptr, dx_ptr, C, HW, W,
     h = p // W
     w = p % W
     g = tl.load(gate_ptr + n * C + c, mask=cmask, other=0.0).to(ACC)
-    dp = tl.load(d_pooled_ptr + n * C + c, mask=cmask, other=0.0).to(ACC)
+    dp = tl.load(scratch_ptr + d_pooled_at + n * C + c, mask=cmask, other=0.0).to(ACC)
     xv = tl.load(x_ptr + n * sxn + (h * sxh + w * sxw)[:, None] + (c * sxc)[None, :], mask=m, other=0.0).to(ACC)
     dy = tl.load(dy_ptr + n * sdn + (h * sdh + w * sdw)[:, None] + (c * sdc)[None, :], mask=m, other=0.0).to(ACC)
     dx = activation_grad(xv * g[None, :], dy, POST) * g[None, :] + dp[None, :]
@@ -423,6 +430,20 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     return out, pooled, gates
 
 
+def _scratch_layout(parts_shape: tuple[int, int], n: int, c: int, r: int) -> dict:
+    """Element offsets of the backward's scratch regions in one buffer (one allocation per call
+    instead of five): the partials, then d_pre_gate and d_pooled (N x C), then hidden and
+    d_pre_hidden (N x R). Each region starts at a multiple of 16 elements, so the kernels keep
+    Triton's 16-byte alignment on the offset pointers."""
+    at, offsets = 0, {}
+    for name, numel in (("parts", parts_shape[0] * parts_shape[1]), ("d_pre_gate_at", n * c), ("d_pooled_at", n * c),
+                        ("hidden_at", n * r), ("d_pre_hidden_at", n * r), ("size", 0)):
+        offsets[name] = at
+        at += common.cdiv(numel, 16) * 16
+    del offsets["parts"]  # always at 0: the kernel's partials pointer is the buffer itself
+    return offsets
+
+
 def _backward_plan(dy, x, r, b1, b2, gate, post_act, memory_format) -> dict:
     common.check_device(x)
     plan = _pool_plan(x, r, b1, b2, gate, common.index64(x, dy))
@@ -430,20 +451,23 @@ def _backward_plan(dy, x, r, b1, b2, gate, post_act, memory_format) -> dict:
     acc, _ = common.acc_dtype(x)
     dx_like = torch.empty(x.shape, device="meta", dtype=x.dtype, memory_format=memory_format)
     post = ACTIVATION_CODES[post_act]
-    plan["consts"].update(**common.strides("sd", dy), POST=post)
+    scratch = _scratch_layout(plan.pop("parts_shape"), n, c, r)
+    plan["scratch_size"] = scratch.pop("size")
+    plan["consts"].update(**common.strides("sd", dy), POST=post, **scratch)
     tiles = 2 * common.cdiv(c, _OUTER_BLOCK) * common.cdiv(r, _OUTER_BLOCK)  # dw2's and dw1's, each C x R
     bias_blocks = (common.cdiv(c, _BIAS_BLOCK_M) if b2 is not None else 0) + (
         common.cdiv(r, _BIAS_BLOCK_M) if b1 is not None else 0)
     weight_grid = (tiles + bias_blocks,)
     plan["weight_grid_of"] = lambda _meta: weight_grid
-    plan["weight_consts"] = dict(N=n, C=c, R=r, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-                                 ACC=plan["consts"]["ACC"])
+    plan["weight_consts"] = dict(d_pre_gate_at=scratch["d_pre_gate_at"], hidden_at=scratch["hidden_at"],
+                                 d_pre_hidden_at=scratch["d_pre_hidden_at"], N=n, C=c, R=r, HAS_B1=b1 is not None,
+                                 HAS_B2=b2 is not None, ACC=acc)
     plan["weight_meta"] = dict(BLOCK_1=_OUTER_BLOCK, BLOCK_2=_OUTER_BLOCK, BLOCK_ROWS=_BIAS_BLOCK_ROWS,
                                BLOCK_M=_BIAS_BLOCK_M)
     plan["input_meta"], plan["input_grid_of"] = _elementwise_plan(x)
-    plan["input_consts"] = dict(C=c, HW=h * w, W=w, **common.strides("sx", x), **common.strides("sd", dy),
-                                **common.strides("so", dx_like), POST=post, INDEX64=common.index64(x, dy, dx_like),
-                                ACC=acc)
+    plan["input_consts"] = dict(d_pooled_at=scratch["d_pooled_at"], C=c, HW=h * w, W=w, **common.strides("sx", x),
+                                **common.strides("sd", dy), **common.strides("so", dx_like), POST=post,
+                                INDEX64=common.index64(x, dy, dx_like), ACC=acc)
     return plan
 
 
@@ -461,27 +485,20 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
             common.check_device(x)
             return (dx, *(torch.zeros_like(t) if t is not None else None for t in (w1, b1, w2, b2)))
         plan = _backward_plans[key] = _backward_plan(dy, x, w1.shape[0], b1, b2, gate, post_act, memory_format)
-    n, c = x.shape[:2]
+    c = x.shape[1]
     r = w1.shape[0]
     w1, w2 = w1.contiguous(), w2.contiguous()
-    acc_t = plan["acc_t"]
-    parts = torch.empty(plan["parts_shape"], device=x.device, dtype=acc_t)
-    d_pre_gate = torch.empty((n, c), device=x.device, dtype=acc_t)
-    d_pooled = torch.empty((n, c), device=x.device, dtype=acc_t)
-    hidden = torch.empty((n, r), device=x.device, dtype=acc_t)
-    d_pre_hidden = torch.empty((n, r), device=x.device, dtype=acc_t)
-    args = dict(plan["consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, part_ptr=parts, count_ptr=plan["counters"],
-                w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled,
-                d_pre_gate_ptr=d_pre_gate, hidden_ptr=hidden, d_pre_hidden_ptr=d_pre_hidden, d_pooled_ptr=d_pooled)
+    scratch = torch.empty(plan["scratch_size"], device=x.device, dtype=plan["acc_t"])
+    args = dict(plan["consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, scratch_ptr=scratch, count_ptr=plan["counters"],
+                w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled)
     common.launch(_pool_mlp_backward_kernel, _pool_mlp_backward_tuned, plan["grid_of"], args, plan["meta"])
     dw1 = torch.empty((r, c), device=x.device, dtype=w1.dtype)
     dw2 = torch.empty((c, r), device=x.device, dtype=w2.dtype)
     db1 = torch.empty(r, device=x.device, dtype=b1.dtype) if b1 is not None else None
     db2 = torch.empty(c, device=x.device, dtype=b2.dtype) if b2 is not None else None
-    args = dict(plan["weight_consts"], d_pre_gate_ptr=d_pre_gate, hidden_ptr=hidden, d_pre_hidden_ptr=d_pre_hidden,
-                pooled_ptr=pooled, dw1_ptr=dw1, db1_ptr=common.absent(db1, dw1), dw2_ptr=dw2,
-                db2_ptr=common.absent(db2, dw2))
+    args = dict(plan["weight_consts"], scratch_ptr=scratch, pooled_ptr=pooled, dw1_ptr=dw1,
+                db1_ptr=common.absent(db1, dw1), dw2_ptr=dw2, db2_ptr=common.absent(db2, dw2))
     common.launch(_weight_grad_kernel, None, plan["weight_grid_of"], args, plan["weight_meta"])
-    args = dict(plan["input_consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, d_pooled_ptr=d_pooled, dx_ptr=dx)
+    args = dict(plan["input_consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, scratch_ptr=scratch, dx_ptr=dx)
     common.launch(_input_grad_kernel, _input_grad_tuned, plan["input_grid_of"], args, plan["input_meta"])
     return dx, dw1, db1, dw2, db2
