@@ -234,10 +234,17 @@ def test_host_overhead_script_times_every_op_with_stubbed_launches(monkeypatch, 
     spec = importlib.util.spec_from_file_location("host_overhead", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    monkeypatch.setattr("sys.argv", ["host_overhead.py", "--iterations", "2", "--repeats", "1"])
+    monkeypatch.setattr("sys.argv", ["host_overhead.py", "--iterations", "2", "--repeats", "1", "--no-launcher"])
     script.main()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["op"] for r in rows] == list(script._calls(torch.device("cpu"), torch.float32))
-    assert all(r["mode"] == "stubbed launches" and r["us_per_call"] > 0 and r["torch"] == torch.__version__
+    calls = list(script.fused_calls(torch.device("cpu"), torch.float16))
+    assert [r["call"] for r in rows] == calls * 2
+    assert [r["mode"] for r in rows] == ["mobileops python"] * len(calls) + ["eager composition"] * len(calls)
+    assert all(r["us_median"] > 0 and r["us_min"] <= r["us_median"] <= r["us_max"] and r["torch"] == torch.__version__
                for r in rows)
+    # launches per call, counted with the launches stubbed (the design's limits)
+    launches = {r["call"]: r["launches"] for r in rows[:len(calls)]}
+    assert launches == {"bn_act inference": 1, "dwconv_bn_act inference": 1, "squeeze_excite inference": 2,
+                        "dwconv_bn_act train forward": 2, "dwconv_bn_act train forward+backward": 5,
+                        "bn_act train forward+backward": 4, "squeeze_excite train forward+backward": 5}
     assert _common.launch is real_launch

@@ -87,38 +87,43 @@ def check_bn_scalars(op: str, momentum, eps) -> None:
         raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
 
 
-def _has_memory(t) -> bool:
-    # Plain tensors and parameters; fake, functional and other subclasses (tracing) and the meta
-    # device have no memory to compare.
-    return (type(t) is torch.Tensor or type(t) is torch.nn.Parameter) and not t.is_meta and t.numel() > 0
-
-
-def _byte_span(t: torch.Tensor) -> tuple:
+def _byte_span(t) -> tuple | None:
+    """(first, last + 1) byte address of ``t``'s elements; None for tensors without memory to
+    compare: fake, functional and other subclasses (tracing), the meta device, empty tensors."""
+    if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.is_meta:
+        return None
+    size = t.nbytes
+    if size == 0:
+        return None
     start = t.data_ptr()
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):  # dense: no stride walk
-        return start, start + t.nbytes
+        return start, start + size
     return start, start + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
 def check_written_in_place(op: str, written: dict, read: dict) -> None:
     """Tensors an op updates in place (by name) must not repeat an element (a stride-0
     expansion), nor share memory with each other or with the op's inputs ``read``: the result
-    would depend on the order in which the kernel's threads write. Checked on real tensors only
-    (fake, meta and traced tensors have no memory to compare). Called on every training step,
-    so it is kept cheap."""
+    would depend on the order in which the kernel's threads write. All tensors are on one device
+    (the callers check that first). Checked on real tensors only (fake, meta and traced tensors
+    have no memory to compare). Runs on every training call, so it is kept cheap."""
     if torch.compiler.is_compiling():
         return
-    spans = [(name, t.device, *_byte_span(t)) for name, t in (*written.items(), *read.items())
-             if t is not None and _has_memory(t)]
-    for i, (name, device, begin, end) in enumerate(spans):
+    spans = []
+    for name, t in (*written.items(), *read.items()):
+        if t is not None:
+            span = _byte_span(t)
+            if span is not None:
+                spans.append((name, *span))
+    for i, (name, begin, end) in enumerate(spans):
         if name not in written:
             break  # written tensors come first; each pair is compared once
         t = written[name]
         if not t.is_contiguous() and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
             raise ValueError(f"{op}: {name} is updated in place, so it must not repeat elements (it has "
                              f"stride {tuple(t.stride())}, e.g. from expand()); pass a tensor of its own")
-        for other, other_device, other_begin, other_end in spans[i + 1:]:
-            if begin < other_end and other_begin < end and other_device == device:
+        for other, other_begin, other_end in spans[i + 1:]:
+            if begin < other_end and other_begin < end:
                 raise ValueError(f"{op}: {name} and {other} share memory, but {name} is updated in place; "
                                  "pass separate tensors")
 
