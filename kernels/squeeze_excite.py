@@ -43,8 +43,10 @@ Host time: everything that depends only on the call's signature (shapes, strides
 device, which biases exist, gate and post_act, deterministic mode, ``MOBILEOPS_AUTOTUNE``) --
 grids, block sizes, integer and constexpr arguments, chunking, scratch shapes -- is computed
 once into a plan, cached by a key tuple. A repeated call builds the key, allocates its outputs
-and scratch and fills the tensors into the plan's arguments. Plans are never evicted: there is
-one per layer shape and batch size, and each holds a few dozen integers.
+and one scratch buffer and fills the tensors into the plan's arguments (the backward's partials
+and MLP gradients live in that one buffer at offsets from the plan: one allocation, not five).
+Scratch is allocated per call, not cached, so calls from several host threads stay safe. Plans
+are never evicted: there is one per layer shape and batch size, each a few dozen integers.
 """
 
 from __future__ import annotations
