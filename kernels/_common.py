@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from mobileops.codes import ACTIVATION_CODES as ACTIVATION_CODES  # re-exported for the launchers
+from mobileops.kernels import _launch
 
 # The codes as constexpr globals, the only kind of global a @triton.jit function may read.
 RELU = tl.constexpr(ACTIVATION_CODES["relu"])
@@ -194,13 +195,9 @@ def channel_grid(programs: int, channels: int, block_c: int) -> tuple[int, int, 
 def launch(kernel, tuned, grid_of, args: dict, meta: dict | None) -> None:
     """Run ``kernel`` with the fixed ``meta`` (interpreter, deterministic mode) or autotuned.
 
-    ``grid_of(meta)`` maps the block sizes to the launch grid."""
-    if meta is not None:
-        meta = dict(meta)
-        warps = meta.pop("num_warps", 4)
-        kernel[grid_of(meta)](**args, **meta, num_warps=warps)
-    else:
-        tuned[grid_of](**args)
+    ``grid_of(meta)`` maps the block sizes to the launch grid. Repeated launches of a shape call
+    the compiled kernel's launcher directly (:mod:`mobileops.kernels._launch`)."""
+    _launch.launch(kernel, tuned, grid_of, args, meta)
 
 
 def autotune_enabled() -> bool:
