@@ -26,6 +26,7 @@ non-CUDA target, and any triton whose internals this module was not written agai
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 
@@ -92,33 +93,49 @@ if DISABLED_REASON is None:
 # a tensor by dtype and alignment. Any other argument type keeps its launch site on Triton's path.
 _SCALARS = (int, float, bool, type(None), str)
 
+_DATA_PTR = torch.Tensor.data_ptr  # raises TypeError for a non-tensor
+_DTYPE = operator.attrgetter("dtype")
 
-def _is_tensor_type(t: type) -> bool:
-    return issubclass(t, torch.Tensor)
+
+def _getter(keys: list):
+    """A function returning the tuple of ``v[k]`` for ``keys`` (itemgetter returns a bare
+    item for one key and cannot take none)."""
+    if len(keys) > 1:
+        return operator.itemgetter(*keys)
+    if keys:
+        key = keys[0]
+        return lambda v: (v[key],)
+    return lambda v: ()
 
 
 class _Layout:
-    """The calls of one site whose arguments have one tuple of types: which ones are tensors
-    decides the generated key function."""
+    """The calls of one site with tensors at the same positions and the same types elsewhere,
+    and their cache entries."""
 
-    __slots__ = ("key", "entries")
+    __slots__ = ("tensors", "scalars", "scalar_types", "entries")
 
-    def __init__(self, types: tuple):
-        parts = []
-        for i, t in enumerate(types):
-            if _is_tensor_type(t):
-                # Triton's get_tensor_specialization: data_ptr() % 16 == 0
-                parts.append(f"v[{i}].dtype, v[{i}].data_ptr() % 16 == 0")
-            else:
-                parts.append(f"v[{i}]")
-        namespace: dict = {}
-        exec(f"def key(v, extra):\n    return (extra, {', '.join(parts)})\n", namespace)
-        self.key = namespace["key"]
+    def __init__(self, vals: tuple):
+        self.tensors = _getter([i for i, v in enumerate(vals) if isinstance(v, torch.Tensor)])
+        self.scalars = _getter([i for i, v in enumerate(vals) if not isinstance(v, torch.Tensor)])
+        self.scalar_types = tuple(map(type, self.scalars(vals)))
         self.entries: dict = {}
 
+    def allowed(self) -> bool:
+        return all(t in _SCALARS or issubclass(t, triton.language.dtype) for t in self.scalar_types)
 
-def _layout_allowed(types: tuple) -> bool:
-    return all(t in _SCALARS or _is_tensor_type(t) or issubclass(t, triton.language.dtype) for t in types)
+    def key(self, vals: tuple, extra: tuple):
+        """The cache key of ``vals``, None when they do not fit this layout. Raises TypeError
+        for a non-tensor where this layout has a tensor."""
+        scalars = self.scalars(vals)
+        if tuple(map(type, scalars)) != self.scalar_types:
+            return None
+        tensors = self.tensors(vals)
+        pointers = tuple(map(_DATA_PTR, tensors))
+        # Triton's get_tensor_specialization: data_ptr() % 16 == 0, per pointer; all aligned
+        # is the common case and one test.
+        aligned = True if not functools.reduce(operator.or_, pointers, 0) & 15 else \
+            tuple(p % 16 == 0 for p in pointers)
+        return extra, tuple(map(_DTYPE, tensors)), aligned, scalars
 
 
 class _Site:
@@ -131,11 +148,11 @@ class _Site:
         self.fn = fn
         self.usable = usable
         self.names = list(fn.arg_names) if usable else []
-        self.getter = _tuple_getter(self.names) if usable else None
+        self.getter = _getter(self.names)
         # Autotuned sites: the arguments the caller passes (all but the configs' meta-parameters)
         self.arg_names = arg_names
-        self.arg_getter = _tuple_getter(arg_names) if usable and arg_names is not None else None
-        self.layouts: dict = {}
+        self.arg_getter = _getter(arg_names) if arg_names is not None else None
+        self.layouts: list[_Layout] = []  # almost always one
         self.global_checks: tuple = ()
 
     def snapshot_globals(self) -> None:
@@ -147,28 +164,30 @@ class _Site:
             by_dict.setdefault(id(d), (d, []))[1].append(name)
         checks = []
         for d, names in by_dict.values():
-            get = _tuple_getter(names)
+            get = _getter(names)
             checks.append((get, d, get(d)))
         self.global_checks = tuple(checks)
 
+    def lookup(self, vals: tuple, extra: tuple):
+        """The cache entry for these arguments, or None."""
+        for layout in self.layouts:
+            key = layout.key(vals, extra)
+            if key is not None:
+                return layout.entries.get(key)
+        return None
 
-def _tuple_getter(names: list[str]):
-    if len(names) == 1:
-        name = names[0]
-        return lambda m: (m[name],)
-    return operator.itemgetter(*names)
+    def globals_unchanged(self) -> bool:
+        for get, d, values in self.global_checks:
+            if get(d) != values:
+                return False
+        return True
 
 
 # id(JITFunction or Autotuner) -> _Site; the site keeps its owner, so a reused id is noticed.
 _SITES: dict = {}
 
 
-def _find_site(owner) -> _Site | None:
-    site = _SITES.get(id(owner))
-    return site if site is not None and site.owner is owner and site.usable else None
-
-
-def _extra_key(fn, drv, device, warps):
+def _extra_key(fn, drv, device, warps) -> tuple:
     """Everything besides the arguments that selects the compiled kernel: the driver and
     device (Triton's kernel cache is per device), ``num_warps`` (fixed configurations) and the
     options JITFunction.run reads on every call."""
@@ -181,20 +200,17 @@ def _hooks_block(fn) -> bool:
     return bool(fn.pre_run_hooks) or (_STAGES_HOOK and _RUNTIME.add_stages_inspection_hook is not None)
 
 
-def _globals_unchanged(site: _Site) -> bool:
-    for get, d, values in site.global_checks:
-        if get(d) != values:
-            return False
-    return True
-
-
-def _run(compiled, drv, device, grid, vals) -> None:
-    """The launch JITFunction.run makes, from the resolved grid and the bound arguments."""
+def _run(fn, target, drv, device, grid, vals) -> None:
+    """The launch JITFunction.run makes, from the resolved grid and the bound arguments;
+    ``target`` is (launcher, function handle, packed metadata, launch_metadata method)."""
+    launcher, function, packed, launch_metadata = target
     stream = drv.get_current_stream(device)
     size = len(grid)
-    compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, compiled.function,
-                 compiled.packed_metadata, compiled.launch_metadata(grid, stream, *vals),
-                 _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *vals)
+    # CompiledKernel.launch_metadata reads the arguments only for the kernel's own
+    # launch_metadata function: without one, skip unpacking them a second time.
+    metadata = launch_metadata(grid, stream) if fn.launch_metadata is None else launch_metadata(grid, stream, *vals)
+    launcher(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, function, packed, metadata,
+             _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *vals)
 
 
 # What a cache lookup may raise for arguments unlike the ones the layout was built from
@@ -203,57 +219,51 @@ _LOOKUP_ERRORS = (KeyError, TypeError, AttributeError, RuntimeError)
 
 
 def _fixed_fast(kernel, grid, merged: dict, warps) -> bool:
-    site = _find_site(kernel)
-    if site is None or _hooks_block(kernel):
+    site = _SITES.get(id(kernel))
+    if site is None or site.owner is not kernel or not site.usable or _hooks_block(kernel):
         return False
     try:
         vals = site.getter(merged)
         if len(merged) != len(vals):
             return False
-        layout = site.layouts.get(tuple(map(type, vals)))
-        if layout is None:
-            return False
         drv = driver.active
         device = drv.get_current_device()
-        compiled = layout.entries.get(layout.key(vals, _extra_key(kernel, drv, device, warps)))
-        if compiled is None or not _globals_unchanged(site):
+        target = site.lookup(vals, _extra_key(kernel, drv, device, warps))
+        if target is None or not site.globals_unchanged():
             return False
     except _LOOKUP_ERRORS:
         return False
-    _run(compiled, drv, device, grid, vals)
+    _run(kernel, target, drv, device, grid, vals)
     return True
 
 
 def _tuned_fast(tuned, grid_of, args: dict) -> bool:
-    site = _find_site(tuned)
-    if site is None or _hooks_block(site.fn):
+    site = _SITES.get(id(tuned))
+    if site is None or site.owner is not tuned or not site.usable or _hooks_block(site.fn):
         return False
     try:
         avals = site.arg_getter(args)
         if len(args) != len(avals):
             return False
-        layout = site.layouts.get(tuple(map(type, avals)))
-        if layout is None:
-            return False
         drv = driver.active
         device = drv.get_current_device()
-        entry = layout.entries.get(layout.key(avals, _extra_key(site.fn, drv, device, None)))
+        entry = site.lookup(avals, _extra_key(site.fn, drv, device, None))
         if entry is None:
             return False
-        tune_key, config, config_kwargs, compiled = entry
+        tune_key, config, config_kwargs, target = entry
         # re-tuned, or the tuning cache cleared: Autotuner.run decides again
-        if tuned.cache.get(tune_key) is not config or not _globals_unchanged(site):
+        if tuned.cache.get(tune_key) is not config or not site.globals_unchanged():
             return False
     except _LOOKUP_ERRORS:
         return False
     bound = args | config_kwargs  # Autotuner.run's grid argument: every parameter by name
     tuned.best_config = config
-    _run(compiled, drv, device, grid_of(bound), site.getter(bound))
+    _run(site.fn, target, drv, device, grid_of(bound), site.getter(bound))
     return True
 
 
 # Instance attributes the fast path reads (set in __init__, so checked per object).
-_JIT_ATTRS = ("device_caches", "arg_names", "used_global_vals", "pre_run_hooks", "debug")
+_JIT_ATTRS = ("device_caches", "arg_names", "used_global_vals", "pre_run_hooks", "debug", "launch_metadata")
 _TUNER_ATTRS = ("cache", "keys", "arg_names", "configs", "best_config")
 _COMPILED_ATTRS = ("function", "packed_metadata", "src")
 
@@ -285,16 +295,26 @@ def _assumptions_match(compiled, vals) -> bool:
     return True
 
 
-def _remember(site: _Site, key_vals, extra, entry) -> None:
-    types = tuple(map(type, key_vals))
-    if not _layout_allowed(types):
-        return
-    layout = site.layouts.get(types)
-    if layout is None:
-        layout = site.layouts[types] = _Layout(types)
+def _target(compiled) -> tuple:
+    # compiled.run is the launcher once the first launch loaded the kernel
+    return compiled.run, compiled.function, compiled.packed_metadata, compiled.launch_metadata
+
+
+def _remember(site: _Site, key_vals: tuple, extra: tuple, entry) -> None:
+    key = None
+    for layout in site.layouts:
+        key = layout.key(key_vals, extra)
+        if key is not None:
+            break
+    if key is None:
+        layout = _Layout(key_vals)
+        if not layout.allowed():
+            return
+        site.layouts.append(layout)
+        key = layout.key(key_vals, extra)
     if len(layout.entries) >= MAX_ENTRIES:
         layout.entries.clear()
-    layout.entries[layout.key(key_vals, extra)] = entry
+    layout.entries[key] = entry
     site.snapshot_globals()
 
 
@@ -309,7 +329,7 @@ def _remember_fixed(kernel, compiled, merged: dict, warps) -> None:
         site.usable = False
         return
     drv = driver.active
-    _remember(site, vals, _extra_key(kernel, drv, drv.get_current_device(), warps), compiled)
+    _remember(site, vals, _extra_key(kernel, drv, drv.get_current_device(), warps), _target(compiled))
 
 
 def _tune_key(tuned, args: dict) -> tuple:
@@ -347,7 +367,7 @@ def _remember_tuned(tuned, compiled, args: dict) -> None:
         return
     drv = driver.active
     _remember(site, site.arg_getter(args), _extra_key(fn, drv, drv.get_current_device(), None),
-              (tune_key, config, config_kwargs, compiled))
+              (tune_key, config, config_kwargs, _target(compiled)))
 
 
 def launch(kernel, tuned, grid_of, args: dict, meta: dict | None) -> None:
