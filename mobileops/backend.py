@@ -321,7 +321,8 @@ def _onnx_flags():
 
 def _onnx_exporting() -> bool:
     flags = _ONNX_FLAGS
-    if flags is None:
+    # Dynamo refuses to trace the flags' module but knows is_in_onnx_export itself.
+    if flags is None or torch.compiler.is_compiling():
         return torch.onnx.is_in_onnx_export()
     return flags[1].in_onnx_export or flags[0]._is_onnx_exporting
 

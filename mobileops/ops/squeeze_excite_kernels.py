@@ -68,6 +68,9 @@ def _setup_context(ctx, inputs, output):
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act = inputs
     _, pooled, gates = output
     ctx.mark_non_differentiable(pooled, gates)
+    # Their gradients are never read: without this autograd would zero-fill two (N, C) tensors
+    # for every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates)
     ctx.config = (gate, post_act)
 
