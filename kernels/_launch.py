@@ -41,8 +41,6 @@ SUPPORTED_TRITON = ((3, 6), (3, 7), (3, 8), (3, 9))
 # image size different) must not grow memory without bound.
 MAX_ENTRIES = 1024
 
-_MISSING = object()
-
 
 def _disabled_reason() -> str | None:
     """Why this triton cannot use the fast path, or None."""
