@@ -30,7 +30,8 @@ from mobileops.kernels import _common as common
 from mobileops.kernels import dwconv_bn_act as kernels
 from mobileops.kernels import squeeze_excite as se_kernels
 
-TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+         torch.int32: "*i32"}  # int32: the ticket counters
 
 
 FULL = [(dtype, k, stride, layout) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
