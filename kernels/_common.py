@@ -84,18 +84,49 @@ def tile_coords(pid, tiles_per_sample, C, BLOCK, BLOCK_C: tl.constexpr, INDEX64:
 
 
 @triton.jit
+def sum_rows_block(in_ptr, out_ptr, m, mmask, ROWS, M, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                   CACHE: tl.constexpr):
+    """out[m] = sum_r in[r, m] for the columns ``m`` (where ``mmask``) of the row-major
+    (ROWS, M) ``in``: BLOCK_R rows at a time, in row order, so every caller that passes the
+    same blocks adds in the same order. ``CACHE`` is the loads' cache modifier (``".cg"`` when
+    other programs of the same launch wrote ``in``)."""
+    acc = tl.zeros(m.shape, dtype=ACC)
+    for r0 in range(0, ROWS, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        v = tl.load(in_ptr + r.to(tl.int64)[:, None] * M + m[None, :],
+                    mask=(r < ROWS)[:, None] & mmask[None, :], other=0.0, cache_modifier=CACHE)
+        acc += tl.sum(v.to(ACC), axis=0)
+    tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mmask)
+
+
+@triton.jit
 def sum_rows_kernel(in_ptr, out_ptr, ROWS, M, ACC: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     """out[m] = sum_r in[r, m], rows added in a fixed order (deterministic)."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < M
-    acc = tl.zeros([BLOCK_M], dtype=ACC)
-    for r0 in range(0, ROWS, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        v = tl.load(in_ptr + r.to(tl.int64)[:, None] * M + m[None, :],
-                    mask=(r < ROWS)[:, None] & mmask[None, :], other=0.0)
-        acc += tl.sum(v.to(ACC), axis=0)
-    tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mmask)
+    sum_rows_block(in_ptr, out_ptr, m, m < M, ROWS, M, ACC, BLOCK_R, "")
+
+
+@triton.jit
+def last_of_channel_block(counter_ptr):
+    """Whether this program is the last of its channel block (the programs along grid x with
+    this :func:`channel_block`) to get here; every program must call it exactly once.
+
+    Each program draws a ticket from its block's int32 counter; the one that draws the last
+    returns True, and has already put the counter back to 0 for the next launch (so the buffer
+    from :func:`ticket_counters` never needs zeroing). Memory ordering as in CUDA's
+    threadFenceReduction sample and inductor's grid barrier: the barrier makes every thread's
+    earlier stores happen before the ticket, which one thread takes with a GPU-scope acq_rel
+    atomic (release: this program's stores are visible before its ticket; acquire: the last
+    program sees every other program's stores), and Triton hands the ticket to the other
+    threads through shared memory behind another barrier. The last program must read the
+    other programs' data with ``cache_modifier=".cg"`` (L2, not a possibly stale L1)."""
+    tl.debug_barrier()
+    counter = counter_ptr + channel_block()
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1
+    if last:
+        tl.store(counter, 0)
+    return last
 
 
 
@@ -245,6 +276,38 @@ def index64(*tensors: torch.Tensor) -> bool:
     return any(t.numel() > 0 and sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) >= limit
                for t in tensors)
 
+
+
+_TICKET_COUNTERS: dict = {}
+
+
+def ticket_counters(device: torch.device, size: int) -> torch.Tensor:
+    """An int32 buffer of at least ``size`` zeros on ``device`` for :func:`last_of_channel_block`:
+    allocated (one fill) the first time and when a launch needs more, then reused. Safe to share
+    because every kernel that uses it leaves it all zeros, as long as the kernels using it run
+    one after another: launches on two streams at once, or a CUDA graph replayed on one stream
+    while eager launches run on another, would draw tickets from the same counters. A buffer
+    allocated while a CUDA graph is being captured is zeroed by the graph, not now, so it is
+    used for that launch only and not kept."""
+    counters = _TICKET_COUNTERS.get(device)
+    if counters is None or counters.numel() < size:
+        counters = torch.zeros(next_power_of_2(max(size, 1024)), dtype=torch.int32, device=device)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            _TICKET_COUNTERS[device] = counters
+    return counters
+
+
+#: Cached launch plans per cache (see :func:`remember`); past this many the cache starts over,
+#: so call signatures that never repeat (every image size different) cannot grow it without bound.
+PLAN_CACHE_LIMIT = 1024
+
+
+def remember(cache: dict, key, plan):
+    """Store ``plan`` under ``key`` in ``cache`` (emptied first when full) and return it."""
+    if len(cache) >= PLAN_CACHE_LIMIT:
+        cache.clear()
+    cache[key] = plan
+    return plan
 
 
 def sum_rows(parts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -4,35 +4,59 @@ Every kernel takes the element strides of its tensors, so NCHW, channels_last an
 slices all run without a copy. A program owns BLOCK_P output positions of one sample
 (flattened over H_out * W_out) by BLOCK_C channels.
 
-Passes (x: input, dy: output grad; "partials" are small per-program buffers reduced in a fixed
-order afterwards, so every reduction is deterministic and nothing uses atomics):
+Passes (x: input, dy: output grad; "partials" are small per-program rows that the last program
+of each channel block adds up in a fixed order, so every reduction is deterministic):
 
 =====================  =====================================================================
 inference              ``_forward_kernel``: conv, BN from running stats, activation. 1 launch.
-training forward       ``_stats_kernel`` (conv in registers -> per-chunk mean/M2 partials),
-                       ``_stats_finalize_kernel`` (Chan merge -> mean, rstd; running-stat
-                       update), ``_forward_kernel`` (recomputes the conv, normalises).
-backward               ``_grad_sums_kernel`` (training only: partial sums of du, du * xhat),
-                       ``_grad_input_kernel`` (recomputes the conv; dz, weight-grad partials,
-                       eval-mode du sums), ``_dx_kernel`` (transposed depthwise conv of dz),
-                       ``sum_rows_kernel`` (in _common) for each partial buffer.
+training forward       ``_stats_kernel`` (conv in registers -> per-chunk mean/M2 partials;
+                       the block's last program: Chan merge -> mean, rstd, running-stat
+                       update), ``_forward_kernel`` (recomputes the conv, normalises). 2.
+backward               ``_grad_sums_kernel`` (training only: partial sums of du, du * xhat;
+                       last program: the sums), ``_grad_input_kernel`` (recomputes the conv;
+                       dz, weight-grad partials, eval-mode du sums; last program: dw and the
+                       eval-mode sums), ``_dx_kernel`` (transposed depthwise conv of dz; with
+                       a conv only). Training 3 (bn_act 2), eval 2 (bn_act 1).
 =====================  =====================================================================
 
 The conv output z is never stored: backward recomputes it from x and the saved per-channel
 mean / rstd. Only dz round-trips through memory (in x's dtype), because the transposed conv
 needs dz at neighbouring positions owned by other programs.
 
-Launch helpers at the bottom allocate scratch with torch and pick block sizes: a fixed small
-configuration under ``TRITON_INTERPRET=1`` (no autotuning there), otherwise ``triton.autotune``
-keyed on the shape (the first call per shape benchmarks the candidates: warm up before
-capturing a CUDA graph), except that reductions use one fixed configuration when
-``torch.are_deterministic_algorithms_enabled()`` so results cannot depend on which
-configuration won the tuning, and everything does when ``MOBILEOPS_AUTOTUNE=0``.
+Why the last program reduces (instead of a finalize launch per partial buffer, as before: 3
+launches for training forward, 6 for the backward): each reducing launch and its host path
+cost more than the reduction. Every program writes its partial row, then draws a ticket from
+its channel block's counter (:func:`~mobileops.kernels._common.last_of_channel_block`: barrier,
+GPU-scope acq_rel atomic, the pattern of CUDA's threadFenceReduction sample and inductor's
+cooperative reductions); the program that draws the last ticket reads the block's rows with
+``.cg`` loads (L2, never a stale L1), writes the results and resets the counter to 0. The
+counters live in one int32 buffer per device (:func:`~mobileops.kernels._common.ticket_counters`,
+zeroed once when allocated): no zero-fill launch per call, but launches that use it must not
+run concurrently on two streams. The merge keeps the blocking of the launches it replaced
+(statistics: MERGE_R rows x MERGE_C channels as the finalize kernel; sums: ``common.sum_rows``'
+SUM_R x SUM_M blocks and column offsets) and, in deterministic mode, their num_warps (4), so
+the sums come out bit-identical: checked against the previous kernels in the interpreter, and
+compiled for sm_90 the reductions get the same layouts (so the same order on the GPU). Not run
+on a GPU with this change: the memory ordering of the ticket, and the timings.
+
+Launch helpers at the bottom pick block sizes: a fixed small configuration under
+``TRITON_INTERPRET=1`` (no autotuning there), otherwise ``triton.autotune`` keyed on the shape
+(the first call per shape benchmarks the candidates: warm up before capturing a CUDA graph;
+``restore_value`` puts the running statistics back after each benchmarked run), except that
+reductions use one fixed configuration when ``torch.are_deterministic_algorithms_enabled()``
+so results cannot depend on which configuration won the tuning, and everything does when
+``MOBILEOPS_AUTOTUNE=0``. What depends only on the call signature (shapes, strides, dtypes,
+device, which optional tensors are given, the options, deterministic mode, autotuning) - block
+sizes, grids, integer and constexpr arguments, chunking, scratch sizes - is computed once per
+signature and cached (``_FORWARD_PLANS`` etc.); a call only looks its plan up, allocates its
+outputs and one scratch buffer, and fills in tensors and float scalars.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -40,7 +64,15 @@ import triton.language as tl
 
 from mobileops.codes import NORM_CODES
 from mobileops.kernels import _common as common
-from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, tile_coords
+from mobileops.kernels._common import (
+    ACTIVATION_CODES,
+    activation,
+    activation_grad,
+    channel_block,
+    last_of_channel_block,
+    sum_rows_block,
+    tile_coords,
+)
 
 # How the kernel normalises: no BN (``dwconv_act``: beta is the conv bias), BN from the given
 # running mean/var, or BN from batch statistics (mean and rstd given, and the backward
@@ -49,6 +81,14 @@ from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_g
 NORM_NONE = tl.constexpr(NORM_CODES["none"])
 NORM_RUNNING = tl.constexpr(NORM_CODES["running"])
 NORM_BATCH = tl.constexpr(NORM_CODES["batch"])
+
+# The blocks of the in-kernel reductions, which keep the blocking of the launches they replaced
+# (bit-identical sums): the statistics merge of the former finalize kernel (MERGE_R partial rows
+# at a time, MERGE_C channels per step) and the column sums of common.sum_rows (SUM_R x SUM_M).
+MERGE_R = tl.constexpr(16)
+MERGE_C = tl.constexpr(32)
+SUM_R = tl.constexpr(common.REDUCE_META["BLOCK_R"])
+SUM_M = tl.constexpr(common.REDUCE_META["BLOCK_M"])
 
 
 @triton.jit
@@ -123,13 +163,65 @@ def _forward_kernel(x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, y_ptr,
 
 
 @triton.jit
-def _stats_kernel(x_ptr, w_ptr, part_mean_ptr, part_m2_ptr,
-                  C, H, W, HO, WO, chunks_per_sample, CHUNK,
-                  sxn, sxc, sxh, sxw,
-                  K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+def _merge_stats_block(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr, c, cmask,
+                       C, ROWS, chunks_per_sample, CHUNK, P, eps, momentum,
+                       UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Merge the chunk partials of channels ``c`` in a fixed order (BLOCK_R rows at a time);
+    write mean and rstd; update the running statistics the way nn.BatchNorm2d does (unbiased
+    variance, ``momentum`` as the averaging factor)."""
+    count = tl.zeros(c.shape, dtype=ACC)
+    mean = tl.zeros(c.shape, dtype=ACC)
+    m2 = tl.zeros(c.shape, dtype=ACC)
+    for r0 in range(0, ROWS, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < ROWS
+        chunk_start = (r % chunks_per_sample) * CHUNK
+        r_count = tl.where(rmask, tl.minimum(P - chunk_start, CHUNK), 0).to(ACC)
+        m = rmask[:, None] & cmask[None, :]
+        offs = r.to(tl.int64)[:, None] * C + c[None, :]
+        p_mean = tl.load(part_mean_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(ACC)
+        p_m2 = tl.load(part_m2_ptr + offs, mask=m, other=0.0, cache_modifier=".cg").to(ACC)
+        b_count = tl.sum(r_count, axis=0)
+        b_mean = tl.sum(r_count[:, None] * p_mean, axis=0) / b_count
+        dev = tl.where(m, p_mean - b_mean[None, :], 0.0)
+        b_m2 = tl.sum(p_m2 + r_count[:, None] * dev * dev, axis=0)
+        total = count + b_count
+        delta = b_mean - mean
+        mean += delta * (b_count / total)
+        m2 += b_m2 + delta * delta * (count * b_count / total)
+        count = total
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(rstd_ptr + c, 1.0 / tl.sqrt(m2 / count + eps), mask=cmask)
+    if UPDATE_RUNNING:
+        old_mean = tl.load(run_mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+        old_var = tl.load(run_var_ptr + c, mask=cmask, other=0.0).to(ACC)
+        new_mean = (1.0 - momentum) * old_mean + momentum * mean
+        new_var = (1.0 - momentum) * old_var + momentum * (m2 / (count - 1.0))
+        tl.store(run_mean_ptr + c, new_mean.to(run_mean_ptr.dtype.element_ty), mask=cmask)
+        tl.store(run_var_ptr + c, new_var.to(run_var_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _sum_block_columns(part_ptr, out_ptr, first, width, ROWS, M, ACC: tl.constexpr):
+    """out[m] = sum_r part[r, m] for the columns first <= m < first + width of the (ROWS, M)
+    partials: the columns and rows in the blocks ``common.sum_rows`` uses (BLOCK_M columns
+    starting at multiples of BLOCK_M within the block, BLOCK_R rows in order)."""
+    block_end = first + width
+    for j in range(0, tl.cdiv(tl.minimum(block_end, M) - first, SUM_M)):
+        m = first + j * SUM_M + tl.arange(0, SUM_M)
+        sum_rows_block(part_ptr, out_ptr, m, (m < block_end) & (m < M), ROWS, M, ACC, SUM_R, ".cg")
+
+
+@triton.jit
+def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr, counter_ptr,
+                  C, H, W, HO, WO, chunks_per_sample, CHUNK, m2_offset,
+                  sxn, sxc, sxh, sxw, eps_hi, eps_lo, mom_hi, mom_lo,
+                  K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                   INDEX64: tl.constexpr, ACC: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-chunk mean and M2 (sum of squared deviations) of the conv output, per channel.
+    """Per-chunk mean and M2 (sum of squared deviations) of the conv output, per channel, into
+    the partial rows (M2 rows at ``part + m2_offset``); the last program of each channel block
+    merges its block's rows into mean and rstd and updates the running statistics.
 
     Each tile's values are centred on the tile mean while still in registers and merged into
     the running (count, mean, M2) with Chan's formula, so no sum-of-squares cancellation.
@@ -155,64 +247,31 @@ def _stats_kernel(x_ptr, w_ptr, part_mean_ptr, part_m2_ptr,
         m2 += t_m2 + delta * delta * (count * t_count / total)
         count = total
     row = pid.to(tl.int64) * C
-    tl.store(part_mean_ptr + row + c, mean, mask=cmask)
-    tl.store(part_m2_ptr + row + c, m2, mask=cmask)
-
-
-@triton.jit
-def _stats_finalize_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr,
-                           C, ROWS, chunks_per_sample, CHUNK, P, eps_hi, eps_lo, mom_hi, mom_lo,
-                           UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merge the chunk partials in a fixed order; write mean and rstd; update running stats
-    the way nn.BatchNorm2d does (unbiased variance, ``momentum`` as the averaging factor)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    count = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for r0 in range(0, ROWS, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < ROWS
-        chunk_start = (r % chunks_per_sample) * CHUNK
-        r_count = tl.where(rmask, tl.minimum(P - chunk_start, CHUNK), 0).to(ACC)
-        m = rmask[:, None] & cmask[None, :]
-        offs = r.to(tl.int64)[:, None] * C + c[None, :]
-        p_mean = tl.load(part_mean_ptr + offs, mask=m, other=0.0).to(ACC)
-        p_m2 = tl.load(part_m2_ptr + offs, mask=m, other=0.0).to(ACC)
-        b_count = tl.sum(r_count, axis=0)
-        b_mean = tl.sum(r_count[:, None] * p_mean, axis=0) / b_count
-        dev = tl.where(m, p_mean - b_mean[None, :], 0.0)
-        b_m2 = tl.sum(p_m2 + r_count[:, None] * dev * dev, axis=0)
-        total = count + b_count
-        delta = b_mean - mean
-        mean += delta * (b_count / total)
-        m2 += b_m2 + delta * delta * (count * b_count / total)
-        count = total
-    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
-    tl.store(mean_ptr + c, mean, mask=cmask)
-    tl.store(rstd_ptr + c, 1.0 / tl.sqrt(m2 / count + eps), mask=cmask)
-    if UPDATE_RUNNING:
+    tl.store(part_ptr + row + c, mean, mask=cmask)
+    tl.store(part_ptr + m2_offset + row + c, m2, mask=cmask)
+    if last_of_channel_block(counter_ptr):
+        eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
         momentum = tl.cast(mom_hi, ACC) + tl.cast(mom_lo, ACC)
-        old_mean = tl.load(run_mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-        old_var = tl.load(run_var_ptr + c, mask=cmask, other=0.0).to(ACC)
-        new_mean = (1.0 - momentum) * old_mean + momentum * mean
-        new_var = (1.0 - momentum) * old_var + momentum * (m2 / (count - 1.0))
-        tl.store(run_mean_ptr + c, new_mean.to(run_mean_ptr.dtype.element_ty), mask=cmask)
-        tl.store(run_var_ptr + c, new_var.to(run_var_ptr.dtype.element_ty), mask=cmask)
+        first = channel_block() * BLOCK_C
+        for j in tl.static_range((BLOCK_C + MERGE_C - 1) // MERGE_C):
+            cm = first + j * MERGE_C + tl.arange(0, MERGE_C)
+            _merge_stats_block(part_ptr, part_ptr + m2_offset, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr,
+                               cm, (cm < first + BLOCK_C) & (cm < C), C, tl.num_programs(0), chunks_per_sample,
+                               CHUNK, HO * WO, eps, momentum, UPDATE_RUNNING, ACC, MERGE_R)
 
 
 @triton.jit
 def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_ptr,
-                      part_du_ptr, part_dux_ptr,
-                      C, H, W, HO, WO, chunks_per_sample, CHUNK,
+                      part_ptr, sum_du_ptr, sum_dux_ptr, counter_ptr,
+                      C, H, W, HO, WO, chunks_per_sample, CHUNK, dux_offset,
                       sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
                       K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
                       HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                       INDEX64: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Training backward, first pass: per-chunk sums of du and du * xhat (du = dL/du, the
-    gradient at the BN output), recomputing the conv."""
+    gradient at the BN output), recomputing the conv; the last program of each channel block
+    adds its block's partial rows into sum_du and sum_dux."""
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -235,14 +294,19 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
         sum_du += tl.sum(du, axis=0)
         sum_dux += tl.sum(du * xhat, axis=0)
     row = pid.to(tl.int64) * C
-    tl.store(part_du_ptr + row + c, sum_du, mask=cmask)
-    tl.store(part_dux_ptr + row + c, sum_dux, mask=cmask)
+    tl.store(part_ptr + row + c, sum_du, mask=cmask)
+    tl.store(part_ptr + dux_offset + row + c, sum_dux, mask=cmask)
+    if last_of_channel_block(counter_ptr):
+        first = channel_block() * BLOCK_C
+        _sum_block_columns(part_ptr, sum_du_ptr, first, BLOCK_C, tl.num_programs(0), C, ACC)
+        _sum_block_columns(part_ptr + dux_offset, sum_dux_ptr, first, BLOCK_C, tl.num_programs(0), C, ACC)
 
 
 @triton.jit
 def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr,
-                       sum_du_ptr, sum_dux_ptr, dz_ptr, part_dw_ptr, part_du_ptr, part_dux_ptr,
-                       C, H, W, HO, WO, chunks_per_sample, CHUNK, inv_count_hi, inv_count_lo, eps_hi, eps_lo,
+                       sum_du_ptr, sum_dux_ptr, dz_ptr, dw_ptr, part_ptr, counter_ptr,
+                       C, H, W, HO, WO, chunks_per_sample, CHUNK, dux_offset, dw_offset,
+                       inv_count_hi, inv_count_lo, eps_hi, eps_lo,
                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, szn, szc, szh, szw,
                        K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
                        NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
@@ -250,7 +314,10 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
     """Backward, main pass: recompute z, form dz = dL/dz, store it, and accumulate the
     weight-gradient partials sum_p dz[p] * x[p + tap] for all K*K taps at once (a
-    [BLOCK_P, TAPS, BLOCK_C] gather). Outside batch-stats mode also the sums of du, du * xhat."""
+    [BLOCK_P, TAPS, BLOCK_C] gather), at ``part + dw_offset``. Outside batch-stats mode also
+    the partial sums of du, du * xhat (at ``part`` and ``part + dux_offset``), which there are
+    outputs (``sum_du``, ``sum_dux``); in batch-stats mode those are inputs. The last program
+    of each channel block adds its block's partial rows into dw (and the du sums)."""
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -299,11 +366,21 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
             acc_w += tl.sum(xv * dz[:, None, :], axis=0)
     row = pid.to(tl.int64)
     if WEIGHT_GRAD:
-        tl.store(part_dw_ptr + row * C * (K * K) + c[None, :] * (K * K) + tap[:, None], acc_w,
+        tl.store(part_ptr + dw_offset + row * C * (K * K) + c[None, :] * (K * K) + tap[:, None], acc_w,
                  mask=tap_ok[:, None] & cmask[None, :])
     if NORM != NORM_BATCH:
-        tl.store(part_du_ptr + row * C + c, sum_du, mask=cmask)
-        tl.store(part_dux_ptr + row * C + c, sum_dux, mask=cmask)
+        tl.store(part_ptr + row * C + c, sum_du, mask=cmask)
+        tl.store(part_ptr + dux_offset + row * C + c, sum_dux, mask=cmask)
+    if WEIGHT_GRAD or NORM != NORM_BATCH:
+        if last_of_channel_block(counter_ptr):
+            first = channel_block() * BLOCK_C
+            rows = tl.num_programs(0)
+            if WEIGHT_GRAD:
+                _sum_block_columns(part_ptr + dw_offset, dw_ptr, first * (K * K), BLOCK_C * (K * K), rows,
+                                   C * (K * K), ACC)
+            if NORM != NORM_BATCH:
+                _sum_block_columns(part_ptr, sum_du_ptr, first, BLOCK_C, rows, C, ACC)
+                _sum_block_columns(part_ptr + dux_offset, sum_dux_ptr, first, BLOCK_C, rows, C, ACC)
 
 
 @triton.jit
@@ -347,12 +424,13 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-_FINALIZE_META = dict(BLOCK_R=16, BLOCK_C=32)
-
 
 _TUNE_KEY = ["C", "H", "W", "HO", "WO", "sxc", "sxw", "K", "STRIDE", "ACT"]
 _forward_tuned = triton.autotune(common.configs(4096), key=_TUNE_KEY + ["NORM"])(_forward_kernel)
-_stats_tuned = triton.autotune(common.configs(4096), key=_TUNE_KEY[:-1] + ["CHUNK"])(_stats_kernel)
+# The statistics kernel updates the running statistics in place: the tuner puts them back after
+# every benchmarked run, so only the launch that follows the tuning updates them.
+_stats_tuned = triton.autotune(common.configs(4096), key=_TUNE_KEY[:-1] + ["CHUNK"],
+                               restore_value=["run_mean_ptr", "run_var_ptr"])(_stats_kernel)
 _grad_sums_tuned = triton.autotune(common.configs(4096), key=_TUNE_KEY + ["CHUNK"])(_grad_sums_kernel)
 _dx_tuned = triton.autotune(common.configs(4096),
                             key=["C", "H", "W", "HO", "WO", "szc", "sxc", "K", "STRIDE"])(_dx_kernel)
@@ -383,6 +461,168 @@ def _common(x, weight, stride, padding):
     return n, c, h, w, k, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
 
 
+def _tile_grid(n: int, positions: int, channels: int):
+    """``grid_of`` for a launch over BLOCK_P-position tiles of every sample, memoised per block sizes."""
+    grids = {}
+
+    def grid_of(meta):
+        blocks = meta["BLOCK_P"], meta["BLOCK_C"]
+        grid = grids.get(blocks)
+        if grid is None:
+            grid = grids[blocks] = common.channel_grid(n * common.cdiv(positions, blocks[0]), channels, blocks[1])
+        return grid
+
+    return grid_of
+
+
+def _chunk_grid(rows: int, channels: int):
+    """``grid_of`` for a launch of one program per partial row (chunk), memoised per BLOCK_C."""
+    grids = {}
+
+    def grid_of(meta):
+        grid = grids.get(meta["BLOCK_C"])
+        if grid is None:
+            grid = grids[meta["BLOCK_C"]] = common.channel_grid(rows, channels, meta["BLOCK_C"])
+        return grid
+
+    return grid_of
+
+
+def _counters_needed(channels: int, tuned, meta: dict | None) -> int:
+    """Ticket counters a chunk-grid launch may index: its channel blocks (y * z of the grid) for
+    the fixed BLOCK_C, or for the smallest BLOCK_C the tuner may pick."""
+    block_cs = [meta["BLOCK_C"]] if meta is not None else [cfg.kwargs["BLOCK_C"] for cfg in tuned.configs]
+    return max(y * z for _, y, z in (common.channel_grid(1, channels, b) for b in block_cs))
+
+
+def _padded(elements: int) -> int:
+    """``elements`` rounded up to a multiple of 16: partial buffers that share one allocation
+    start 64-byte aligned, and Triton specialises the offsets as multiples of 16 as it does
+    separate allocations, so the in-kernel sums vectorise as ``common.sum_rows`` did."""
+    return common.cdiv(elements, 16) * 16
+
+
+class _ForwardPlan(NamedTuple):
+    args: dict  # every argument but the tensors and eps
+    grid_of: Callable
+    meta: dict | None
+    identity: torch.Tensor | None  # the ones weight of bn_act
+
+
+class _StatsPlan(NamedTuple):
+    args: dict  # every argument but the tensors, eps and momentum
+    grid_of: Callable
+    meta: dict | None
+    identity: torch.Tensor | None
+    acc_t: torch.dtype
+    scratch: int  # elements of the partial (mean, M2) rows
+    counters: int
+
+
+class _BackwardPlan(NamedTuple):
+    degenerate: bool  # no output or no input positions: the gradients are zeros, nothing to launch
+    identity: torch.Tensor | None
+    acc_t: torch.dtype
+    dz_shape: tuple
+    scratch: int  # elements of the partial rows: du, du * xhat, weight gradient
+    counters: int
+    weight_grad: bool
+    sums_args: dict | None  # _grad_sums_kernel's arguments but the tensors (batch statistics only)
+    sums_meta: dict | None
+    input_args: dict  # _grad_input_kernel's arguments but the tensors and eps
+    input_meta: dict | None
+    input_tuned: object
+    chunk_grid: Callable
+    dx_args: dict
+    dx_meta: dict | None
+    dx_grid: Callable
+
+
+_FORWARD_PLANS: dict = {}
+_STATS_PLANS: dict = {}
+_BACKWARD_PLANS: dict = {}
+
+
+def clear_plans() -> None:
+    """Forget every cached launch plan (for tests that change the block configuration)."""
+    for plans in (_FORWARD_PLANS, _STATS_PLANS, _BACKWARD_PLANS):
+        plans.clear()
+
+
+def _forward_plan(x, weight, y, stride, padding, activation, norm, has_gamma, has_beta) -> _ForwardPlan:
+    identity = _identity_weight(x) if weight is None else None
+    n, c, h, w, k, ho, wo = _common(x, identity if weight is None else weight, stride, padding)
+    args = dict(C=c, H=h, W=w, HO=ho, WO=wo, **common.strides("sx", x), **common.strides("sy", y),
+                K=k, STRIDE=stride, PAD=padding, ACT=ACTIVATION_CODES[activation], NORM=NORM_CODES[norm],
+                HAS_GAMMA=has_gamma, HAS_BETA=has_beta, INDEX64=common.index64(x, y), ACC=common.acc_dtype(x)[0])
+    return _ForwardPlan(args, _tile_grid(n, ho * wo, c), common.fixed_meta(x, reduction=False), identity)
+
+
+def _stats_plan(x, weight, stride, padding, update_running) -> _StatsPlan:
+    identity = _identity_weight(x) if weight is None else None
+    n, c, h, w, k, ho, wo = _common(x, identity if weight is None else weight, stride, padding)
+    acc, acc_t = common.acc_dtype(x)
+    positions = ho * wo
+    chunk = common.chunk_size(x, positions)
+    per_sample = common.cdiv(positions, chunk)
+    rows = n * per_sample
+    m2_offset = _padded(rows * c)
+    meta = common.fixed_meta(x, reduction=True)
+    args = dict(C=c, H=h, W=w, HO=ho, WO=wo, chunks_per_sample=per_sample, CHUNK=chunk, m2_offset=m2_offset,
+                **common.strides("sx", x), K=k, STRIDE=stride, PAD=padding, UPDATE_RUNNING=update_running,
+                INDEX64=common.index64(x), ACC=acc)
+    return _StatsPlan(args, _chunk_grid(rows, c), meta, identity, acc_t, m2_offset + rows * c,
+                      _counters_needed(c, _stats_tuned, meta))
+
+
+def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad, fmt, has_gamma,
+                   has_beta) -> _BackwardPlan:
+    identity = _identity_weight(x) if weight is None else None
+    weight_grad = weight_grad and identity is None
+    n, c, h, w, k, ho, wo = _common(x, identity if weight is None else weight, stride, padding)
+    acc, acc_t = common.acc_dtype(x)
+    norm = NORM_CODES[norm]
+    positions, taps = ho * wo, k * k
+    dz_shape = (n, c, ho, wo)
+    if x.numel() == 0 or positions == 0:
+        return _BackwardPlan(True, identity, acc_t, dz_shape, 0, 0, weight_grad, None, None, {}, None, None,
+                             None, {}, None, None)
+    # dx and dz as backward allocates them (without a conv dz is dx): only their strides matter here
+    dx_like = torch.empty(x.shape, device="meta", memory_format=fmt)
+    dx_strides = common.strides("sx", dx_like)
+    dz_strides = common.strides("sz", dx_like if identity is not None else torch.empty(dz_shape, device="meta",
+                                                                                         memory_format=fmt))
+    chunk = common.chunk_size(x, positions)
+    per_sample = common.cdiv(positions, chunk)
+    rows = n * per_sample
+    dux_offset = _padded(rows * c)
+    dw_offset = 2 * dux_offset
+    scratch = dw_offset + (rows * c * taps if weight_grad else 0)
+    shape_args = dict(C=c, H=h, W=w, HO=ho, WO=wo, K=k, STRIDE=stride, PAD=padding,
+                      INDEX64=common.index64(x, dy), ACC=acc)
+    chunk_args = dict(chunks_per_sample=per_sample, CHUNK=chunk, dux_offset=dux_offset,
+                      **common.strides("sx", x), **common.strides("sd", dy), ACT=ACTIVATION_CODES[activation],
+                      HAS_GAMMA=has_gamma, HAS_BETA=has_beta, **shape_args)
+    counters = 0
+    sums_args = sums_meta = None
+    if norm == NORM_CODES["batch"]:
+        sums_args = chunk_args
+        sums_meta = common.fixed_meta(x, reduction=True)
+        counters = _counters_needed(c, _grad_sums_tuned, sums_meta)
+    padded_taps = common.next_power_of_2(taps)
+    input_tuned = _grad_input_tuned(padded_taps)
+    input_meta = common.fixed_meta(x, reduction=True, taps=padded_taps)
+    inv_hi, inv_lo = common.split_float(1.0 / (n * positions))
+    input_args = dict(chunk_args, dw_offset=dw_offset, inv_count_hi=inv_hi, inv_count_lo=inv_lo, **dz_strides,
+                      NORM=norm, WEIGHT_GRAD=weight_grad, TAPS=padded_taps)
+    if weight_grad or norm != NORM_CODES["batch"]:
+        counters = max(counters, _counters_needed(c, input_tuned, input_meta))
+    dx_args = dict(**dz_strides, **dx_strides, **shape_args)
+    return _BackwardPlan(False, identity, acc_t, dz_shape, scratch, counters, weight_grad, sums_args, sums_meta,
+                         input_args, input_meta, input_tuned, _chunk_grid(rows, c), dx_args,
+                         common.fixed_meta(x, reduction=False), _tile_grid(n, h * w, c))
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch helpers (arguments are validated by mobileops.ops before they get here)
 # ----------------------------------------------------------------------------------------------
@@ -401,24 +641,22 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, gamma: torch.Tensor | 
     other launch helpers accept it too.
     """
     common.check_device(x)
-    weight = _identity_weight(x) if weight is None else weight
-    n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
-    y = out
-    if y.numel() == 0:
-        return y
-    acc, _ = common.acc_dtype(x)
-    weight = weight.contiguous()
+    if out.numel() == 0:
+        return out
+    key = (x.shape, x.stride(), x.dtype, x.device, out.stride(), None if weight is None else weight.shape[-1],
+           gamma is None, beta is None, mean is None, var is None, stride, padding, activation, norm,
+           common.autotune_enabled())
+    plan = _FORWARD_PLANS.get(key)
+    if plan is None:
+        plan = common.remember(_FORWARD_PLANS, key, _forward_plan(
+            x, weight, out, stride, padding, activation, norm, gamma is not None, beta is not None))
+    weight = plan.identity if weight is None else weight.contiguous()
     eps_hi, eps_lo = common.split_float(eps)
-    args = dict(x_ptr=x, w_ptr=weight, gamma_ptr=common.absent(gamma, weight), beta_ptr=common.absent(beta, weight),
-                mean_ptr=common.absent(mean, weight), var_ptr=common.absent(var, weight), y_ptr=y,
-                C=c, H=h, W=w, HO=ho, WO=wo, **common.strides("sx", x), **common.strides("sy", y),
-                eps_hi=eps_hi, eps_lo=eps_lo, K=k, STRIDE=stride, PAD=padding,
-                ACT=ACTIVATION_CODES[activation], NORM=NORM_CODES[norm], HAS_GAMMA=gamma is not None,
-                HAS_BETA=beta is not None, INDEX64=common.index64(x, y), ACC=acc)
-    common.launch(_forward_kernel, _forward_tuned,
-                  lambda m: common.channel_grid(n * common.cdiv(ho * wo, m["BLOCK_P"]), c, m["BLOCK_C"]),
-                  args, common.fixed_meta(x, reduction=False))
-    return y
+    args = dict(plan.args, x_ptr=x, w_ptr=weight, gamma_ptr=weight if gamma is None else gamma,
+                beta_ptr=weight if beta is None else beta, mean_ptr=weight if mean is None else mean,
+                var_ptr=weight if var is None else var, y_ptr=out, eps_hi=eps_hi, eps_lo=eps_lo)
+    common.launch(_forward_kernel, _forward_tuned, plan.grid_of, args, plan.meta)
+    return out
 
 
 def batch_stats(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torch.Tensor | None,
@@ -426,34 +664,26 @@ def batch_stats(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torc
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and rstd = 1/sqrt(biased var + eps) of conv(x), in float32
     (float64 for float64 input). Updates ``running_mean``/``running_var`` in place when given.
-    Needs at least two values per channel (the caller checks)."""
+    Needs at least two values per channel (the caller checks). One launch."""
     common.check_device(x)
-    weight = _identity_weight(x) if weight is None else weight
-    n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
-    acc, acc_t = common.acc_dtype(x)
-    positions = ho * wo
-    chunk = common.chunk_size(x, positions)
-    per_sample = common.cdiv(positions, chunk)
-    rows = n * per_sample
-    part_mean = torch.empty((rows, c), device=x.device, dtype=acc_t)
-    part_m2 = torch.empty_like(part_mean)
-    mean = torch.empty(c, device=x.device, dtype=acc_t)
-    rstd = torch.empty_like(mean)
-    weight = weight.contiguous()
-    args = dict(x_ptr=x, w_ptr=weight, part_mean_ptr=part_mean, part_m2_ptr=part_m2,
-                C=c, H=h, W=w, HO=ho, WO=wo, chunks_per_sample=per_sample, CHUNK=chunk,
-                **common.strides("sx", x), K=k, STRIDE=stride, PAD=padding,
-                INDEX64=common.index64(x), ACC=acc)
-    common.launch(_stats_kernel, _stats_tuned, lambda m: common.channel_grid(rows, c, m["BLOCK_C"]),
-                  args, common.fixed_meta(x, reduction=True))
+    key = (x.shape, x.stride(), x.dtype, x.device, None if weight is None else weight.shape[-1], stride, padding,
+           running_mean is None, torch.are_deterministic_algorithms_enabled(), common.autotune_enabled())
+    plan = _STATS_PLANS.get(key)
+    if plan is None:
+        plan = common.remember(_STATS_PLANS, key, _stats_plan(x, weight, stride, padding, running_mean is not None))
+    device, c = x.device, x.shape[1]
+    part = torch.empty(plan.scratch, device=device, dtype=plan.acc_t)
+    mean = torch.empty(c, device=device, dtype=plan.acc_t)
+    rstd = torch.empty(c, device=device, dtype=plan.acc_t)
+    weight = plan.identity if weight is None else weight.contiguous()
     eps_hi, eps_lo = common.split_float(eps)
     mom_hi, mom_lo = common.split_float(momentum)
-    update = running_mean is not None
-    args = dict(part_mean_ptr=part_mean, part_m2_ptr=part_m2, mean_ptr=mean, rstd_ptr=rstd,
-                run_mean_ptr=common.absent(running_mean, mean), run_var_ptr=common.absent(running_var, rstd),
-                C=c, ROWS=rows, chunks_per_sample=per_sample, CHUNK=chunk, P=positions,
-                eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo, UPDATE_RUNNING=update, ACC=acc)
-    common.launch(_stats_finalize_kernel, None, lambda m: (common.cdiv(c, m["BLOCK_C"]),), args, _FINALIZE_META)
+    args = dict(plan.args, x_ptr=x, w_ptr=weight, part_ptr=part, mean_ptr=mean, rstd_ptr=rstd,
+                run_mean_ptr=mean if running_mean is None else running_mean,
+                run_var_ptr=rstd if running_var is None else running_var,
+                counter_ptr=common.ticket_counters(device, plan.counters),
+                eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo)
+    common.launch(_stats_kernel, _stats_tuned, plan.grid_of, args, plan.meta)
     return mean, rstd
 
 
@@ -467,69 +697,46 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gam
     Returns ``(dx, dweight or None, sum_du, sum_du_xhat)``: dx in ``memory_format``; the last
     two, per channel in the accumulation dtype, are the BN bias and weight gradients (the
     conv-bias gradient for ``norm="none"``). Without a conv (``weight=None``) dL/dz is dx:
-    the main pass writes it there and the transposed-conv pass is skipped.
+    the main pass writes it there and the transposed-conv pass is skipped. Launches: the
+    du sums (batch statistics only), the main pass, the transposed conv (with a conv only).
     """
     common.check_device(x)
-    identity = weight is None
-    if identity:
-        weight, weight_grad = _identity_weight(x), False
-    n, c, h, w, k, ho, wo = _common(x, weight, stride, padding)
-    acc, acc_t = common.acc_dtype(x)
-    fmt = memory_format
-    norm = NORM_CODES[norm]
-    dx = torch.empty((n, c, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
-    positions, taps = ho * wo, k * k
-    if dx.numel() == 0 or positions == 0:
-        zeros = torch.zeros(c, device=x.device, dtype=acc_t)
+    key = (x.shape, x.stride(), x.dtype, x.device, dy.stride(), None if weight is None else weight.shape[-1],
+           gamma is None, beta is None, mean is None, var is None, stride, padding, activation, norm, weight_grad,
+           memory_format, torch.are_deterministic_algorithms_enabled(), common.autotune_enabled())
+    plan = _BACKWARD_PLANS.get(key)
+    if plan is None:
+        plan = common.remember(_BACKWARD_PLANS, key, _backward_plan(
+            dy, x, weight, stride, padding, activation, norm, weight_grad, memory_format, gamma is not None,
+            beta is not None))
+    device, c, acc_t = x.device, x.shape[1], plan.acc_t
+    dx = torch.empty(x.shape, device=device, dtype=x.dtype, memory_format=memory_format)
+    weight_grad = plan.weight_grad
+    if plan.degenerate:
+        zeros = torch.zeros(c, device=device, dtype=acc_t)
         dw = torch.zeros_like(weight) if weight_grad else None
         return dx.zero_(), dw, zeros, zeros.clone()
-    weight = weight.contiguous()
-    chunk = common.chunk_size(x, positions)
-    per_sample = common.cdiv(positions, chunk)
-    rows = n * per_sample
-    index64 = common.index64(x, dy)
-    shape_args = dict(C=c, H=h, W=w, HO=ho, WO=wo, K=k, STRIDE=stride, PAD=padding, INDEX64=index64, ACC=acc)
-    param_args = dict(gamma_ptr=common.absent(gamma, weight), beta_ptr=common.absent(beta, weight),
-                      HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None)
-    chunk_grid = lambda m: common.channel_grid(rows, c, m["BLOCK_C"])
-    sums = None
-    if norm == NORM_CODES["batch"]:
-        part_du = torch.empty((rows, c), device=x.device, dtype=acc_t)
-        part_dux = torch.empty_like(part_du)
-        args = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, mean_ptr=mean, rstd_ptr=var,
-                    part_du_ptr=part_du, part_dux_ptr=part_dux, chunks_per_sample=per_sample, CHUNK=chunk,
-                    **common.strides("sx", x), **common.strides("sd", dy), ACT=ACTIVATION_CODES[activation],
-                    **shape_args, **param_args)
-        common.launch(_grad_sums_kernel, _grad_sums_tuned, chunk_grid, args, common.fixed_meta(x, reduction=True))
-        sums = (common.sum_rows(part_du, acc_t), common.sum_rows(part_dux, acc_t))
-    else:
-        part_du = torch.empty((rows, c), device=x.device, dtype=acc_t)
-        part_dux = torch.empty_like(part_du)
-    dz = dx if identity else torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=fmt)
-    part_dw = torch.empty((rows, c * taps) if weight_grad else (1,), device=x.device, dtype=acc_t)
+    weight = plan.identity if weight is None else weight.contiguous()
+    part = torch.empty(plan.scratch, device=device, dtype=acc_t)
+    sum_du = torch.empty(c, device=device, dtype=acc_t)
+    sum_dux = torch.empty(c, device=device, dtype=acc_t)
+    counters = common.ticket_counters(device, plan.counters)
+    tensors = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, gamma_ptr=weight if gamma is None else gamma,
+                   beta_ptr=weight if beta is None else beta, part_ptr=part, sum_du_ptr=sum_du, sum_dux_ptr=sum_dux,
+                   counter_ptr=counters)
+    if plan.sums_args is not None:
+        common.launch(_grad_sums_kernel, _grad_sums_tuned, plan.chunk_grid,
+                      dict(plan.sums_args, **tensors, mean_ptr=mean, rstd_ptr=var), plan.sums_meta)
+    dz = dx if plan.identity is not None else torch.empty(plan.dz_shape, device=device, dtype=x.dtype,
+                                                           memory_format=memory_format)
+    dw = torch.empty(weight.shape, device=device, dtype=weight.dtype) if weight_grad else None
     eps_hi, eps_lo = common.split_float(eps)
-    inv_hi, inv_lo = common.split_float(1.0 / (n * positions))
-    stand_in = sums[0] if sums is not None else part_du
-    padded_taps = common.next_power_of_2(taps)
-    args = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, mean_ptr=common.absent(mean, weight),
-                var_ptr=common.absent(var, weight),
-                sum_du_ptr=stand_in, sum_dux_ptr=sums[1] if sums is not None else part_dux,
-                dz_ptr=dz, part_dw_ptr=part_dw, part_du_ptr=part_du, part_dux_ptr=part_dux,
-                chunks_per_sample=per_sample, CHUNK=chunk, inv_count_hi=inv_hi, inv_count_lo=inv_lo,
-                eps_hi=eps_hi, eps_lo=eps_lo, **common.strides("sx", x), **common.strides("sd", dy),
-                **common.strides("sz", dz),
-                ACT=ACTIVATION_CODES[activation], NORM=norm, WEIGHT_GRAD=weight_grad, TAPS=padded_taps,
-                **shape_args, **param_args)
-    common.launch(_grad_input_kernel, _grad_input_tuned(padded_taps), chunk_grid, args,
-                  common.fixed_meta(x, reduction=True, taps=padded_taps))
-    if sums is None:
-        sums = (common.sum_rows(part_du, acc_t), common.sum_rows(part_dux, acc_t))
-    dw = common.sum_rows(part_dw, acc_t).view(c, 1, k, k).to(weight.dtype) if weight_grad else None
-    if identity:
-        return dx, None, sums[0], sums[1]
-    args = dict(dz_ptr=dz, w_ptr=weight, dx_ptr=dx, **common.strides("sz", dz), **common.strides("sx", dx),
-                **shape_args)
-    common.launch(_dx_kernel, _dx_tuned,
-                  lambda m: common.channel_grid(n * common.cdiv(h * w, m["BLOCK_P"]), c, m["BLOCK_C"]),
-                  args, common.fixed_meta(x, reduction=False))
-    return dx, dw, sums[0], sums[1]
+    common.launch(_grad_input_kernel, plan.input_tuned, plan.chunk_grid,
+                  dict(plan.input_args, **tensors, mean_ptr=weight if mean is None else mean,
+                       var_ptr=weight if var is None else var, dz_ptr=dz, dw_ptr=sum_du if dw is None else dw,
+                       eps_hi=eps_hi, eps_lo=eps_lo), plan.input_meta)
+    if plan.identity is not None:
+        return dx, None, sum_du, sum_dux
+    common.launch(_dx_kernel, _dx_tuned, plan.dx_grid, dict(plan.dx_args, dz_ptr=dz, w_ptr=weight, dx_ptr=dx),
+                  plan.dx_meta)
+    return dx, dw, sum_du, sum_dux

@@ -72,20 +72,163 @@ def _assert_same(ours, ref, rtol=1e-9, atol=1e-10):
 
 # ---- block, tile and chunk boundaries ------------------------------------------------------
 
+@pytest.fixture
+def fresh_plans():
+    """The launchers cache their block sizes per call signature: a test that changes the block
+    configuration starts and ends with no cached plans."""
+    _kernels().clear_plans()
+    yield
+    _kernels().clear_plans()
+
+
 @interpreter_only
-@pytest.mark.parametrize("shape,k,stride,layout", [
-    ((2, 6, 4, 9), 3, 1, torch.channels_last), ((1, 6, 9, 8), 5, 2, torch.contiguous_format)],
-    ids=["k3-nhwc", "k5-stride2-nchw"])
-def test_small_blocks_cover_every_boundary(monkeypatch, shape, k, stride, layout):
-    """Blocks of 8 positions x 4 channels and chunks of 20 positions: several channel blocks
+@pytest.mark.parametrize("shape,k,stride,layout,blocks", [
+    ((2, 6, 4, 9), 3, 1, torch.channels_last, (8, 4)), ((1, 6, 9, 8), 5, 2, torch.contiguous_format, (8, 4)),
+    ((1, 70, 5, 6), 3, 2, torch.channels_last, (8, 64)), ((1, 130, 5, 5), 3, 1, torch.channels_last, (4, 128))],
+    ids=["k3-nhwc", "k5-stride2-nchw", "block64", "block128"])
+def test_small_blocks_cover_every_boundary(monkeypatch, fresh_plans, shape, k, stride, layout, blocks):
+    """Chunks of 20 positions and blocks of 8 positions x 4 channels: several channel blocks
     (the last partial), several tiles per chunk (the last partial) and several chunks per
-    sample, in every kernel."""
-    monkeypatch.setattr(_common(), "INTERPRETER_META", dict(BLOCK_P=8, BLOCK_C=4))
+    sample, in every kernel. Channel blocks of 64 and 128 make the last program of a block
+    merge its statistics and sums in several steps (32 and 64 channels at a time)."""
+    monkeypatch.setattr(_common(), "INTERPRETER_META", dict(BLOCK_P=blocks[0], BLOCK_C=blocks[1]))
     monkeypatch.setattr(_common(), "INTERPRETER_CHUNK", 20)
     inputs = _inputs(shape, k, layout=layout)
     for training in (True, False):
         kwargs = dict(stride=stride, activation="hswish", training=training, momentum=0.3, eps=1e-3)
         _assert_same(_fwd_bwd("triton", inputs, **kwargs), _fwd_bwd("torch", inputs, **kwargs))
+
+
+# ---- launches per call, reused scratch and plans ---------------------------------------------
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the kernels launched, in order (every Triton launch goes through
+    common.launch)."""
+    common = _common()
+    real_launch = common.launch
+    names = []
+
+    def counting(kernel, *args, **kwargs):
+        names.append(kernel.__name__)
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(common, "launch", counting)
+    return names
+
+
+def _ticket_counters_are_zero():
+    counters = _common()._TICKET_COUNTERS.get(torch.device(DEVICE))
+    return counters is not None and not counters.any()
+
+
+def _record_zero_fills(monkeypatch):
+    """The torch zero fills called from now on (torch.zeros, torch.zeros_like, Tensor.zero_)."""
+    fills = []
+
+    def recording(name, real):
+        def fill(*args, **kwargs):
+            fills.append(name)
+            return real(*args, **kwargs)
+        return fill
+
+    for name in ("zeros", "zeros_like"):
+        monkeypatch.setattr(torch, name, recording(name, getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "zero_", recording("zero_", torch.Tensor.zero_))
+    return fills
+
+
+@pytest.mark.parametrize("conv", [True, False], ids=["dwconv_bn_act", "bn_act"])
+def test_launches_per_call(monkeypatch, launches, conv):
+    """Inference: 1 launch; training forward: 2 (statistics, normalise); training backward: 3
+    with a conv (du sums, main pass, transposed conv), 2 for bn_act; eval-mode backward one
+    fewer. No zero fills once a first call has allocated the ticket counters."""
+    x, w, gamma, beta, rm, rv = _inputs((2, 20, 9, 7), 3, layout=torch.channels_last)
+
+    def call(training):
+        xi = x.clone().requires_grad_(True)
+        with mobileops.use_backend("triton"):
+            launches.clear()
+            if conv:
+                y = ops.dwconv_bn_act(xi, w.clone().requires_grad_(True), gamma, beta, rm, rv, activation="relu6",
+                                      training=training)
+            else:
+                y = ops.bn_act(xi, gamma, beta, rm, rv, activation="relu6", training=training)
+            forward = list(launches)
+            launches.clear()
+            y.backward(torch.ones_like(y))
+        return forward, list(launches)
+
+    call(True)
+    fills = _record_zero_fills(monkeypatch)
+    forward, backward = call(True)
+    assert (len(forward), len(backward)) == (2, 3 if conv else 2), (forward, backward)
+    forward, backward = call(False)
+    assert (len(forward), len(backward)) == (1, 2 if conv else 1), (forward, backward)
+    assert fills == []
+    assert _ticket_counters_are_zero()
+
+
+def test_repeated_calls_reuse_plans_and_counters():
+    """Calls with one signature share a cached plan and the ticket counters: each one still
+    matches the torch backend when the values, eps and momentum change, the counters are all
+    zeros after every call, and the running statistics move once per training call."""
+    inputs = _inputs((2, 20, 9, 7), 3, layout=torch.channels_last)
+    for call, (eps, momentum) in enumerate(((1e-5, 0.1), (1e-2, 0.5), (1e-5, 0.1))):
+        inputs = [t * (1 + call) for t in inputs[:2]] + inputs[2:]
+        kwargs = dict(stride=1, activation="hswish", training=True, momentum=momentum, eps=eps)
+        _assert_same(_fwd_bwd("triton", inputs, **kwargs), _fwd_bwd("torch", inputs, **kwargs))
+        assert _ticket_counters_are_zero()
+    x, w, gamma, beta, rm, rv = (t.clone() for t in inputs)
+    expected_rm, expected_rv = rm.clone(), rv.clone()
+    for _ in range(3):
+        with mobileops.use_backend("triton"):
+            ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, activation="relu", training=True, momentum=0.25)
+        with mobileops.use_backend("torch"):
+            ops.dwconv_bn_act(x, w, gamma, beta, expected_rm, expected_rv, activation="relu", training=True,
+                              momentum=0.25)
+        torch.testing.assert_close(rm, expected_rm, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rv, expected_rv, rtol=1e-12, atol=1e-12)
+
+
+@interpreter_only
+def test_autotuning_updates_the_running_statistics_once(monkeypatch, fresh_plans):
+    """While the statistics kernel is tuned every candidate runs several times, each one
+    updating the running statistics; the tuner restores them, so only the launch after the
+    tuning counts. Here the interpreter tunes two configurations with a stand-in benchmark
+    that runs each three times."""
+    import torch.nn.functional as F
+    import triton
+
+    kernels, common = _kernels(), _common()
+    fixed_meta = common.fixed_meta
+    monkeypatch.setattr(common, "fixed_meta", lambda x, reduction, taps=1: None if reduction else
+                        fixed_meta(x, reduction, taps))
+    tuned = kernels._stats_tuned
+    monkeypatch.setattr(tuned, "configs", [triton.Config(dict(BLOCK_P=8, BLOCK_C=4)),
+                                           triton.Config(dict(BLOCK_P=16, BLOCK_C=8))])
+    monkeypatch.setattr(tuned, "cache", {})
+    benchmarked = []
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        benchmarked.append(1)
+        return [float(len(benchmarked))] * len(quantiles)
+
+    # An instance attribute: triton 3.9 makes do_bench a cached_property whose getter needs a GPU driver.
+    monkeypatch.setitem(vars(tuned), "do_bench", bench)
+    x, w, _, _, rm, rv = _inputs((2, 10, 6, 7), 3, layout=torch.channels_last)
+    z = F.conv2d(x, w, padding=1, groups=10)
+    expected_rm = 0.7 * rm + 0.3 * z.mean((0, 2, 3))
+    expected_rv = 0.7 * rv + 0.3 * z.var((0, 2, 3), unbiased=True)
+    mean, rstd = kernels.batch_stats(x, w, rm, rv, stride=1, padding=1, momentum=0.3, eps=1e-5)
+    assert len(benchmarked) == 2, "both configurations were benchmarked"
+    torch.testing.assert_close(rm, expected_rm, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rv, expected_rv, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, z.mean((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rstd, (z.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt(), rtol=1e-12, atol=1e-12)
+    assert _ticket_counters_are_zero()
 
 
 # ---- registration, compile, determinism ----------------------------------------------------
