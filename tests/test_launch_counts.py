@@ -1,0 +1,74 @@
+"""Kernel launches per fused-op call on the triton backend, counted through the public ops (the
+design's limits: every inference call 1, SE 2; training forward + backward ``dwconv_bn_act`` <= 5,
+``bn_act`` <= 4, ``squeeze_excite`` <= 5). Counted, not timed: every Triton launch of mobileops
+goes through ``mobileops.kernels._common.launch``."""
+
+import pytest
+import torch
+
+import mobileops
+from mobileops import ops
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    from mobileops.kernels import _common
+
+    counted = []
+    real = _common.launch
+
+    def counting(kernel, *args, **kwargs):
+        counted.append(getattr(kernel, "__name__", type(kernel).__name__))
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(_common, "launch", counting)
+    return counted
+
+
+def _inputs(grad: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    tensors = dict(x=x, w=torch.randn(8, 1, 3, 3, generator=g), gamma=1 + 0.1 * torch.randn(8, generator=g),
+                   beta=torch.randn(8, generator=g), fc1=0.3 * torch.randn(4, 8, generator=g),
+                   fc2=0.3 * torch.randn(8, 4, generator=g))
+    if grad:
+        tensors = {k: v.requires_grad_(True) for k, v in tensors.items()}
+    return tensors, torch.zeros(8), torch.ones(8)
+
+
+CALLS = {
+    "dwconv_bn_act": lambda t, rm, rv, training: ops.dwconv_bn_act(t["x"], t["w"], t["gamma"], t["beta"], rm, rv,
+                                                                   activation="hswish", training=training),
+    "dwconv_act": lambda t, rm, rv, training: ops.dwconv_act(t["x"], t["w"], t["beta"], activation="relu"),
+    "bn_act": lambda t, rm, rv, training: ops.bn_act(t["x"], t["gamma"], t["beta"], rm, rv, activation="relu6",
+                                                     training=training),
+    "squeeze_excite": lambda t, rm, rv, training: ops.squeeze_excite(t["x"], t["fc1"], None, t["fc2"], t["beta"]),
+}
+
+
+DIFFERENTIABLE = {"dwconv_bn_act": ("x", "w", "gamma", "beta"), "dwconv_act": ("x", "w", "beta"),
+                  "bn_act": ("x", "gamma", "beta"), "squeeze_excite": ("x", "fc1", "fc2", "beta")}
+
+
+@pytest.mark.parametrize("op, expected", [("dwconv_bn_act", 1), ("dwconv_act", 1), ("bn_act", 1),
+                                          ("squeeze_excite", 2)])
+def test_inference_launches(launches, op, expected):
+    t, rm, rv = _inputs(grad=False)
+    with mobileops.use_backend("triton"), torch.no_grad():
+        CALLS[op](t, rm, rv, False)
+    assert len(launches) == expected, launches
+
+
+@pytest.mark.parametrize("op, training, forward, total", [
+    ("dwconv_bn_act", True, 2, 5), ("dwconv_bn_act", False, 1, 3), ("dwconv_act", False, 1, 3),
+    ("bn_act", True, 2, 4), ("bn_act", False, 1, 2), ("squeeze_excite", False, 2, 5)])
+def test_training_launches(launches, op, training, forward, total):
+    """Forward, then forward + backward through ``autograd.grad`` of every differentiable input."""
+    t, rm, rv = _inputs(grad=True)
+    with mobileops.use_backend("triton"):
+        y = CALLS[op](t, rm, rv, training)
+        assert len(launches) == forward, launches
+        torch.autograd.grad(y, [t[name] for name in DIFFERENTIABLE[op]], torch.ones_like(y))
+    assert len(launches) == total, launches
