@@ -216,8 +216,9 @@ def check(op: str, target: Target | str, args: dict, *, dtype=F64, reference: st
     """``op`` on ``target`` against the reference, under the rule for ``dtype``; returns the
     target's result. float64: ``reference`` (default the eager composition) on ``args``. Lower
     precision: the torch backend in float64 on ``args`` rounded to ``dtype`` (BatchNorm tensors
-    to float32) and then widened, so the reference does not also measure the inputs' rounding,
-    and the torch backend in ``dtype`` as the base."""
+    to float32, unless x already is in ``dtype``: then all as they are) and then widened, so the
+    reference does not also measure the inputs' rounding; the torch backend in ``dtype`` as the
+    base."""
     backend = target if isinstance(target, str) else target.backend
     what = f"{op} {backend} {dtype}"
     if dtype == F64:
@@ -225,7 +226,8 @@ def check(op: str, target: Target | str, args: dict, *, dtype=F64, reference: st
         ours = run(op, backend, args, dy_layout=dy_layout, **options)
         assert_parity(ours, ref, what=what)
         return ours
-    low = cast(args, dtype)
+    # args already in dtype go as they are (BatchNorm tensors in half precision included)
+    low = args if args["x"].dtype == dtype else cast(args, dtype)
     ours = run(op, backend, low, dy_layout=dy_layout, **options)
     dy = torch.randn(ours["y"].shape, generator=_gen(7), dtype=F64).to(dtype).double()  # run's default dy, widened
     ref = run(op, "torch", cast(low, F64), dy=dy.to(ours["y"].device), **options)
