@@ -4,7 +4,7 @@ low precision with poisoned allocations, determinism. CPU interpreter without a 
 
 import pytest
 import torch
-from helpers import FLOORS, assert_within_bound, relative_norm_error
+from harness import LAYOUTS, assert_parity, check, inputs, run
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mobileops
@@ -15,52 +15,33 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(n, c, h, w, reduced, *, dtype=torch.float64, layout=torch.contiguous_format, seed=0, biases=True):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(DEVICE, dtype)
-
-    x = rand(n, c, h, w).contiguous(memory_format=layout)
-    return [x, rand(reduced, c, scale=c ** -0.5), rand(reduced) if biases else None,
-            rand(c, reduced, scale=reduced ** -0.5), rand(c) if biases else None]
+def _inputs(n, c, h, w, reduced, *, dtype=torch.float64, layout="nchw", seed=0, biases=True):
+    """The op's positional tensors (tests that call the op or its custom ops directly)."""
+    return list(inputs("squeeze_excite", (n, c, h, w), hidden=reduced, dtype=dtype, layout=layout, seed=seed,
+                       biases=biases, device=DEVICE).values())
 
 
-def _fwd_bwd(backend_name, inputs, dy, **kwargs):
-    leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_(True) if t is not None else None
-              for t in inputs]
-    with mobileops.use_backend(backend_name):
-        y = ops.squeeze_excite(*leaves, **kwargs)
-    y.backward(dy)
-    return [y.detach()] + [t.grad for t in leaves if t is not None]
+def _se(shape, reduced, **kwargs):
+    return inputs("squeeze_excite", shape, hidden=reduced, device=DEVICE, **kwargs)
 
 
-NAMES = ("y", "dx", "dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias")
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("gate,post_act,biases", [("hsigmoid", "hswish", True), ("sigmoid", "none", False)])
 def test_many_channel_blocks_and_chunks(layout, gate, post_act, biases):
     """C = 72 spans three MLP channel blocks and H x W = 99 two pooling chunks (interpreter)."""
-    inputs = _inputs(2, 72, 9, 11, 18, layout=layout, biases=biases)
-    dy = torch.randn(2, 72, 9, 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
-    ours = _fwd_bwd("triton", inputs, dy, gate=gate, post_act=post_act)
-    ref = _fwd_bwd("torch", inputs, dy, gate=gate, post_act=post_act)
-    assert ours[0].is_contiguous(memory_format=layout)
-    for name, o, r in zip(NAMES, ours, ref):
-        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    ours = check("squeeze_excite", "triton", _se((2, 72, 9, 11), 18, layout=layout, biases=biases),
+                 reference="torch", gate=gate, post_act=post_act)
+    assert ours["y"].is_contiguous(memory_format=LAYOUTS[layout])
 
 
 def test_strided_input_and_output_gradient():
     big = torch.randn(3, 40, 10, 12, dtype=torch.float64, device=DEVICE)
     x = big[:, 5:29, 1:9, ::2]
     assert not x.is_contiguous()
-    _, w1, b1, w2, b2 = _inputs(1, 24, 1, 1, 6)
+    args = _se((1, 24, 1, 1), 6) | dict(x=x)
     dy = torch.randn(3, 24, 6, 8, dtype=torch.float64, device=DEVICE).transpose(2, 3)
-    inputs = [x, w1, b1, w2, b2]
-    ours, ref = (_fwd_bwd(b, inputs, dy, gate="hsigmoid", post_act="relu") for b in ("triton", "torch"))
-    for name, o, r in zip(NAMES, ours, ref):
-        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    ours, ref = (run("squeeze_excite", b, args, dy=dy, gate="hsigmoid", post_act="relu") for b in ("triton", "torch"))
+    assert_parity(ours, ref, what="strided")
 
 
 def test_custom_ops_pass_opcheck():
@@ -91,9 +72,8 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype,layout", [
-    (torch.float16, torch.channels_last), (torch.bfloat16, torch.contiguous_format),
-    (torch.float32, torch.channels_last)], ids=["fp16-nhwc", "bf16-nchw", "fp32-nhwc"])
+@pytest.mark.parametrize("dtype,layout", [(torch.float16, "nhwc"), (torch.bfloat16, "nchw"), (torch.float32, "nhwc")],
+                         ids=["fp16-nhwc", "bf16-nchw", "fp32-nhwc"])
 def test_low_precision_within_the_error_bound(monkeypatch, dtype, layout):
     _check_low_precision(monkeypatch, (3, 40, 9, 7), 10, dtype, layout)
 
@@ -109,36 +89,24 @@ def _se_layers():
 @pytest.mark.parametrize("layer", _se_layers() if DEVICE == "cuda" else [None], ids=str)
 def test_real_layer_shapes_within_the_error_bound(monkeypatch, layer, dtype):
     c, h, w, reduced = layer
-    _check_low_precision(monkeypatch, (16, c, h, w), reduced, dtype, torch.channels_last)
+    _check_low_precision(monkeypatch, (16, c, h, w), reduced, dtype, "nhwc")
 
 
 def _check_low_precision(monkeypatch, shape, reduced, dtype, layout):
     """Output and input gradient within twice the torch backend's error (weight gradients:
-    relative to their norm), with every allocation of the triton run poisoned."""
-    inputs64 = _inputs(*shape, reduced, layout=layout)
-    inputs = [t.to(dtype) for t in inputs64]
-    dy = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
-    kwargs = dict(gate="hsigmoid", post_act="hswish")
-    ref = _fwd_bwd("torch", inputs64, dy, **kwargs)
-    base = _fwd_bwd("torch", inputs, dy.to(dtype), **kwargs)
+    relative to their norm), with every allocation poisoned."""
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
-    ours = _fwd_bwd("triton", inputs, dy.to(dtype), **kwargs)
-    monkeypatch.setattr(torch, "empty", real_empty)
-    assert ours[0].dtype == dtype and ours[0].is_contiguous(memory_format=layout)
-    for name, o, r, b in zip(NAMES[:2], ours, ref, base):
-        assert_within_bound(o, r, b, f"squeeze_excite {name} {dtype}")
-    for name, o, r, b in zip(NAMES[2:], ours[2:], ref[2:], base[2:]):
-        err, base_err = relative_norm_error(o, r), relative_norm_error(b, r)
-        assert err <= 2 * base_err + FLOORS[dtype], f"{name}: error {err:.3g}, torch's {base_err:.3g}"
+    ours = check("squeeze_excite", "triton", _se(shape, reduced, layout=layout), dtype=dtype,
+                 by_norm=("dfc1_weight", "dfc1_bias", "dfc2_weight", "dfc2_bias"), gate="hsigmoid", post_act="hswish")
+    assert ours["y"].is_contiguous(memory_format=LAYOUTS[layout])
 
 
 def test_deterministic_results():
-    inputs = _inputs(4, 24, 6, 6, 6, dtype=torch.float32)
-    dy = torch.randn(4, 24, 6, 6, device=DEVICE)
-    runs = [_fwd_bwd("triton", inputs, dy, gate="sigmoid", post_act="none") for _ in range(2)]
-    for name, a, b in zip(NAMES, *runs):
-        assert torch.equal(a, b), name
+    inputs = _se((4, 24, 6, 6), 6, dtype=torch.float32)
+    runs = [run("squeeze_excite", "triton", inputs, gate="sigmoid", post_act="none") for _ in range(2)]
+    for name, a in runs[0].items():
+        assert torch.equal(a, runs[1][name]), name
 
 
 def _counting_launches(monkeypatch) -> list:
@@ -214,23 +182,18 @@ def test_repeated_calls_fill_nothing_with_zeros_and_leave_the_counters_zero():
     ((5, 3, 10, 13), 2),     # fewer channels than a block, two chunks
 ], ids=["n1-c37-3chunks", "r33", "c3"])
 def test_odd_shapes_match_the_torch_backend(shape, reduced):
-    inputs = _inputs(*shape, reduced, layout=torch.channels_last)
-    dy = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE)
-    ours, ref = (_fwd_bwd(b, inputs, dy, gate="hsigmoid", post_act="relu6") for b in ("triton", "torch"))
-    for name, o, r in zip(NAMES, ours, ref):
-        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    check("squeeze_excite", "triton", _se(shape, reduced, layout="nhwc"), reference="torch", gate="hsigmoid",
+          post_act="relu6")
 
 
 def test_each_signature_gets_its_own_launch_plan():
     """Calls that differ only in what the cached plans are keyed on (layout, biases, gate, batch
     size: a larger batch also grows the counters) each match the torch backend."""
-    variants = [dict(layout=torch.contiguous_format), dict(layout=torch.channels_last),
-                dict(layout=torch.channels_last, biases=False), dict(layout=torch.channels_last, gate="sigmoid"),
-                dict(layout=torch.channels_last, n=7)]
+    variants = [dict(layout="nchw"), dict(layout="nhwc"), dict(layout="nhwc", biases=False),
+                dict(layout="nhwc", gate="sigmoid"), dict(layout="nhwc", n=7)]
     for variant in variants:
+        what = str(variant)
         n, gate = variant.pop("n", 2), variant.pop("gate", "hsigmoid")
-        inputs = _inputs(n, 20, 5, 6, 5, **variant)
-        dy = torch.randn(n, 20, 5, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
-        ours, ref = (_fwd_bwd(b, inputs, dy, gate=gate, post_act="hswish") for b in ("triton", "torch"))
-        for name, o, r in zip(NAMES, ours, ref):
-            torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10, msg=lambda m, n=name, v=variant: f"{v} {n}: {m}")
+        ours, ref = (run("squeeze_excite", b, _se((n, 20, 5, 6), 5, **variant), gate=gate, post_act="hswish")
+                     for b in ("triton", "torch"))
+        assert_parity(ours, ref, what=what)
