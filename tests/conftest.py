@@ -12,6 +12,9 @@ import torch
 # tested everywhere. It must be set before the kernels are first defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The tests' tensors are tiny: an intra-op thread pool only adds wake-ups, and once Triton's
+    # interpreter has run, pooled CPU ops were seen taking 1-2 s instead of ~1 ms on 2 cores.
+    torch.set_num_threads(1)
 
 from mobileops import backend
 
