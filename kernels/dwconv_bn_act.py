@@ -36,8 +36,12 @@ run concurrently on two streams. The merge keeps the blocking of the launches it
 (statistics: MERGE_R rows x MERGE_C channels as the finalize kernel; sums: ``common.sum_rows``'
 SUM_R x SUM_M blocks and column offsets) and, in deterministic mode, their num_warps (4), so
 the sums come out bit-identical: checked against the previous kernels in the interpreter, and
-compiled for sm_90 the reductions get the same layouts (so the same order on the GPU). Not run
-on a GPU with this change: the memory ordering of the ticket, and the timings.
+compiled for sm_90 every reduction, the main passes' included, gets the layout it had (so the
+same order on the GPU; the merges are noinline functions for that, see ``_merge_stats``). In the
+interpreter only a bfloat16 dw differs: the kernel now rounds it (fp32 -> bf16, on the GPU
+``cvt.rn``, as torch's cast that it replaces) and the interpreter's conversion does not round
+to nearest even. Not run on a GPU with this change: the memory ordering of the ticket, and
+the timings.
 
 Launch helpers at the bottom pick block sizes: a fixed small configuration under
 ``TRITON_INTERPRET=1`` (no autotuning there), otherwise ``triton.autotune`` keyed on the shape
@@ -162,6 +166,24 @@ def _forward_kernel(x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, y_ptr,
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
 
+# The merges run in the last program of a channel block after the main pass. They are separate
+# (noinline) functions so that the compiler picks their tile layouts apart from the main pass's:
+# inlined, a merge tile of the main tile's shape shares its vector width (Triton's coalescing
+# looks at every access of that shape connected by any value) and one of the two reductions
+# would change its order. Seen compiling for sm_90: _grad_sums_kernel's [32, 64] main tile.
+@triton.jit(noinline=True)
+def _merge_stats(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr, first,
+                 C, ROWS, chunks_per_sample, CHUNK, P, eps, momentum,
+                 UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The statistics of channels first .. first + BLOCK_C - 1 from their partial rows, MERGE_C
+    channels at a time as the finalize kernel this replaced took them."""
+    for j in tl.static_range((BLOCK_C + MERGE_C - 1) // MERGE_C):
+        c = first + j * MERGE_C + tl.arange(0, MERGE_C)
+        _merge_stats_block(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr, c,
+                           (c < first + BLOCK_C) & (c < C), C, ROWS, chunks_per_sample, CHUNK, P, eps, momentum,
+                           UPDATE_RUNNING, ACC, MERGE_R)
+
+
 @triton.jit
 def _merge_stats_block(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr, c, cmask,
                        C, ROWS, chunks_per_sample, CHUNK, P, eps, momentum,
@@ -201,12 +223,12 @@ def _merge_stats_block(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_
         tl.store(run_var_ptr + c, new_var.to(run_var_ptr.dtype.element_ty), mask=cmask)
 
 
-@triton.jit
-def _sum_block_columns(part_ptr, out_ptr, first, width, ROWS, M, ACC: tl.constexpr):
-    """out[m] = sum_r part[r, m] for the columns first <= m < first + width of the (ROWS, M)
-    partials: the columns and rows in the blocks ``common.sum_rows`` uses (BLOCK_M columns
-    starting at multiples of BLOCK_M within the block, BLOCK_R rows in order)."""
-    block_end = first + width
+@triton.jit(noinline=True)
+def _sum_block_columns(part_ptr, out_ptr, first, ROWS, M, ACC: tl.constexpr, WIDTH: tl.constexpr):
+    """out[m] = sum_r part[r, m] for the columns first <= m < first + WIDTH of the (ROWS, M)
+    partials, in the blocks ``common.sum_rows`` used: SUM_M columns at a time (from ``first``,
+    a multiple of the channel block), SUM_R rows at a time in row order."""
+    block_end = first + WIDTH
     for j in range(0, tl.cdiv(tl.minimum(block_end, M) - first, SUM_M)):
         m = first + j * SUM_M + tl.arange(0, SUM_M)
         sum_rows_block(part_ptr, out_ptr, m, (m < block_end) & (m < M), ROWS, M, ACC, SUM_R, ".cg")
@@ -252,12 +274,9 @@ def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_
     if last_of_channel_block(counter_ptr):
         eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
         momentum = tl.cast(mom_hi, ACC) + tl.cast(mom_lo, ACC)
-        first = channel_block() * BLOCK_C
-        for j in tl.static_range((BLOCK_C + MERGE_C - 1) // MERGE_C):
-            cm = first + j * MERGE_C + tl.arange(0, MERGE_C)
-            _merge_stats_block(part_ptr, part_ptr + m2_offset, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr,
-                               cm, (cm < first + BLOCK_C) & (cm < C), C, tl.num_programs(0), chunks_per_sample,
-                               CHUNK, HO * WO, eps, momentum, UPDATE_RUNNING, ACC, MERGE_R)
+        _merge_stats(part_ptr, part_ptr + m2_offset, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr,
+                     channel_block() * BLOCK_C, C, tl.num_programs(0), chunks_per_sample, CHUNK, HO * WO, eps,
+                     momentum, UPDATE_RUNNING, ACC, BLOCK_C)
 
 
 @triton.jit
@@ -298,8 +317,8 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
     tl.store(part_ptr + dux_offset + row + c, sum_dux, mask=cmask)
     if last_of_channel_block(counter_ptr):
         first = channel_block() * BLOCK_C
-        _sum_block_columns(part_ptr, sum_du_ptr, first, BLOCK_C, tl.num_programs(0), C, ACC)
-        _sum_block_columns(part_ptr + dux_offset, sum_dux_ptr, first, BLOCK_C, tl.num_programs(0), C, ACC)
+        _sum_block_columns(part_ptr, sum_du_ptr, first, tl.num_programs(0), C, ACC, BLOCK_C)
+        _sum_block_columns(part_ptr + dux_offset, sum_dux_ptr, first, tl.num_programs(0), C, ACC, BLOCK_C)
 
 
 @triton.jit
@@ -376,11 +395,11 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
             first = channel_block() * BLOCK_C
             rows = tl.num_programs(0)
             if WEIGHT_GRAD:
-                _sum_block_columns(part_ptr + dw_offset, dw_ptr, first * (K * K), BLOCK_C * (K * K), rows,
-                                   C * (K * K), ACC)
+                _sum_block_columns(part_ptr + dw_offset, dw_ptr, first * (K * K), rows, C * (K * K), ACC,
+                                   BLOCK_C * (K * K))
             if NORM != NORM_BATCH:
-                _sum_block_columns(part_ptr, sum_du_ptr, first, BLOCK_C, rows, C, ACC)
-                _sum_block_columns(part_ptr + dux_offset, sum_dux_ptr, first, BLOCK_C, rows, C, ACC)
+                _sum_block_columns(part_ptr, sum_du_ptr, first, rows, C, ACC, BLOCK_C)
+                _sum_block_columns(part_ptr + dux_offset, sum_dux_ptr, first, rows, C, ACC, BLOCK_C)
 
 
 @triton.jit
@@ -496,9 +515,10 @@ def _counters_needed(channels: int, tuned, meta: dict | None) -> int:
 
 
 def _padded(elements: int) -> int:
-    """``elements`` rounded up to a multiple of 16: partial buffers that share one allocation
-    start 64-byte aligned, and Triton specialises the offsets as multiples of 16 as it does
-    separate allocations, so the in-kernel sums vectorise as ``common.sum_rows`` did."""
+    """``elements`` rounded up to a multiple of 16, the offsets of partial buffers that share one
+    allocation: Triton specialises on an integer being a multiple of 16, so it knows each buffer
+    starts as aligned as a separate allocation and vectorises the in-kernel sums as it did
+    ``common.sum_rows`` on separate buffers."""
     return common.cdiv(elements, 16) * 16
 
 
