@@ -162,6 +162,12 @@ def _eager(op, t, *, stride=1, padding=None, activation="none", training=False, 
     return ACT_MODULES[activation]()(y)
 
 
+def _copy(t):
+    """A copy of ``t`` with ``t``'s strides: clone would make a strided view (a slice) dense, and
+    the op would never see it."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t.detach())
+
+
 def run(op: str, backend: str, args: dict, *, dy=None, dy_layout: str | None = None, seed: int = 7,
         **options) -> dict:
     """``op`` on ``backend`` (a backend name or :data:`EAGER`) with fresh copies of ``args``:
@@ -169,8 +175,7 @@ def run(op: str, backend: str, args: dict, *, dy=None, dy_layout: str | None = N
     dtype and, with ``dy_layout``, to that layout). ``options``: the op's keyword arguments.
     Returns the output, the gradient of every differentiable input and the running statistics
     after the call, by name (``y``, ``d<argument>``, ``running_mean``, ``running_var``)."""
-    leaves = {name: None if t is None else t.detach().clone(memory_format=torch.preserve_format)
-              for name, t in args.items()}
+    leaves = {name: None if t is None else _copy(t) for name, t in args.items()}
     for name, t in leaves.items():
         if t is not None and name not in BUFFERS:
             t.requires_grad_(True)
