@@ -108,25 +108,31 @@ def sum_rows_kernel(in_ptr, out_ptr, ROWS, M, ACC: tl.constexpr,
 
 
 @triton.jit
-def last_of_channel_block(counter_ptr):
-    """Whether this program is the last of its channel block (the programs along grid x with
-    this :func:`channel_block`) to get here; every program must call it exactly once.
+def took_last_ticket(counter, programs):
+    """Whether this program is the last of ``programs`` sharing the int32 ``counter`` to get
+    here; each of them must call it exactly once.
 
-    Each program draws a ticket from its block's int32 counter; the one that draws the last
-    returns True, and has already put the counter back to 0 for the next launch (so the buffer
-    from :func:`ticket_counters` never needs zeroing). Memory ordering as in CUDA's
-    threadFenceReduction sample and inductor's grid barrier: the barrier makes every thread's
-    earlier stores happen before the ticket, which one thread takes with a GPU-scope acq_rel
-    atomic (release: this program's stores are visible before its ticket; acquire: the last
-    program sees every other program's stores), and Triton hands the ticket to the other
-    threads through shared memory behind another barrier. The last program must read the
-    other programs' data with ``cache_modifier=".cg"`` (L2, not a possibly stale L1)."""
+    Each program draws a ticket; the one that draws the last returns True, and has already put
+    the counter back to 0 for the next launch (so the buffer from :func:`ticket_counters` never
+    needs zeroing). Memory ordering as in CUDA's threadFenceReduction sample and inductor's grid
+    barrier: the barrier makes every thread's earlier stores happen before the ticket, which one
+    thread takes with a GPU-scope acq_rel atomic (release: this program's stores are visible
+    before its ticket; acquire: the last program sees every other program's stores), and Triton
+    hands the ticket to the other threads through shared memory behind another barrier. The
+    last program must read the other programs' data with ``cache_modifier=".cg"`` (L2, not a
+    possibly stale L1)."""
     tl.debug_barrier()
-    counter = counter_ptr + channel_block()
-    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1
+    last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == programs - 1
     if last:
         tl.store(counter, 0)
     return last
+
+
+@triton.jit
+def last_of_channel_block(counter_ptr):
+    """Whether this program is the last of its channel block (the programs along grid x with
+    this :func:`channel_block`) to get here (:func:`took_last_ticket`, one counter per block)."""
+    return took_last_ticket(counter_ptr + channel_block(), tl.num_programs(0))
 
 
 

@@ -23,9 +23,10 @@ counter of its sample (``tl.atomic_add``, acq_rel, gpu scope). A sample's progra
 chunks times all channel blocks of the grid, so the program that draws the last ticket finds
 every channel of the sample summed: it adds the partials chunk by chunk in the same order and
 with the same blocks as the former separate MLP kernel did (bit-identical results in
-deterministic mode, where both ran with 4 warps), runs the MLP and stores 0 back into the
-counter. The counters are therefore zero between launches and are zero-filled only when
-allocated (once per device, grown when a larger batch comes; no zero-fill launch per call).
+deterministic mode, where both ran with 4 warps) and runs the MLP; the ticket put 0 back into
+the counter (``common.took_last_ticket``). The counters (``common.ticket_counters``) are
+therefore zero between launches and are zero-filled only when allocated (once per device,
+grown when a larger batch comes; no zero-fill launch per call).
 Only the order of arrival is racy, never the order of the adds, so results stay deterministic.
 
 GPU memory ordering follows PyTorch inductor's cooperative reductions
@@ -36,8 +37,7 @@ SM's non-coherent L1). This is tested only in Triton's CPU interpreter, which ru
 after another: the ordering on a real GPU is unverified until a GPU run passes the tests.
 Caveats: the counters are shared by all launches on a device, so two of these kernels must not
 run concurrently on different streams (one stream at a time, as PyTorch's default stream
-gives); the counters are allocated on the first call for a device (or a larger batch), which
-must not be the first call inside a CUDA-graph capture (the zero-fill would only run on replay).
+gives); counters allocated during a CUDA-graph capture are used for that launch only.
 
 Host time: everything that depends only on the call's signature (shapes, strides, dtypes,
 device, which biases exist, gate and post_act, deterministic mode, ``MOBILEOPS_AUTOTUNE``) --
@@ -93,13 +93,10 @@ def _store_channel_partials(x_ptr, dy_ptr, gate_ptr, part_ptr, pid, n, start, c,
 
 
 @triton.jit
-def _took_last_ticket(count_ptr, n, chunks_per_sample):
-    """Count this program in as done with sample ``n``; True for the sample's last program,
-    which then sees the partials of all the others and must reset the counter."""
-    tl.debug_barrier()  # every thread's partial stores come before the ticket (release)
-    programs = chunks_per_sample * tl.num_programs(1) * tl.num_programs(2)
-    ticket = tl.atomic_add(count_ptr + n, 1, sem="acq_rel", scope="gpu")
-    return ticket == programs - 1
+def _last_of_sample(count_ptr, n, chunks_per_sample):
+    """Whether this program is the last of sample ``n``'s (all its chunks and channel blocks) to
+    store its partials: that one sees all of them (:func:`common.took_last_ticket`)."""
+    return common.took_last_ticket(count_ptr + n, chunks_per_sample * tl.num_programs(1) * tl.num_programs(2))
 
 
 @triton.jit
@@ -209,11 +206,10 @@ def _pool_mlp_kernel(x_ptr, part_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     _store_channel_partials(x_ptr, x_ptr, part_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK, C,
                             sxn, sxc, sxh, sxw, sxn, sxc, sxh, sxw, 0, False, ACC, BLOCK_P, BLOCK_C)
-    if _took_last_ticket(count_ptr, n, chunks_per_sample):
+    if _last_of_sample(count_ptr, n, chunks_per_sample):
         tl.debug_barrier()  # as inductor's grid barrier: every thread reads after the acquire
         _sample_mlp(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, gate_ptr, n, C, R, chunks_per_sample,
                     inv_hw_hi, inv_hw_lo, HAS_B1, HAS_B2, GATE, ACC, BLOCK_R, MLP_BLOCK_C)
-        tl.store(count_ptr + n, 0)
 
 
 @triton.jit
@@ -232,13 +228,12 @@ def _pool_mlp_backward_kernel(x_ptr, dy_ptr, gate_ptr, scratch_ptr, count_ptr, w
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     _store_channel_partials(x_ptr, dy_ptr, gate_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK, C,
                             sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, POST, True, ACC, BLOCK_P, BLOCK_C)
-    if _took_last_ticket(count_ptr, n, chunks_per_sample):
+    if _last_of_sample(count_ptr, n, chunks_per_sample):
         tl.debug_barrier()  # as inductor's grid barrier: every thread reads after the acquire
         _sample_mlp_backward(part_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, pooled_ptr, scratch_ptr + d_pre_gate_at,
                              scratch_ptr + hidden_at, scratch_ptr + d_pre_hidden_at, scratch_ptr + d_pooled_at, n,
                              C, R, chunks_per_sample, inv_hw_hi, inv_hw_lo, HAS_B1, HAS_B2, GATE, ACC, BLOCK_R,
                              MLP_BLOCK_C)
-        tl.store(count_ptr + n, 0)
 
 
 @triton.jit
@@ -261,21 +256,6 @@ def _outer_sum_tile(a_ptr, b_ptr, out_ptr, tile, N, M1, M2, ACC: tl.constexpr, B
 
 
 @triton.jit
-def _column_sums_block(in_ptr, out_ptr, block, ROWS, M, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
-    """Block ``block`` of out[m] = sum_r in[r, m], rows added as common.sum_rows_kernel adds them."""
-    m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = m < M
-    acc = tl.zeros([BLOCK_M], dtype=ACC)
-    for r0 in range(0, ROWS, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        v = tl.load(in_ptr + r.to(tl.int64)[:, None] * M + m[None, :],
-                    mask=(r < ROWS)[:, None] & mmask[None, :], other=0.0)
-        acc += tl.sum(v.to(ACC), axis=0)
-    tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mmask)
-
-
-@triton.jit
 def _weight_grad_kernel(scratch_ptr, pooled_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, d_pre_gate_at, hidden_at,
                         d_pre_hidden_at, N, C, R, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -294,10 +274,11 @@ def _weight_grad_kernel(scratch_ptr, pooled_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_
     elif pid < dw2_tiles + dw1_tiles:
         _outer_sum_tile(d_pre_hidden_ptr, pooled_ptr, dw1_ptr, pid - dw2_tiles, N, R, C, ACC, BLOCK_1, BLOCK_2)
     elif pid < dw2_tiles + dw1_tiles + db2_blocks:
-        _column_sums_block(d_pre_gate_ptr, db2_ptr, pid - dw2_tiles - dw1_tiles, N, C, ACC, BLOCK_ROWS, BLOCK_M)
+        m = (pid - dw2_tiles - dw1_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        common.sum_rows_block(d_pre_gate_ptr, db2_ptr, m, m < C, N, C, ACC, BLOCK_ROWS, "")
     elif HAS_B1:
-        _column_sums_block(d_pre_hidden_ptr, db1_ptr, pid - dw2_tiles - dw1_tiles - db2_blocks, N, R, ACC,
-                           BLOCK_ROWS, BLOCK_M)
+        m = (pid - dw2_tiles - dw1_tiles - db2_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        common.sum_rows_block(d_pre_hidden_ptr, db1_ptr, m, m < R, N, R, ACC, BLOCK_ROWS, "")
 
 
 @triton.jit
@@ -342,20 +323,6 @@ _pool_mlp_backward_tuned = triton.autotune(common.configs(4096), key=_KEY + ["CH
 _scale_tuned = triton.autotune(common.configs(4096), key=_KEY + ["POST"])(_scale_kernel)
 _input_grad_tuned = triton.autotune(common.configs(4096), key=_KEY + ["POST"])(_input_grad_kernel)
 
-# int32 ticket counters per device, all zero between launches (see the module docstring).
-_ticket_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, samples: int) -> torch.Tensor:
-    """At least ``samples`` zeroed ticket counters on ``device``, allocated on first use and
-    grown (doubling) when a larger batch comes; plans keep the buffer they were built with."""
-    counters = _ticket_counters.get(device)
-    if counters is None or counters.numel() < samples:
-        size = max(samples, 2 * counters.numel() if counters is not None else 0)
-        counters = _ticket_counters[device] = torch.zeros(size, device=device, dtype=torch.int32)
-    return counters
-
-
 def _fixed_grid(grid_of, meta: dict | None):
     """``grid_of`` itself when autotuning picks the blocks, else a constant grid function."""
     if meta is None:
@@ -373,7 +340,7 @@ def _pool_plan(x: torch.Tensor, r: int, b1, b2, gate: str, index64: bool) -> dic
     inv_hi, inv_lo = common.split_float(1.0 / (h * w))
     meta = common.fixed_meta(x, reduction=True)
     return dict(
-        parts_shape=(n * per_sample, c), acc_t=acc_t, meta=meta, counters=_counters(x.device, n),
+        parts_shape=(n * per_sample, c), acc_t=acc_t, meta=meta, counters=common.ticket_counters(x.device, n),
         grid_of=_fixed_grid(lambda m: common.channel_grid(n * per_sample, c, m["BLOCK_C"]), meta),
         consts=dict(C=c, R=r, HW=h * w, W=w, chunks_per_sample=per_sample, CHUNK=chunk, inv_hw_hi=inv_hi,
                     inv_hw_lo=inv_lo, **common.strides("sx", x), HAS_B1=b1 is not None, HAS_B2=b2 is not None,
