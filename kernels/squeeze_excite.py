@@ -385,7 +385,7 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
             common.check_device(x)
             stats = x.new_zeros(x.shape[:2], dtype=common.acc_dtype(x)[1])
             return out, stats, torch.zeros_like(stats)
-        plan = _forward_plans[key] = _forward_plan(x, w1.shape[0], b1, b2, out, gate, post_act)
+        plan = common.remember(_forward_plans, key, _forward_plan(x, w1.shape[0], b1, b2, out, gate, post_act))
     pooled = torch.empty(x.shape[:2], device=x.device, dtype=plan["acc_t"])
     gates = torch.empty_like(pooled)
     w1, w2 = w1.contiguous(), w2.contiguous()
@@ -453,7 +453,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
         if x.numel() == 0:
             common.check_device(x)
             return (dx, *(torch.zeros_like(t) if t is not None else None for t in (w1, b1, w2, b2)))
-        plan = _backward_plans[key] = _backward_plan(dy, x, w1.shape[0], b1, b2, gate, post_act, memory_format)
+        plan = common.remember(_backward_plans, key, _backward_plan(dy, x, w1.shape[0], b1, b2, gate, post_act,
+                                                                    memory_format))
     c = x.shape[1]
     r = w1.shape[0]
     w1, w2 = w1.contiguous(), w2.contiguous()
