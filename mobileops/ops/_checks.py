@@ -19,6 +19,18 @@ def autocast_on(device: torch.device) -> bool:
         return torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
+def autocast_on_for(x: torch.Tensor) -> bool:
+    """``autocast_on(x.device)``, quicker on CPU and CUDA tensors (reading ``x.device.type``
+    costs about a microsecond, and this runs on every call)."""
+    kind = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None
+    if kind is None:
+        return autocast_on(x.device)
+    try:
+        return torch.is_autocast_enabled(kind)
+    except TypeError:
+        return autocast_on(x.device)
+
+
 def needs_grad(*args) -> bool:
     """Whether autograd will record a call on ``args`` (grad mode on and some tensor among
     them requires grad; other arguments are ignored)."""
@@ -87,45 +99,52 @@ def check_bn_scalars(op: str, momentum, eps) -> None:
         raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
 
 
-def _byte_span(t) -> tuple | None:
-    """(first, last + 1) byte address of ``t``'s elements; None for tensors without memory to
-    compare: fake, functional and other subclasses (tracing), the meta device, empty tensors."""
-    if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.is_meta:
-        return None
-    size = t.nbytes
-    if size == 0:
-        return None
-    start = t.data_ptr()
+def _byte_size(t) -> int:
+    """Bytes from ``t``'s first element to one past its last (0 for tensors without memory to
+    compare: fake, functional and other subclasses (tracing), the meta device, empty tensors)."""
+    if (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or t.is_meta or t.numel() == 0:
+        return 0
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):  # dense: no stride walk
-        return start, start + size
-    return start, start + (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        return t.nbytes
+    return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
-def check_written_in_place(op: str, written: dict, read: dict) -> None:
-    """Tensors an op updates in place (by name) must not repeat an element (a stride-0
-    expansion), nor share memory with each other or with the op's inputs ``read``: the result
-    would depend on the order in which the kernel's threads write. All tensors are on one device
-    (the callers check that first). Checked on real tensors only (fake, meta and traced tensors
-    have no memory to compare). Runs on every training call, so it is kept cheap."""
-    if torch.compiler.is_compiling():
-        return
-    spans = []
-    for name, t in (*written.items(), *read.items()):
-        if t is not None:
-            span = _byte_span(t)
-            if span is not None:
-                spans.append((name, *span))
-    for i, (name, begin, end) in enumerate(spans):
-        if name not in written:
-            break  # written tensors come first; each pair is compared once
-        t = written[name]
-        if not t.is_contiguous() and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
-            raise ValueError(f"{op}: {name} is updated in place, so it must not repeat elements (it has "
-                             f"stride {tuple(t.stride())}, e.g. from expand()); pass a tensor of its own")
-        for other, other_begin, other_end in spans[i + 1:]:
-            if begin < other_end and other_begin < end:
-                raise ValueError(f"{op}: {name} and {other} share memory, but {name} is updated in place; "
-                                 "pass separate tensors")
+class InPlaceCheck:
+    """Tensors an op updates in place must not repeat an element (a stride-0 expansion), nor
+    share memory with each other or with the op's other tensors: the result would depend on the
+    order in which the kernel's threads write. Built once per call signature: what depends only
+    on shapes, strides and dtypes (each tensor's byte size, repeated elements) is checked here,
+    and a call compares only address ranges. Real tensors only (fake, meta and traced tensors
+    have no memory to compare). All tensors must be on one device (the callers check that first).
+
+    Args:
+        op: the op's name, for the messages.
+        written: name -> tensor updated in place (None entries are skipped).
+        read: name -> the other tensors of the call.
+    """
+
+    def __init__(self, op: str, written: dict, read: dict):
+        self.op = op
+        self.written = len(written)
+        for name, t in written.items():
+            if t is not None and not t.is_contiguous() and any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride())):
+                raise ValueError(f"{op}: {name} is updated in place, so it must not repeat elements (it has "
+                                 f"stride {tuple(t.stride())}, e.g. from expand()); pass a tensor of its own")
+        self.names = (*written, *read)
+        self.sizes = tuple(0 if t is None else _byte_size(t) for t in (*written.values(), *read.values()))
+
+    def __call__(self, *tensors) -> None:
+        """Raise if the written tensors (first) overlap each other or the read ones: ``tensors``
+        in the order of the names given to the constructor."""
+        if torch.compiler.is_compiling():
+            return
+        spans = [(name, start, start + size) for name, size, start in
+                 zip(self.names, self.sizes, [0 if t is None else t.data_ptr() for t in tensors]) if size]
+        for i, (name, begin, end) in enumerate(spans[:self.written]):
+            for other, other_begin, other_end in spans[i + 1:]:
+                if begin < other_end and other_begin < end:
+                    raise ValueError(f"{self.op}: {name} and {other} share memory, but {name} is updated in place; "
+                                     "pass separate tensors")
 
 
 def check_int(op: str, name: str, value, minimum: int) -> int:

@@ -21,7 +21,7 @@ from mobileops.ops._checks import needs_grad
 def _eager(x: Tensor) -> bool:
     # Fake, functional and other tensor subclasses, the meta device and dynamo tracing all go
     # through the custom op, which knows how to be traced.
-    return type(x) is Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+    return type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
 
 
 class KernelOp:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mobileops import backend
-from mobileops.ops._checks import autocast_on
+from mobileops.ops._checks import InPlaceCheck, autocast_on_for
 
 #: A cache holding more plans than this is emptied and starts again (a model sees a few dozen
 #: signatures; thousands mean shapes that vary call after call, where a plan is not reused).
@@ -36,13 +36,14 @@ class Plan(NamedTuple):
         impl: the chosen backend's implementation of the op.
         options: keyword arguments for ``impl`` fixed by the signature (normalised stride,
             padding, activation...).
-        writes_in_place: whether the call updates running statistics in place (then the
-            caller checks per call that they share no memory with the inputs).
+        in_place: for a call that updates running statistics in place, the check that they
+            share no memory with the other tensors, run on every call (addresses change); else
+            None.
     """
 
     impl: Callable
     options: dict
-    writes_in_place: bool = False
+    in_place: InPlaceCheck | None = None
 
 
 def call_key(x, tensors: tuple, options: tuple):
@@ -58,13 +59,9 @@ def call_key(x, tensors: tuple, options: tuple):
                            for t in tensors])
     except AttributeError:  # not a tensor: the full path says which argument is wrong
         return None
-    if x.is_cuda:
-        # auto takes the kernels under CUDA-graph capture
-        context = (torch.is_autocast_enabled("cuda"), torch.cuda.is_current_stream_capturing())
-        autocast = context[0]
-    else:
-        autocast = autocast_on(x.device)
-        context = (autocast,)
+    autocast = autocast_on_for(x)
+    # auto takes the kernels under CUDA-graph capture
+    context = (autocast, torch.cuda.is_current_stream_capturing()) if x.is_cuda else (autocast,)
     if autocast:
         context += (torch.get_autocast_dtype(x.device.type),)
     return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, signature, options, torch.is_grad_enabled(),

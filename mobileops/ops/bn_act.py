@@ -26,9 +26,8 @@ def bn_act(x: torch.Tensor, bn_weight: torch.Tensor | None, bn_bias: torch.Tenso
         plan = _plan.remember(_PLANS, key, _bn_act_plan(x, bn_weight, bn_bias, running_mean, running_var, activation,
                                                         training))
     _checks.check_bn_scalars("bn_act", momentum, eps)
-    if plan.writes_in_place:
-        _checks.check_written_in_place("bn_act", {"running_mean": running_mean, "running_var": running_var},
-                                       {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias})
+    if plan.in_place is not None:
+        plan.in_place(running_mean, running_var, x, bn_weight, bn_bias)
     return plan.impl(x, bn_weight, bn_bias, running_mean, running_var, momentum=float(momentum), eps=float(eps),
                      **plan.options)
 
@@ -46,8 +45,11 @@ def _bn_act_plan(x, bn_weight, bn_bias, running_mean, running_var, activation, t
     _checks.check_batch_stats_size(op, x.shape, x.shape[2:], batch_stats)
     inference = not batch_stats and not _checks.needs_grad(x, bn_weight, bn_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
-    return _plan.Plan(impl, dict(activation=activation, training=training),
-                      writes_in_place=training and running_mean is not None)
+    in_place = None
+    if training and running_mean is not None:
+        in_place = _checks.InPlaceCheck(op, {"running_mean": running_mean, "running_var": running_var},
+                                        {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias})
+    return _plan.Plan(impl, dict(activation=activation, training=training), in_place)
 
 
 @backend.register_impl("bn_act", "torch")

@@ -49,9 +49,8 @@ def dwconv_bn_act(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor
         plan = _plan.remember(_DWCONV_BN_ACT_PLANS, key, _dwconv_bn_act_plan(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation, training))
     _checks.check_bn_scalars("dwconv_bn_act", momentum, eps)
-    if plan.writes_in_place:
-        _checks.check_written_in_place("dwconv_bn_act", {"running_mean": running_mean, "running_var": running_var},
-                                       {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias, "weight": weight})
+    if plan.in_place is not None:
+        plan.in_place(running_mean, running_var, x, bn_weight, bn_bias, weight)
     return plan.impl(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum=float(momentum),
                      eps=float(eps), **plan.options)
 
@@ -74,8 +73,11 @@ def _dwconv_bn_act_plan(x, weight, bn_weight, bn_bias, running_mean, running_var
     _checks.check_batch_stats_size(op, x.shape, out_hw, batch_stats)
     inference = not batch_stats and not _checks.needs_grad(x, weight, bn_weight, bn_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
-    return _plan.Plan(impl, dict(stride=stride, padding=padding, activation=activation, training=training),
-                      writes_in_place=training and running_mean is not None)
+    in_place = None
+    if training and running_mean is not None:
+        in_place = _checks.InPlaceCheck(op, {"running_mean": running_mean, "running_var": running_var},
+                                        {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias, "weight": weight})
+    return _plan.Plan(impl, dict(stride=stride, padding=padding, activation=activation, training=training), in_place)
 
 
 def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

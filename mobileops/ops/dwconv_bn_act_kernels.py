@@ -46,7 +46,7 @@ def _out_shape(x: Tensor, weight: Tensor | None, stride: int, padding: int) -> t
 
 def _autocast(x: Tensor, *tensors: Tensor | None):
     """Cast like autocast casts a convolution's inputs; a no-op outside autocast."""
-    if not _checks.autocast_on(x.device):
+    if not _checks.autocast_on_for(x):
         return (x,) + tensors
     dtype = torch.get_autocast_dtype(x.device.type)
 
