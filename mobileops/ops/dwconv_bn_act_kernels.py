@@ -96,8 +96,9 @@ def _backward_body(launchers, dy, x, weight, bn_weight, bn_bias, mean, var, stri
     dx, dw, sum_du, sum_dux = launchers().backward(
         dy, x, weight, bn_weight, bn_bias, mean, var, stride=stride, padding=padding, activation=activation,
         norm=norm, eps=eps, weight_grad=weight_grad, memory_format=_checks.suggest_memory_format(x))
-    d_bn_weight = sum_dux.to(bn_weight.dtype) if bn_weight is not None else sum_dux
-    d_bn_bias = sum_du.to(bn_bias.dtype) if bn_bias is not None else sum_du
+    # (a cast only where a parameter is not in the accumulation dtype: even a no-op .to() costs a dispatch)
+    d_bn_weight = sum_dux if bn_weight is None or bn_weight.dtype == sum_dux.dtype else sum_dux.to(bn_weight.dtype)
+    d_bn_bias = sum_du if bn_bias is None or bn_bias.dtype == sum_du.dtype else sum_du.to(bn_bias.dtype)
     return dx, dw if dw is not None else x.new_empty(0), d_bn_weight, d_bn_bias
 
 
