@@ -431,8 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status: 0 on success, 2 for invalid input (printed as one ``error: ...`` line).
     """
-    from mobileops.backend import BackendUnavailableError
+    from mobileops.backend import BackendUnavailableError, forget_choices
 
+    # A command starts from the environment as it is now (MOBILEOPS_BACKEND is otherwise read
+    # once per process, at the first op), also when called in-process.
+    forget_choices()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
