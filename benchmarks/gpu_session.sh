@@ -10,7 +10,8 @@
 #   benchmarks/gpu_session.sh OUT_DIR [pytest arguments for the benchmarks]
 #
 # Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
-#              HOST_OVERHEAD  1: benchmarks/host_overhead.py --real into host_overhead.jsonl
+#              HOST_OVERHEAD  1: benchmarks/host_overhead.py --real into host_overhead.jsonl (twice:
+#                             with and without the direct Triton launch)
 #              SESSION_TESTS  pytest arguments for the tests ("tests": tests/test_large_tensors.py
 #                             alone first, then the rest in parallel; "reliability": the same
 #                             file first, then tests/test_properties.py; "none" skips them)
@@ -44,6 +45,9 @@ fi
 
 if [ "${HOST_OVERHEAD:-0}" = "1" ]; then
     MOBILEOPS_AUTOTUNE=0 timeout -s INT 180 python benchmarks/host_overhead.py --real >"$OUT/host_overhead.jsonl" 2>&1
+    # the same without kernels/_launch.py's direct launch (rows say fast_launch: false)
+    MOBILEOPS_TRITON_FAST_LAUNCH=0 MOBILEOPS_AUTOTUNE=0 timeout -s INT 180 python benchmarks/host_overhead.py --real \
+        >>"$OUT/host_overhead.jsonl" 2>&1
     echo "host overhead done at $((SECONDS - began)) s"; cut -c1-400 "$OUT/host_overhead.jsonl"
 fi
 

@@ -182,7 +182,9 @@ def _meta(device: torch.device, extra: str = "") -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor()
                                                                               or platform.machine())
     return dict(device=name + extra, torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), cores=os.cpu_count())
+                python=platform.python_version(), cores=os.cpu_count(),
+                # kernels/_launch.py's direct launch (on unless MOBILEOPS_TRITON_FAST_LAUNCH=0)
+                fast_launch=os.environ.get("MOBILEOPS_TRITON_FAST_LAUNCH", "1") != "0")
 
 
 def _launcher_rows(args) -> list[dict]:
