@@ -285,21 +285,33 @@ def index64(*tensors: torch.Tensor) -> bool:
 
 
 _TICKET_COUNTERS: dict = {}
+# Buffers replaced by larger ones stay allocated: a captured CUDA graph may still use one.
+_OUTGROWN_COUNTERS: list = []
+
+
+def _stream_of(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def ticket_counters(device: torch.device, size: int) -> torch.Tensor:
-    """An int32 buffer of at least ``size`` zeros on ``device`` for :func:`last_of_channel_block`:
-    allocated (one fill) the first time and when a launch needs more, then reused. Safe to share
-    because every kernel that uses it leaves it all zeros, as long as the kernels using it run
-    one after another: launches on two streams at once, or a CUDA graph replayed on one stream
-    while eager launches run on another, would draw tickets from the same counters. A buffer
-    allocated while a CUDA graph is being captured is zeroed by the graph, not now, so it is
-    used for that launch only and not kept."""
-    counters = _TICKET_COUNTERS.get(device)
+    """An int32 buffer of at least ``size`` zeros for :func:`took_last_ticket`, one per (device,
+    current stream): allocated (one fill) the first time and when a launch needs more, then
+    reused. Safe to share because every kernel that uses it leaves it all zeros, and launches on
+    one stream run one after another. A buffer allocated while a CUDA graph is being captured
+    is zeroed by the graph, not now, so it serves that launch only (each graph then has its own).
+    Not safe: replaying, at the same time on two streams, graphs captured on one stream after
+    eager calls there (they share that stream's buffer). A buffer outgrown stays allocated, as
+    a captured graph may hold its address."""
+    key = (device, _stream_of(device))
+    counters = _TICKET_COUNTERS.get(key)
     if counters is None or counters.numel() < size:
+        if counters is not None:
+            _OUTGROWN_COUNTERS.append(counters)
         counters = torch.zeros(next_power_of_2(max(size, 1024)), dtype=torch.int32, device=device)
         if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            _TICKET_COUNTERS[device] = counters
+            _TICKET_COUNTERS[key] = counters
     return counters
 
 

@@ -35,9 +35,8 @@ precede the ticket, the release half of the atomic publishes them, its acquire h
 last program) orders the reads after it, and the partials are read with ``.cg`` (L2, past the
 SM's non-coherent L1). This is tested only in Triton's CPU interpreter, which runs programs one
 after another: the ordering on a real GPU is unverified until a GPU run passes the tests.
-Caveats: the counters are shared by all launches on a device, so two of these kernels must not
-run concurrently on different streams (one stream at a time, as PyTorch's default stream
-gives); counters allocated during a CUDA-graph capture are used for that launch only.
+The counters are fetched per call (one buffer per device and stream; see
+``common.ticket_counters`` for what that makes safe and what not).
 
 Host time: everything that depends only on the call's signature (shapes, strides, dtypes,
 device, which biases exist, gate and post_act, deterministic mode, ``MOBILEOPS_AUTOTUNE``) --
@@ -46,7 +45,8 @@ once into a plan, cached by a key tuple. A repeated call builds the key, allocat
 and one scratch buffer and fills the tensors into the plan's arguments (the backward's partials
 and MLP gradients live in that one buffer at offsets from the plan: one allocation, not five).
 Scratch is allocated per call, not cached, so calls from several host threads stay safe. Plans
-are never evicted: there is one per layer shape and batch size, each a few dozen integers.
+are a few dozen integers each, one per layer shape and batch size, kept up to
+``common.PLAN_CACHE_LIMIT`` per cache (``common.remember``).
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def _pool_plan(x: torch.Tensor, r: int, b1, b2, gate: str, index64: bool) -> dic
     inv_hi, inv_lo = common.split_float(1.0 / (h * w))
     meta = common.fixed_meta(x, reduction=True)
     return dict(
-        parts_shape=(n * per_sample, c), acc_t=acc_t, meta=meta, counters=common.ticket_counters(x.device, n),
+        parts_shape=(n * per_sample, c), acc_t=acc_t, meta=meta, counters=n,
         grid_of=_fixed_grid(lambda m: common.channel_grid(n * per_sample, c, m["BLOCK_C"]), meta),
         consts=dict(C=c, R=r, HW=h * w, W=w, chunks_per_sample=per_sample, CHUNK=chunk, inv_hw_hi=inv_hi,
                     inv_hw_lo=inv_lo, **common.strides("sx", x), HAS_B1=b1 is not None, HAS_B2=b2 is not None,
@@ -390,7 +390,8 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     gates = torch.empty_like(pooled)
     w1, w2 = w1.contiguous(), w2.contiguous()
     parts = torch.empty(plan["parts_shape"], device=x.device, dtype=plan["acc_t"])
-    args = dict(plan["consts"], x_ptr=x, part_ptr=parts, count_ptr=plan["counters"], w1_ptr=w1,
+    args = dict(plan["consts"], x_ptr=x, part_ptr=parts, w1_ptr=w1,
+                count_ptr=common.ticket_counters(x.device, plan["counters"]),
                 b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled,
                 gate_ptr=gates)
     common.launch(_pool_mlp_kernel, _pool_mlp_tuned, plan["grid_of"], args, plan["meta"])
@@ -459,7 +460,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     r = w1.shape[0]
     w1, w2 = w1.contiguous(), w2.contiguous()
     scratch = torch.empty(plan["scratch_size"], device=x.device, dtype=plan["acc_t"])
-    args = dict(plan["consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, scratch_ptr=scratch, count_ptr=plan["counters"],
+    args = dict(plan["consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, scratch_ptr=scratch,
+                count_ptr=common.ticket_counters(x.device, plan["counters"]),
                 w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled)
     common.launch(_pool_mlp_backward_kernel, _pool_mlp_backward_tuned, plan["grid_of"], args, plan["meta"])
     dw1 = torch.empty((r, c), device=x.device, dtype=w1.dtype)

@@ -24,8 +24,8 @@ import torch
 
 
 class Backend(NamedTuple):
-    """One backend: its name, the device types its implementations take, and the package that
-    holds one launcher module per fused op (None: the ops' own torch code)."""
+    """One backend: its name, the device types its kernels take (empty: any), and the package
+    that holds one launcher module per fused op (None: the ops' own torch code)."""
 
     name: str
     device_types: tuple[str, ...]
@@ -34,7 +34,7 @@ class Backend(NamedTuple):
 
 #: Every backend, by name: the one place backend names are defined.
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
-    Backend("torch", ("cpu", "cuda", "meta"), None),
+    Backend("torch", (), None),  # no limit: whatever device PyTorch itself runs on
     # CPU (and meta) tensors only under TRITON_INTERPRET=1, Triton's interpreter (tests): _find_problem
     Backend("triton", ("cuda",), "mobileops.kernels"),
     Backend("cuda", ("cuda",), "mobileops.cuda"),
@@ -83,6 +83,9 @@ def forget_choices() -> None:
     global _env_choice
     _env_choice = None
     _problems.clear()
+    for cached in (_import_error, _cuda_extension_status):
+        if hasattr(cached, "cache_clear"):  # tests replace them with plain functions
+            cached.cache_clear()
     for cache in _plan_caches:
         cache.clear()
 

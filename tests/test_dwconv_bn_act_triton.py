@@ -118,7 +118,7 @@ def launches(monkeypatch):
 
 
 def _ticket_counters_are_zero():
-    counters = _common()._TICKET_COUNTERS.get(torch.device(DEVICE))
+    counters = _common()._TICKET_COUNTERS.get((torch.device(DEVICE), 0))
     return counters is not None and not counters.any()
 
 

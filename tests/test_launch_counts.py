@@ -72,3 +72,16 @@ def test_training_launches(launches, op, training, forward, total):
         assert len(launches) == forward, launches
         torch.autograd.grad(y, [t[name] for name in DIFFERENTIABLE[op]], torch.ones_like(y))
     assert len(launches) == total, launches
+
+
+def test_ticket_counters_grow_without_freeing_the_old_buffer():
+    """A captured CUDA graph may hold an outgrown buffer's address: it must stay allocated."""
+    from mobileops.kernels import _common
+
+    small = _common.ticket_counters(torch.device("cpu"), 8)
+    assert not small.any() and small.dtype == torch.int32
+    assert _common.ticket_counters(torch.device("cpu"), 8) is small  # reused, no new fill
+    large = _common.ticket_counters(torch.device("cpu"), small.numel() + 1)
+    assert large.numel() > small.numel() and not large.any()
+    assert any(t is small for t in _common._OUTGROWN_COUNTERS)
+    assert _common.ticket_counters(torch.device("cpu"), 8) is large
