@@ -37,6 +37,21 @@ def cuda_backend_on_cpu(extension):
         backend.forget_choices()
 
 
+def count_launches(monkeypatch) -> list[str]:
+    """The names of the Triton kernels launched from now on, in order (every Triton launch of
+    mobileops goes through ``mobileops.kernels._common.launch``, which this wraps)."""
+    from mobileops.kernels import _common
+
+    names, real_launch = [], _common.launch
+
+    def counting(kernel, *args, **kwargs):
+        names.append(getattr(kernel, "__name__", type(kernel).__name__))
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(_common, "launch", counting)
+    return names
+
+
 def runnable_backends(op: str, device: str):
     """Backends that implement ``op`` and can run it on ``device`` in this environment."""
     return [name for name in backend.BACKENDS

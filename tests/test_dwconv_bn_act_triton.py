@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from helpers import FLOORS, assert_within_bound, relative_norm_error
+from helpers import FLOORS, assert_within_bound, count_launches, relative_norm_error
 from torch import nn
 
 import mobileops
@@ -103,18 +103,8 @@ def test_small_blocks_cover_every_boundary(monkeypatch, fresh_plans, shape, k, s
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The names of the kernels launched, in order (every Triton launch goes through
-    common.launch)."""
-    common = _common()
-    real_launch = common.launch
-    names = []
-
-    def counting(kernel, *args, **kwargs):
-        names.append(kernel.__name__)
-        return real_launch(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(common, "launch", counting)
-    return names
+    """The names of the kernels launched, in order."""
+    return count_launches(monkeypatch)
 
 
 def _ticket_counters_are_zero():

@@ -5,6 +5,7 @@ goes through ``mobileops.kernels._common.launch``."""
 
 import pytest
 import torch
+from helpers import count_launches
 
 import mobileops
 from mobileops import ops
@@ -14,17 +15,7 @@ pytest.importorskip("triton")
 
 @pytest.fixture
 def launches(monkeypatch):
-    from mobileops.kernels import _common
-
-    counted = []
-    real = _common.launch
-
-    def counting(kernel, *args, **kwargs):
-        counted.append(getattr(kernel, "__name__", type(kernel).__name__))
-        return real(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(_common, "launch", counting)
-    return counted
+    return count_launches(monkeypatch)
 
 
 def _inputs(grad: bool):

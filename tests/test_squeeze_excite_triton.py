@@ -5,6 +5,7 @@ low precision with poisoned allocations, determinism. CPU interpreter without a 
 import pytest
 import torch
 from harness import LAYOUTS, assert_parity, check, inputs, run
+from helpers import count_launches
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mobileops
@@ -109,25 +110,11 @@ def test_deterministic_results():
         assert torch.equal(a, runs[1][name]), name
 
 
-def _counting_launches(monkeypatch) -> list:
-    """The kernels launched from now on (every Triton launch goes through _common.launch)."""
-    from mobileops.kernels import _common
-
-    launched, real_launch = [], _common.launch
-
-    def counting_launch(kernel, *args, **kwargs):
-        launched.append(kernel)
-        return real_launch(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(_common, "launch", counting_launch)
-    return launched
-
-
 @pytest.mark.parametrize("biases", [True, False], ids=["biases", "no-biases"])
 def test_two_launches_forward_and_at_most_three_backward(monkeypatch, biases):
     inputs = _inputs(2, 20, 5, 6, 5, biases=biases)
     leaves = [t.requires_grad_(True) for t in inputs if t is not None]
-    launched = _counting_launches(monkeypatch)
+    launched = count_launches(monkeypatch)
     with mobileops.use_backend("triton"):
         with torch.no_grad():
             ops.squeeze_excite(*inputs)
