@@ -50,6 +50,7 @@ import torch.nn.functional as F
 SHAPE = (32, 128, 20, 20)
 EAGER_CPU_SHAPE = (1, 8, 4, 4)
 REDUCED = 32  # SE's hidden width (EAGER_CPU_SHAPE: 4)
+WARMUP_CALLS = 5  # untimed calls before each timing (the launch count divides them out)
 LAUNCHER_MODE = "through triton's launcher"
 
 
@@ -155,7 +156,7 @@ def launches_stubbed(counter: list):
 def time_us(fn, grad: bool, iterations: int, repeats: int, sync) -> list[float]:
     """Microseconds per call, one value per repeat of ``iterations`` calls."""
     with contextlib.nullcontext() if grad else torch.no_grad():
-        for _ in range(5):
+        for _ in range(WARMUP_CALLS):
             fn()
         sync()
         samples = []
@@ -264,7 +265,7 @@ def _measure(args, device: torch.device) -> list[dict]:
             counter = []
             with launches_stubbed(counter):
                 samples = time_us(fn, grad, args.iterations, args.repeats, sync)
-            launches[call] = len(counter) // (args.iterations * args.repeats + 5)
+            launches[call] = len(counter) // (args.iterations * args.repeats + WARMUP_CALLS)
             rows.append(_row(meta, call, "mobileops python", "triton", samples, launches[call], dtype,
                              args.iterations))
             if args.real:
