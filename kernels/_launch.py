@@ -10,9 +10,9 @@ call the compiled kernel's launcher directly with the argument tuple Triton woul
 
 What a compiled kernel assumed is part of the cache key, so a call only reuses a kernel compiled
 for the same assumptions: Triton 3.6-3.9 specialise a tensor argument on its dtype and on
-``data_ptr() % 16``, a scalar on its type and value (equal to 1, a multiple of 16, i32/i64/u64),
-and a constexpr on its value. The key holds each tensor's dtype and alignment and each other
-argument's exact type and value, plus the current driver, device, ``num_warps`` and the option
+``data_ptr() % 16``, an integer on its value (equal to 1, a multiple of 16, i32/i64/u64), a float
+on its type alone, and a constexpr on its value. The key holds each tensor's dtype and
+alignment, each runtime float's type and each other argument's exact type and value, plus the current driver, device, ``num_warps`` and the option
 knobs ``JITFunction.run`` reads on every call. Anything else takes the normal path, which
 compiles the new specialization and fills the cache: a kernel with ``pre_run_hooks``, a changed
 global the kernel read, an argument of another kind, an autotuner whose tuning cache no longer
@@ -110,12 +110,17 @@ class _Layout:
     """The calls of one site with tensors at the same positions and the same types elsewhere,
     and their cache entries."""
 
-    __slots__ = ("tensors", "scalars", "scalar_types", "entries")
+    __slots__ = ("tensors", "scalars", "scalar_types", "keyed", "entries")
 
-    def __init__(self, vals: tuple):
+    def __init__(self, vals: tuple, unkeyed: frozenset):
         self.tensors = _getter([i for i, v in enumerate(vals) if isinstance(v, torch.Tensor)])
-        self.scalars = _getter([i for i, v in enumerate(vals) if not isinstance(v, torch.Tensor)])
+        scalars = [i for i, v in enumerate(vals) if not isinstance(v, torch.Tensor)]
+        self.scalars = _getter(scalars)
         self.scalar_types = tuple(map(type, self.scalars(vals)))
+        # Triton specialises a runtime float on its type alone ("fp32"): keying its value would
+        # miss the cache whenever it changes (BN momentum 1/num_batches_tracked, every step).
+        keyed = [i for i in scalars if not (type(vals[i]) is float and i in unkeyed)]
+        self.keyed = _getter(keyed)
         self.entries: dict = {}
 
     def allowed(self) -> bool:
@@ -133,7 +138,7 @@ class _Layout:
         # is the common case and one test.
         aligned = True if not functools.reduce(operator.or_, pointers, 0) & 15 else \
             tuple(p % 16 == 0 for p in pointers)
-        return extra, tuple(map(_DTYPE, tensors)), aligned, scalars
+        return extra, tuple(map(_DTYPE, tensors)), aligned, self.keyed(vals)
 
 
 class _Site:
@@ -305,7 +310,9 @@ def _remember(site: _Site, key_vals: tuple, extra: tuple, entry) -> None:
         if key is not None:
             break
     if key is None:
-        layout = _Layout(key_vals)
+        names = site.arg_names if site.arg_names is not None else site.names
+        runtime = {param.name for param in site.fn.params if not param.is_constexpr}
+        layout = _Layout(key_vals, frozenset(i for i, name in enumerate(names) if name in runtime))
         if not layout.allowed():
             return
         site.layouts.append(layout)

@@ -66,6 +66,8 @@ w, stat = torch.randn(32, 1, 3, 3, dtype=torch.float16), torch.ones(32)
 fwd = bench.capture(common, lambda: dwconv.forward(x, w, stat, stat, stat, stat, out=torch.empty_like(x), stride=1,
                                                    padding=1, activation="hswish", norm="running", eps=1e-5))[0]
 out["forward"] = compare(fwd)
+# a runtime float (BN eps here, momentum in the statistics kernel) is not a specialization
+out["other_eps"] = compare(with_args(fwd, eps_hi=float(fwd[3]["eps_hi"]) * 2, eps_lo=0.0))
 
 parts = torch.randn(48, 64)
 rows = bench.capture(common, lambda: common.sum_rows(parts, torch.float32))[0]
@@ -145,6 +147,12 @@ def test_other_assumptions_take_tritons_path_and_get_their_own_kernel(stand_in_r
     assert r["same"] and not r["second_normal"], f"{case}: its own repeated call launches directly, as Triton"
     again = stand_in_results["rows_again"]
     assert not again["first_normal"] and again["function"] == aligned["function"] and again["same"]
+
+
+def test_a_new_runtime_float_value_reuses_the_compiled_kernel(stand_in_results):
+    r, first = stand_in_results["other_eps"], stand_in_results["forward"]
+    assert not r["first_normal"] and not r["second_normal"], "a float's value must not miss the direct launch"
+    assert r["same"] and r["function"] == first["function"]
 
 
 def test_pre_run_hooks_keep_every_call_on_tritons_path(stand_in_results):
