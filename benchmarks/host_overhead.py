@@ -22,6 +22,12 @@ Modes (the ``mode`` field of each row):
     next to no compute, the CPU's proxy for the host time eager mode spends per call on a GPU.
     (The meta device is no proxy: its convolution and batch-norm shape functions are Python and
     take milliseconds.) On CUDA the real ops at the real shape.
+``autograd floor``
+    For each training forward+backward: one ``torch.autograd.Function`` over the same inputs
+    whose forward and backward only allocate their outputs, called and differentiated with
+    ``autograd.grad`` as the fused op is. PyTorch's own cost of any differentiable call
+    (Function.apply, graph recording, the engine), which no library can go below: the part of a
+    fused call above it is what mobileops can still cut.
 ``real launches`` (``--real`` only)
     The fused op with its kernels really launched; synchronising once per repeat.
 
@@ -125,6 +131,33 @@ def eager_calls(device, dtype, shape=SHAPE) -> dict:
     }, {"dwconv_bn_act": (lambda: conv_bn(t, F.hardswish, True), ("x", "w", "gamma", "beta")),
         "bn_act": (lambda: bn(t, F.hardswish, True), ("x", "gamma", "beta")),
         "squeeze_excite": (lambda: se(t), ("x", "fc1", "fc2"))}, t)
+
+
+class _NoOpCall(torch.autograd.Function):
+    """Allocates its output and its inputs' gradients, nothing else (the autograd floor)."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.save_for_backward(x, *params)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
+
+def floor_calls(device, dtype) -> dict:
+    """name -> zero-argument call: each op's training forward+backward as a no-op Function over
+    the inputs the fused op differentiates."""
+    t = _trainable(_inputs(device, dtype))
+    trained = {"dwconv_bn_act": ("x", "w", "gamma", "beta"), "bn_act": ("x", "gamma", "beta"),
+               "squeeze_excite": ("x", "fc1", "fc2")}
+
+    def step(names):
+        inputs = [t[n] for n in names]
+        return lambda: torch.autograd.grad(_NoOpCall.apply(*inputs), inputs, t["dy"])
+
+    return {f"{op} train forward+backward": step(names) for op, names in trained.items()}
 
 
 def _with_backward(calls: dict, trained: dict, t: dict) -> dict:
@@ -272,6 +305,9 @@ def _measure(args, device: torch.device) -> list[dict]:
                 samples = time_us(fn, grad, args.iterations, args.repeats, sync)
                 rows.append(_row(meta, call, "real launches", "triton", samples, launches[call], dtype,
                                  args.iterations))
+    for call, fn in floor_calls(device, dtype).items():
+        samples = time_us(fn, True, args.iterations, args.repeats, sync)
+        rows.append(_row(meta, call, "autograd floor", "torch", samples, 0, dtype, args.iterations))
     eager_dtype, eager_shape = (dtype, SHAPE) if cuda else (torch.float32, EAGER_CPU_SHAPE)
     for call, (fn, grad) in eager_calls(device, eager_dtype, eager_shape).items():
         samples = time_us(fn, grad, args.iterations, args.repeats, sync)

@@ -166,6 +166,8 @@ def comparable(launch_args: tuple) -> tuple:
 
 def cases(common, dwconv, se):
     """(name, captured launch) for the timed calls: 32x128x20x20 fp16 channels_last."""
+    from mobileops import backend
+
     x = torch.randn(32, 128, 20, 20, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     w = torch.randn(128, 1, 3, 3, dtype=torch.float16)
     stat = torch.ones(128)
@@ -183,10 +185,12 @@ def cases(common, dwconv, se):
 
     found = []
     os.environ["MOBILEOPS_AUTOTUNE"] = "0"
+    backend.forget_choices()  # the launchers read the variable once
     found.append(("dwconv_bn_act._forward_kernel fixed config", capture(common, forward)[0]))
     found.append(("_common.sum_rows_kernel fixed config",
                   capture(common, lambda: common.sum_rows(parts, torch.float32))[0]))
     os.environ["MOBILEOPS_AUTOTUNE"] = "1"
+    backend.forget_choices()
     found.append(("dwconv_bn_act._forward_kernel autotuned", capture(common, forward)[0]))
     pool, scale = capture(common, squeeze_excite)
     found.append((f"squeeze_excite.{pool[0].__name__} {'fixed config' if pool[4] else 'autotuned'}", pool))

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mobileops import backend
 from mobileops.codes import ACTIVATION_CODES as ACTIVATION_CODES  # re-exported for the launchers
 from mobileops.kernels import _launch
 
@@ -238,8 +239,16 @@ def launch(kernel, tuned, grid_of, args: dict, meta: dict | None) -> None:
 
 
 def autotune_enabled() -> bool:
-    """False when the environment variable ``MOBILEOPS_AUTOTUNE=0`` turns autotuning off."""
-    return os.environ.get("MOBILEOPS_AUTOTUNE", "1") != "0"
+    """False when the environment variable ``MOBILEOPS_AUTOTUNE=0`` turns autotuning off. Read
+    once per process (each launch asks, and reading the environment costs microseconds);
+    :func:`mobileops.backend.forget_choices` makes the next call read it again."""
+    enabled = _AUTOTUNE.get("enabled")
+    if enabled is None:
+        enabled = _AUTOTUNE["enabled"] = os.environ.get("MOBILEOPS_AUTOTUNE", "1") != "0"
+    return enabled
+
+
+_AUTOTUNE = backend.plan_cache()
 
 
 def fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> dict | None:

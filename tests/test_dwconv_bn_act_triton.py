@@ -466,6 +466,7 @@ def test_low_precision_within_the_error_bound(dtype, layout):
 def test_real_layer_shapes_within_the_error_bound(monkeypatch, layer, dtype, layout, backend_name):
     """Both GPU backends (the CUDA extension shares this test with the Triton kernels)."""
     monkeypatch.setenv("MOBILEOPS_AUTOTUNE", "0")  # tuning every shape would take minutes
+    mobileops.backend.forget_choices()  # (conftest forgets again after the test)
     c, h, w, k, stride, activation = layer
     _check_low_precision((2 if h * w >= 160 * 160 else 8, c, h, w), k, stride, activation, dtype, layout,
                          backend_name)
