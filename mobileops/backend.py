@@ -75,10 +75,11 @@ def plan_cache() -> dict:
 
 
 def forget_choices() -> None:
-    """Forget every decision cached from the environment: the ``MOBILEOPS_BACKEND`` value, each
-    backend's availability and every op's call plans (validated arguments, chosen
-    implementation). Call it after changing what those depend on within a process (setting
-    ``MOBILEOPS_BACKEND`` or ``TRITON_INTERPRET``, building the CUDA extension); selecting a
+    """Forget every decision cached from the environment: the ``MOBILEOPS_BACKEND`` and
+    ``MOBILEOPS_AUTOTUNE`` values, each backend's availability and every op's call plans
+    (validated arguments, chosen implementation). Call it after changing what those depend on
+    within a process (setting ``MOBILEOPS_BACKEND``, ``MOBILEOPS_AUTOTUNE`` or
+    ``TRITON_INTERPRET``, building the CUDA extension); selecting a
     backend with :func:`set_backend` or :func:`use_backend` needs no call."""
     global _env_choice
     _env_choice = None

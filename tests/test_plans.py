@@ -127,6 +127,18 @@ def test_forget_choices_clears_every_plan(resolutions, monkeypatch):
         ops.bn_act(x, gamma, beta, rm, rv)
 
 
+def test_the_autotune_variable_is_read_once_until_forgotten(monkeypatch):
+    from mobileops.kernels import _common
+
+    monkeypatch.setenv("MOBILEOPS_AUTOTUNE", "0")
+    backend.forget_choices()
+    assert not _common.autotune_enabled()
+    monkeypatch.setenv("MOBILEOPS_AUTOTUNE", "1")
+    assert not _common.autotune_enabled(), "read once per process"
+    backend.forget_choices()
+    assert _common.autotune_enabled()
+
+
 def test_a_full_cache_starts_again(monkeypatch):
     from mobileops.ops import _plan
 
