@@ -202,18 +202,29 @@ def default_meta(x: torch.Tensor, taps: int = 1) -> dict:
     return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
 
+#: Programs per SM that the chunked (reducing) launches aim for: their programs run long loops
+#: at 11-25% occupancy, so fewer than a few per SM leave SMs idle and latency unhidden. More
+#: chunks mean more partial rows for the block's last program to add up (the weight gradient:
+#: rows x BLOCK_C x K*K values), which bounds it from above.
+CHUNK_PROGRAMS_PER_SM = 4
+MAX_CHUNK = 8192
+
+
 def chunk_size(x: torch.Tensor, positions: int) -> int:
-    """Output positions per program in the chunked (reducing) kernels: enough programs to fill
-    the GPU, few enough partial rows that reducing them is cheap. Depends only on the shape and
-    the device, so it never changes the summation order between runs."""
+    """Output positions per program in the chunked (reducing) kernels, sized from the channel
+    block of the fixed configuration (:func:`default_meta`) so that a launch has at least
+    :data:`CHUNK_PROGRAMS_PER_SM` programs per SM where the shape has the positions; a multiple
+    of that configuration's BLOCK_P (no partly masked tile inside a chunk). Depends only on the
+    shape and the device, so it never changes the summation order between runs."""
     if COMPILED_FOR_INTERPRETER:
         return INTERPRETER_CHUNK
     n, c = x.shape[0], x.shape[1]
-    programs_wanted = 4 * sm_count(x.device)
-    channel_blocks = cdiv(c, 32)
-    per_sample = max(1, programs_wanted // max(1, n * channel_blocks))
-    chunk = next_power_of_2(cdiv(positions, per_sample))
-    return int(min(max(chunk, 256), 8192))
+    meta = default_meta(x)
+    block_p = meta["BLOCK_P"]
+    programs_wanted = CHUNK_PROGRAMS_PER_SM * sm_count(x.device)
+    per_sample = max(1, cdiv(programs_wanted, max(1, n * cdiv(c, meta["BLOCK_C"]))))
+    chunk = cdiv(cdiv(positions, per_sample), block_p) * block_p
+    return int(min(max(chunk, block_p), MAX_CHUNK))
 
 
 #: CUDA's largest grid extent in y and z (x goes to 2**31 - 1).

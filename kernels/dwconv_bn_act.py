@@ -629,7 +629,9 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
         sums_args = chunk_args
         sums_meta = common.fixed_meta(x, reduction=True)
         counters = _counters_needed(c, _grad_sums_tuned, sums_meta)
-    padded_taps = common.next_power_of_2(taps)
+    # The weight gradient's [BLOCK_P, TAPS, BLOCK_C] gather bounds the tile; without it the
+    # pass is a plain tile like the forward's.
+    padded_taps = common.next_power_of_2(taps) if weight_grad else 1
     input_tuned = _grad_input_tuned(padded_taps)
     input_meta = common.fixed_meta(x, reduction=True, taps=padded_taps)
     inv_hi, inv_lo = common.split_float(1.0 / (n * positions))

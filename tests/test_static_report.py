@@ -1,0 +1,141 @@
+"""benchmarks/static_report.py, and the structural properties of the hot kernels it shows at the
+detectors' real training shapes (b32, 640): launch grids, spills, vector widths. Nothing here
+runs a kernel; compiling for sm_90 needs Triton's ptxas (and nvcc for the CUDA part)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "benchmarks" / "static_report.py"
+
+
+def _report_module():
+    spec = importlib.util.spec_from_file_location("static_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _report_module()
+
+
+def _compiler_env(tmp_path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    return env
+
+
+def _needs_ptxas():
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        path = get_ptxas(90).path
+    except (RuntimeError, AttributeError) as exc:
+        pytest.skip(f"no ptxas for sm_90: {exc}")
+    if not path or not os.path.exists(path):
+        pytest.skip("no ptxas for sm_90")
+
+
+def test_occupancy_follows_the_sm90_limits():
+    # 128 registers x 128 threads: 4 programs of 4 warps fit the 65536 registers -> 16 of 64 warps
+    assert report.occupancy(128, 0, 4) == 0.25
+    assert report.occupancy(32, 0, 4) == 1.0  # capped by 64 warps per SM
+    assert report.occupancy(33, 0, 4) == 0.75  # 33 registers round up to 40 per thread (granule 256 per warp)
+    assert report.occupancy(32, 100 * 1024, 4) == 2 * 4 / 64  # shared memory: two 101 KB blocks per SM
+    assert report.occupancy(255, 0, 8) == 0.125
+
+
+def test_ptx_access_widths_count_vectors_and_scalars():
+    ptx = """
+    ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];
+    @%p1 ld.global.v4.b32 {%r5, %r6, %r7, %r8}, [%rd2];
+    ld.global.nc.b16 %rs1, [%rd3];
+    ld.global.cg.v2.f32 {%f1, %f2}, [%rd4];
+    @%p2 st.global.v2.b32 [%rd5], {%r9, %r10};
+    st.global.b16 [%rd6], %rs2;
+    """
+    loads, stores = report.access_widths(ptx)
+    assert loads == {16: 2, 2: 1, 8: 1}
+    assert stores == {8: 1, 2: 1}
+
+
+def test_ptxas_log_is_read_per_entry_function():
+    log = """ptxas info    : Compiling entry function 'first' for 'sm_90a'
+ptxas info    : Function properties for first
+    0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function 'second' for 'sm_90a'
+ptxas info    : Function properties for second
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 400 bytes cmem[0]
+"""
+    found = report.parse_ptxas(log)
+    assert found["first"] == dict(registers=255, spills=16, shared_bytes=1024)
+    assert found["second"] == dict(registers=40, spills=0, shared_bytes=0)
+
+
+GRIDS = r"""
+import json, math, os, sys
+os.environ["MOBILEOPS_AUTOTUNE"] = "0"
+sys.path.insert(0, sys.argv[1])
+import static_report as sr
+out = []
+compiler = sr._TritonCompiler()
+for layout in ("channels_last", "nchw"):
+    for call, pass_name, captured, grid in sr.triton_launches(sr.layer_calls(False), "float16", layout, compiler):
+        out.append(dict(kernel=captured[0].__name__, op=call["op"], shape=call["shape"], layout=layout,
+                        programs=math.prod(grid)))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def real_shape_grids(tmp_path_factory):
+    """Every Triton launch of the detectors' fused op calls at b32 640 (fp16, both layouts) as the
+    launch helpers plan it for an sm_90 device of 132 SMs, without compiling or running."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = _compiler_env(tmp_path_factory.mktemp("grids"))
+    done = subprocess.run([sys.executable, "-c", GRIDS, str(REPORT.parent)], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_every_reduction_grid_at_the_real_shapes_has_at_least_two_programs_per_sm(real_shape_grids):
+    reducing = [g for g in real_shape_grids if g["kernel"] in report.REDUCING_KERNELS]
+    assert {g["kernel"] for g in reducing} == set(report.REDUCING_KERNELS)
+    thin = [g for g in reducing if g["programs"] < 2 * report.SM90["sms"]]
+    assert not thin, f"{len(thin)} reducing launches leave SMs idle, e.g. {thin[:3]}"
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """``static_report.py --quick``: the largest and smallest layer of each op, compiled."""
+    _needs_ptxas()
+    tmp = tmp_path_factory.mktemp("report")
+    backend = "both" if shutil.which("nvcc") or os.environ.get("CUDA_HOME") else "triton"
+    done = subprocess.run([sys.executable, str(REPORT), "--quick", "--backend", backend, "--out",
+                           str(tmp / "report.json")], env=_compiler_env(tmp), capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp / "report.json").read_text()), (tmp / "report.md").read_text()
+
+
+def test_the_report_has_every_field_and_a_table(quick_report):
+    data, table = quick_report
+    keys = {"backend", "kernel", "shape", "grid", "programs_per_sm", "occupancy", "registers", "spills",
+            "shared_bytes", "min_bytes", "vector_loads"}
+    assert data["rows"] and all(keys <= set(row) for row in data["rows"])
+    assert {row["op"] for row in data["rows"]} == {"dwconv_bn_act", "bn_act", "squeeze_excite"}
+    assert all(row["registers"] > 0 for row in data["rows"]), "a kernel's ptxas line was not found"
+    assert "| triton | dwconv_bn_act | train backward | _grad_input_kernel |" in table
