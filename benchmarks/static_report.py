@@ -19,7 +19,8 @@ would be launched:
 One JSON row per (backend, kernel, layer, pass) with at least: ``backend``, ``kernel``,
 ``shape`` (N, C, H, W of the op's input), ``grid``, ``programs_per_sm``, ``occupancy`` (resident
 warps / 64 per SM from registers, shared memory and warps per program), ``registers``,
-``spills`` (spill store + load bytes), ``shared_bytes``, ``min_bytes`` (the activation-sized
+``spills`` (spill store + load bytes), ``shared_bytes``, ``barriers`` (static ``bar.sync``
+count in the PTX), ``min_bytes`` (the activation-sized
 tensors the pass must read and write once), ``vector_loads`` (whether the widest global load
 and store are 16-byte vectors, from the PTX) and ``load_widths`` / ``store_widths`` (static
 count of global accesses per width in bytes). The table printed (and written next to the JSON
@@ -71,6 +72,12 @@ TRITON_ROLES = {
 
 _PTX_ACCESS = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.([a-z]+)(\d+)\b",
                          re.MULTILINE)
+
+
+def barrier_count(ptx: str) -> int:
+    """Static count of block-wide barriers (``bar.sync`` / ``barrier.sync``) in PTX: each
+    cross-warp reduction or shared-memory layout change costs some."""
+    return len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx))
 
 
 def access_widths(ptx: str) -> tuple[dict, dict]:
@@ -139,7 +146,7 @@ def launch_row(backend: str, kernel: str, grid: tuple, warps: int, resources: di
                 programs_per_sm=round(programs / SM90["sms"], 2),
                 occupancy=occupancy(resources["registers"], resources["shared_bytes"], warps),
                 registers=resources["registers"], spills=resources["spills"],
-                shared_bytes=resources["shared_bytes"], min_bytes=min_bytes,
+                shared_bytes=resources["shared_bytes"], barriers=resources["barriers"], min_bytes=min_bytes,
                 vector_loads=widest_load >= 16 and (not writes_activations or widest_store >= 16),
                 load_widths={str(k): v for k, v in sorted(loads.items())},
                 store_widths={str(k): v for k, v in sorted(stores.items())}, **extra)
@@ -261,6 +268,7 @@ class _TritonCompiler:
             ptx = compiled.asm["ptx"]
             resources = self._ptxas(ptx, compiled.metadata.name)
             resources["shared_bytes"] = max(resources["shared_bytes"], int(compiled.metadata.shared))
+            resources["barriers"] = barrier_count(ptx)
             self.by_hash[key] = dict(resources=resources, widths=access_widths(ptx))
         found = self.by_hash[key]
         return kernel.__name__, grid, warps, found["resources"], found["widths"]
@@ -394,6 +402,7 @@ def compile_cuda() -> tuple[dict[tuple, dict], str]:
             entries = _ptx_entries(ptx)
             for mangled, resources in parse_ptxas(log).items():
                 name, targs = _demangled_template(mangled)
+                resources["barriers"] = barrier_count(entries.get(mangled, ""))
                 found[(name, targs)] = dict(resources=resources, widths=access_widths(entries.get(mangled, "")))
     return found, version
 
@@ -483,6 +492,7 @@ def summary(rows: list[dict]) -> list[dict]:
         out.append(dict(backend=backend, op=op, **{"pass": pass_name}, kernel=kernel, layers=len(mine),
                         registers=(min(r["registers"] for r in mine), max(r["registers"] for r in mine)),
                         spills=max(r["spills"] for r in mine),
+                        barriers=(min(r["barriers"] for r in mine), max(r["barriers"] for r in mine)),
                         shared_bytes=max(r["shared_bytes"] for r in mine),
                         occupancy=(min(r["occupancy"] for r in mine), max(r["occupancy"] for r in mine)),
                         programs_per_sm_16mb=(min(r["programs_per_sm"] for r in big),
@@ -499,13 +509,13 @@ def _span(pair, fmt="{}") -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Static report: {meta['dtype']}, {meta['layout']}, batch {BATCH}, 640x640, sm_90 "
              f"({meta['triton_config']}); triton {meta['triton']}, nvcc {meta.get('nvcc', '-')}.", "",
-             "| backend | op | pass | kernel | layers | warps | registers | spills (B) | shared (B) | occupancy | "
-             "programs/SM (>= 16 MB: min, median) | 16-byte loads+stores |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| backend | op | pass | kernel | layers | warps | registers | spills (B) | shared (B) | barriers | "
+             "occupancy | programs/SM (>= 16 MB: min, median) | 16-byte loads+stores |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary(rows):
         lines.append(f"| {s['backend']} | {s['op']} | {s['pass']} | {s['kernel']} | {s['layers']} | "
                      f"{','.join(map(str, s['warps']))} | {_span(s['registers'])} | {s['spills']} | "
-                     f"{s['shared_bytes']} | {_span(s['occupancy'], '{:.0%}')} | "
+                     f"{s['shared_bytes']} | {_span(s['barriers'])} | {_span(s['occupancy'], '{:.0%}')} | "
                      f"{s['programs_per_sm_16mb'][0]:g}, {s['programs_per_sm_16mb'][1]:g} | "
                      f"{s['vector_loads']} of {s['layers']} |")
     return "\n".join(lines) + "\n"

@@ -85,6 +85,18 @@ def tile_coords(pid, tiles_per_sample, C, BLOCK, BLOCK_C: tl.constexpr, INDEX64:
 
 
 @triton.jit
+def aligned(v, ALIGN: tl.constexpr):
+    """``v``, which the launcher checked is a multiple of ALIGN, in a form whose divisibility
+    Triton's alignment analysis sees (``v // ALIGN * ALIGN`` is ``v`` itself). Triton marks an
+    integer argument divisible only by 16, so a channels_last tensor with 72 or 120 channels
+    (multiples of 8, not 16) got scalar 2-byte accesses: its position strides and channel mask
+    (``c < C``) were not known to step in whole 16-byte vectors."""
+    if ALIGN > 1:
+        v = v // ALIGN * ALIGN
+    return v
+
+
+@triton.jit
 def sum_rows_block(in_ptr, out_ptr, m, mmask, ROWS, M, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                    CACHE: tl.constexpr):
     """out[m] = sum_r in[r, m] for the columns ``m`` (where ``mmask``) of the row-major
@@ -187,17 +199,40 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_meta(x: torch.Tensor, taps: int = 1) -> dict:
-    """The fixed configuration: used by the interpreter and in deterministic mode."""
+def channel_block_size(channels: int) -> int:
+    """BLOCK_C of the fixed channels_last configuration: the largest of 64, 32, 16 and 8 whose
+    channel blocks leave at most an eighth of their lanes masked off (72 channels in blocks of
+    64 ran 144 lanes, 16 runs 80), or 8."""
+    for block_c in (64, 32, 16):
+        if (cdiv(channels, block_c) * block_c - channels) * 8 <= channels:
+            return block_c
+    return 8
+
+
+#: Largest BLOCK_P x BLOCK_C of the fixed configuration for a KxK conv with K > 3, compiled for
+#: sm_90 with 4 warps: at K=5 a 32 x 64 tile needed 220-255 registers and spilled up to 1.8 KB
+#: (the static report), 16 x 64 compiles to 114-140 registers in the single-tile kernels and the
+#: looping reductions fit without spills only at 8 x 64.
+LARGE_KERNEL_TILE = dict(single=1024, looping=512)
+
+
+def default_meta(x: torch.Tensor, taps: int = 1, kernel_size: int = 1, looping: bool = False) -> dict:
+    """The fixed configuration: used by the interpreter, in deterministic mode and with
+    ``MOBILEOPS_AUTOTUNE=0``. ``taps``: the padded tap count of a weight-gradient gather (its
+    [BLOCK_P, taps, BLOCK_C] tile is kept to 8192 elements); ``kernel_size``: the conv's K,
+    ``looping``: the kernel loops over tiles (the reductions), both bounding the tile where K > 3."""
     if COMPILED_FOR_INTERPRETER:
         return dict(INTERPRETER_META)
     c = x.shape[1]
     if x.stride(1) == 1:  # channels innermost: vectorise over channels
-        block_c = min(64, next_power_of_2(c))
+        block_c = channel_block_size(c) if c > 8 else min(64, next_power_of_2(c))
         block_p = max(8, 2048 // block_c)
     else:
         block_c, block_p = 4, 256
-    while block_p > 8 and block_p * block_c * taps > 8192:
+    limit = 8192 // taps
+    if kernel_size > 3:
+        limit = min(limit, LARGE_KERNEL_TILE["looping" if looping else "single"])
+    while block_p > 8 and block_p * block_c > limit:
         block_p //= 2
     return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
 
@@ -262,11 +297,25 @@ def autotune_enabled() -> bool:
 _AUTOTUNE = backend.plan_cache()
 
 
-def fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1) -> dict | None:
+def fixed_meta(x: torch.Tensor, reduction: bool, taps: int = 1, kernel_size: int = 1) -> dict | None:
+    """:func:`default_meta` where the configuration is fixed (interpreter, ``MOBILEOPS_AUTOTUNE=0``,
+    a reduction in deterministic mode), None where the autotuner chooses."""
     deterministic = reduction and torch.are_deterministic_algorithms_enabled()
     if COMPILED_FOR_INTERPRETER or not autotune_enabled() or deterministic:
-        return default_meta(x, taps)
+        return default_meta(x, taps, kernel_size, looping=reduction)
     return None
+
+
+def alignment(channels: int, *tensors: torch.Tensor) -> int:
+    """The ``ALIGN`` constexpr of a launch (:func:`aligned`): the largest power of two, up to
+    one 16-byte vector of ``tensors[0]``'s elements, that divides ``channels`` and every stride
+    of ``tensors`` but the channel stride (1 in channels_last: the vectorised dimension). 1
+    (no hint) where a position stride is 1 (NCHW) or odd."""
+    align = max(1, 16 // tensors[0].element_size())
+    for value in (channels, *(s for t in tensors for d, s in enumerate(t.stride()) if d != 1)):
+        while align > 1 and value % align:
+            align //= 2
+    return align
 
 
 def check_device(x: torch.Tensor) -> None:

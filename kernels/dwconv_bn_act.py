@@ -72,6 +72,7 @@ from mobileops.kernels._common import (
     ACTIVATION_CODES,
     activation,
     activation_grad,
+    aligned,
     channel_block,
     last_of_channel_block,
     sum_rows_block,
@@ -149,7 +150,15 @@ def _forward_kernel(x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, y_ptr,
                     K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
                     NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                     INDEX64: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    # (the launcher checked ALIGN divides these; see _common.aligned)
+    C = aligned(C, ALIGN)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
+    syn = aligned(syn, ALIGN)
+    syh = aligned(syh, ALIGN)
+    syw = aligned(syw, ALIGN)
     n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(HO * WO, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     pmask = p < HO * WO
@@ -240,7 +249,7 @@ def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_
                   sxn, sxc, sxh, sxw, eps_hi, eps_lo, mom_hi, mom_lo,
                   K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
                   INDEX64: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-chunk mean and M2 (sum of squared deviations) of the conv output, per channel, into
     the partial rows (M2 rows at ``part + m2_offset``); the last program of each channel block
     merges its block's rows into mean and rstd and updates the running statistics.
@@ -248,6 +257,11 @@ def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_
     Each tile's values are centred on the tile mean while still in registers and merged into
     the running (count, mean, M2) with Chan's formula, so no sum-of-squares cancellation.
     """
+    # (the launcher checked ALIGN divides these; see _common.aligned)
+    C = aligned(C, ALIGN)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -287,10 +301,18 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
                       K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
                       HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                       INDEX64: tl.constexpr, ACC: tl.constexpr,
-                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Training backward, first pass: per-chunk sums of du and du * xhat (du = dL/du, the
     gradient at the BN output), recomputing the conv; the last program of each channel block
     adds its block's partial rows into sum_du and sum_dux."""
+    # (the launcher checked ALIGN divides these; see _common.aligned)
+    C = aligned(C, ALIGN)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
+    sdn = aligned(sdn, ALIGN)
+    sdh = aligned(sdh, ALIGN)
+    sdw = aligned(sdw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -330,13 +352,24 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
                        K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, ACT: tl.constexpr,
                        NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                        WEIGHT_GRAD: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
+                       ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, TAPS: tl.constexpr):
     """Backward, main pass: recompute z, form dz = dL/dz, store it, and accumulate the
     weight-gradient partials sum_p dz[p] * x[p + tap] for all K*K taps at once (a
     [BLOCK_P, TAPS, BLOCK_C] gather), at ``part + dw_offset``. Outside batch-stats mode also
     the partial sums of du, du * xhat (at ``part`` and ``part + dux_offset``), which there are
     outputs (``sum_du``, ``sum_dux``); in batch-stats mode those are inputs. The last program
     of each channel block adds its block's partial rows into dw (and the du sums)."""
+    # (the launcher checked ALIGN divides these; see _common.aligned)
+    C = aligned(C, ALIGN)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
+    sdn = aligned(sdn, ALIGN)
+    sdh = aligned(sdh, ALIGN)
+    sdw = aligned(sdw, ALIGN)
+    szn = aligned(szn, ALIGN)
+    szh = aligned(szh, ALIGN)
+    szw = aligned(szw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -407,8 +440,16 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
                szn, szc, szh, szw, sxn, sxc, sxh, sxw,
                K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                INDEX64: tl.constexpr, ACC: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+               ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = the transposed depthwise conv of dz, over input positions (gather, no atomics)."""
+    # (the launcher checked ALIGN divides these; see _common.aligned)
+    C = aligned(C, ALIGN)
+    szn = aligned(szn, ALIGN)
+    szh = aligned(szh, ALIGN)
+    szw = aligned(szw, ALIGN)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
     n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(H * W, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     pmask = p < H * W
@@ -574,8 +615,10 @@ def _forward_plan(x, weight, y, stride, padding, activation, norm, has_gamma, ha
     n, c, h, w, k, ho, wo = _common(x, identity if weight is None else weight, stride, padding)
     args = dict(C=c, H=h, W=w, HO=ho, WO=wo, **common.strides("sx", x), **common.strides("sy", y),
                 K=k, STRIDE=stride, PAD=padding, ACT=ACTIVATION_CODES[activation], NORM=NORM_CODES[norm],
-                HAS_GAMMA=has_gamma, HAS_BETA=has_beta, INDEX64=common.index64(x, y), ACC=common.acc_dtype(x)[0])
-    return _ForwardPlan(args, _tile_grid(n, ho * wo, c), common.fixed_meta(x, reduction=False), identity)
+                HAS_GAMMA=has_gamma, HAS_BETA=has_beta, INDEX64=common.index64(x, y), ACC=common.acc_dtype(x)[0],
+                ALIGN=common.alignment(c, x, y))
+    return _ForwardPlan(args, _tile_grid(n, ho * wo, c), common.fixed_meta(x, reduction=False, kernel_size=k),
+                        identity)
 
 
 def _stats_plan(x, weight, stride, padding, update_running) -> _StatsPlan:
@@ -587,10 +630,10 @@ def _stats_plan(x, weight, stride, padding, update_running) -> _StatsPlan:
     per_sample = common.cdiv(positions, chunk)
     rows = n * per_sample
     m2_offset = _padded(rows * c)
-    meta = common.fixed_meta(x, reduction=True)
+    meta = common.fixed_meta(x, reduction=True, kernel_size=k)
     args = dict(C=c, H=h, W=w, HO=ho, WO=wo, chunks_per_sample=per_sample, CHUNK=chunk, m2_offset=m2_offset,
                 **common.strides("sx", x), K=k, STRIDE=stride, PAD=padding, UPDATE_RUNNING=update_running,
-                INDEX64=common.index64(x), ACC=acc)
+                INDEX64=common.index64(x), ACC=acc, ALIGN=common.alignment(c, x))
     return _StatsPlan(args, _chunk_grid(rows, c), meta, identity, acc_t, m2_offset + rows * c,
                       _counters_needed(c, _stats_tuned, meta))
 
@@ -608,10 +651,11 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
         return _BackwardPlan(True, identity, acc_t, dz_shape, 0, 0, weight_grad, None, None, {}, None, None,
                              None, {}, None, None)
     # dx and dz as backward allocates them (without a conv dz is dx): only their strides matter here
-    dx_like = torch.empty(x.shape, device="meta", memory_format=fmt)
+    dx_like = torch.empty(x.shape, device="meta", dtype=x.dtype, memory_format=fmt)
+    dz_like = dx_like if identity is not None else torch.empty(dz_shape, device="meta", dtype=x.dtype,
+                                                               memory_format=fmt)
     dx_strides = common.strides("sx", dx_like)
-    dz_strides = common.strides("sz", dx_like if identity is not None else torch.empty(dz_shape, device="meta",
-                                                                                         memory_format=fmt))
+    dz_strides = common.strides("sz", dz_like)
     chunk = common.chunk_size(x, positions)
     per_sample = common.cdiv(positions, chunk)
     rows = n * per_sample
@@ -619,7 +663,7 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
     dw_offset = 2 * dux_offset
     scratch = dw_offset + (rows * c * taps if weight_grad else 0)
     shape_args = dict(C=c, H=h, W=w, HO=ho, WO=wo, K=k, STRIDE=stride, PAD=padding,
-                      INDEX64=common.index64(x, dy), ACC=acc)
+                      INDEX64=common.index64(x, dy), ACC=acc, ALIGN=common.alignment(c, x, dy, dx_like, dz_like))
     chunk_args = dict(chunks_per_sample=per_sample, CHUNK=chunk, dux_offset=dux_offset,
                       **common.strides("sx", x), **common.strides("sd", dy), ACT=ACTIVATION_CODES[activation],
                       HAS_GAMMA=has_gamma, HAS_BETA=has_beta, **shape_args)
@@ -627,13 +671,13 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
     sums_args = sums_meta = None
     if norm == NORM_CODES["batch"]:
         sums_args = chunk_args
-        sums_meta = common.fixed_meta(x, reduction=True)
+        sums_meta = common.fixed_meta(x, reduction=True, kernel_size=k)
         counters = _counters_needed(c, _grad_sums_tuned, sums_meta)
     # The weight gradient's [BLOCK_P, TAPS, BLOCK_C] gather bounds the tile; without it the
     # pass is a plain tile like the forward's.
     padded_taps = common.next_power_of_2(taps) if weight_grad else 1
     input_tuned = _grad_input_tuned(padded_taps)
-    input_meta = common.fixed_meta(x, reduction=True, taps=padded_taps)
+    input_meta = common.fixed_meta(x, reduction=True, taps=padded_taps, kernel_size=k)
     inv_hi, inv_lo = common.split_float(1.0 / (n * positions))
     input_args = dict(chunk_args, dw_offset=dw_offset, inv_count_hi=inv_hi, inv_count_lo=inv_lo, **dz_strides,
                       NORM=norm, WEIGHT_GRAD=weight_grad, TAPS=padded_taps)
@@ -642,7 +686,7 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
     dx_args = dict(**dz_strides, **dx_strides, **shape_args)
     return _BackwardPlan(False, identity, acc_t, dz_shape, scratch, counters, weight_grad, sums_args, sums_meta,
                          input_args, input_meta, input_tuned, _chunk_grid(rows, c), dx_args,
-                         common.fixed_meta(x, reduction=False), _tile_grid(n, h * w, c))
+                         common.fixed_meta(x, reduction=False, kernel_size=k), _tile_grid(n, h * w, c))
 
 
 # ----------------------------------------------------------------------------------------------

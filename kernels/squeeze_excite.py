@@ -56,7 +56,7 @@ import triton
 import triton.language as tl
 
 from mobileops.kernels import _common as common
-from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, tile_coords
+from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, aligned, tile_coords
 
 # The per-sample MLP's channel block, and the weight-gradient tiles and bias-sum blocks: fixed
 # (never tuned), so the MLP's and the weight gradients' reductions never change their blocking.
@@ -200,8 +200,12 @@ def _pool_mlp_kernel(x_ptr, part_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                      C, R, HW, W, chunks_per_sample, CHUNK, inv_hw_hi, inv_hw_lo, sxn, sxc, sxh, sxw,
                      HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, GATE: tl.constexpr, INDEX64: tl.constexpr,
                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, MLP_BLOCK_C: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                     ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-chunk channel sums of x; each sample's last program runs the sample's MLP."""
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     _store_channel_partials(x_ptr, x_ptr, part_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK, C,
@@ -219,10 +223,18 @@ def _pool_mlp_backward_kernel(x_ptr, dy_ptr, gate_ptr, scratch_ptr, count_ptr, w
                               sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, POST: tl.constexpr,
                               HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, GATE: tl.constexpr,
                               INDEX64: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-                              MLP_BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                              MLP_BLOCK_C: tl.constexpr, ALIGN: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
     """Per-chunk channel sums of dv * x; each sample's last program runs the sample's MLP backward.
     The partials and the MLP's outputs share one scratch buffer: partials first, the others at
     the ``*_at`` offsets (see _scratch_layout)."""
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
+    sdn = aligned(sdn, ALIGN)
+    sdh = aligned(sdh, ALIGN)
+    sdw = aligned(sdw, ALIGN)
     part_ptr = scratch_ptr
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
@@ -284,7 +296,14 @@ def _weight_grad_kernel(scratch_ptr, pooled_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_
 @triton.jit
 def _scale_kernel(x_ptr, gate_ptr, y_ptr, C, HW, W, sxn, sxc, sxh, sxw, syn, syc, syh, syw,
                   POST: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
+    syn = aligned(syn, ALIGN)
+    syh = aligned(syh, ALIGN)
+    syw = aligned(syw, ALIGN)
     n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(HW, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     m = (p < HW)[:, None] & cmask[None, :]
@@ -301,7 +320,17 @@ def _scale_kernel(x_ptr, gate_ptr, y_ptr, C, HW, W, sxn, sxc, sxh, sxw, syn, syc
 def _input_grad_kernel(x_ptr, dy_ptr, gate_ptr, scratch_ptr, dx_ptr, d_pooled_at, C, HW, W,
                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, son, soc, soh, sow,
                        POST: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                       ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn = aligned(sxn, ALIGN)
+    sxh = aligned(sxh, ALIGN)
+    sxw = aligned(sxw, ALIGN)
+    sdn = aligned(sdn, ALIGN)
+    sdh = aligned(sdh, ALIGN)
+    sdw = aligned(sdw, ALIGN)
+    son = aligned(son, ALIGN)
+    soh = aligned(soh, ALIGN)
+    sow = aligned(sow, ALIGN)
     n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(HW, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     m = (p < HW)[:, None] & cmask[None, :]
@@ -345,7 +374,7 @@ def _pool_plan(x: torch.Tensor, r: int, b1, b2, gate: str, index64: bool) -> dic
         consts=dict(C=c, R=r, HW=h * w, W=w, chunks_per_sample=per_sample, CHUNK=chunk, inv_hw_hi=inv_hi,
                     inv_hw_lo=inv_lo, **common.strides("sx", x), HAS_B1=b1 is not None, HAS_B2=b2 is not None,
                     GATE=ACTIVATION_CODES[gate], INDEX64=index64, ACC=acc, BLOCK_R=common.next_power_of_2(r),
-                    MLP_BLOCK_C=_MLP_BLOCK_C))
+                    MLP_BLOCK_C=_MLP_BLOCK_C, ALIGN=common.alignment(c, x)))
 
 
 def _elementwise_plan(x: torch.Tensor) -> tuple:
@@ -368,7 +397,8 @@ def _forward_plan(x, r, b1, b2, out, gate, post_act) -> dict:
     acc, _ = common.acc_dtype(x)
     plan["scale_meta"], plan["scale_grid_of"] = _elementwise_plan(x)
     plan["scale_consts"] = dict(C=c, HW=h * w, W=w, **common.strides("sx", x), **common.strides("sy", out),
-                                POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, out), ACC=acc)
+                                POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, out), ACC=acc,
+                                ALIGN=common.alignment(c, x, out))
     return plan
 
 
@@ -423,7 +453,7 @@ def _backward_plan(dy, x, r, b1, b2, gate, post_act, memory_format) -> dict:
     post = ACTIVATION_CODES[post_act]
     scratch = _scratch_layout(plan.pop("parts_shape"), n, c, r)
     plan["scratch_size"] = scratch.pop("size")
-    plan["consts"].update(**common.strides("sd", dy), POST=post, **scratch)
+    plan["consts"].update(**common.strides("sd", dy), POST=post, **scratch, ALIGN=common.alignment(c, x, dy))
     tiles = 2 * common.cdiv(c, _OUTER_BLOCK) * common.cdiv(r, _OUTER_BLOCK)  # dw2's and dw1's, each C x R
     bias_blocks = (common.cdiv(c, _BIAS_BLOCK_M) if b2 is not None else 0) + (
         common.cdiv(r, _BIAS_BLOCK_M) if b1 is not None else 0)
@@ -437,7 +467,8 @@ def _backward_plan(dy, x, r, b1, b2, gate, post_act, memory_format) -> dict:
     plan["input_meta"], plan["input_grid_of"] = _elementwise_plan(x)
     plan["input_consts"] = dict(d_pooled_at=scratch["d_pooled_at"], C=c, HW=h * w, W=w, **common.strides("sx", x),
                                 **common.strides("sd", dy), **common.strides("so", dx_like), POST=post,
-                                INDEX64=common.index64(x, dy, dx_like), ACC=acc)
+                                INDEX64=common.index64(x, dy, dx_like), ACC=acc,
+                                ALIGN=common.alignment(c, x, dy, dx_like))
     return plan
 
 

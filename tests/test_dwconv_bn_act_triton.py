@@ -192,8 +192,8 @@ def test_autotuning_updates_the_running_statistics_once(monkeypatch, fresh_plans
 
     kernels, common = _kernels(), _common()
     fixed_meta = common.fixed_meta
-    monkeypatch.setattr(common, "fixed_meta", lambda x, reduction, taps=1: None if reduction else
-                        fixed_meta(x, reduction, taps))
+    monkeypatch.setattr(common, "fixed_meta", lambda x, reduction, **kwargs: None if reduction else
+                        fixed_meta(x, reduction, **kwargs))
     tuned = kernels._stats_tuned
     monkeypatch.setattr(tuned, "configs", [triton.Config(dict(BLOCK_P=8, BLOCK_C=4)),
                                            triton.Config(dict(BLOCK_P=16, BLOCK_C=8))])

@@ -139,3 +139,33 @@ def test_the_report_has_every_field_and_a_table(quick_report):
     assert {row["op"] for row in data["rows"]} == {"dwconv_bn_act", "bn_act", "squeeze_excite"}
     assert all(row["registers"] > 0 for row in data["rows"]), "a kernel's ptxas line was not found"
     assert "| triton | dwconv_bn_act | train backward | _grad_input_kernel |" in table
+
+
+def test_the_alignment_hint_divides_the_channels_and_every_position_stride():
+    import torch
+
+    from mobileops.kernels import _common as common
+
+    cl = torch.channels_last
+    x72 = torch.empty(2, 72, 5, 5, dtype=torch.float16).contiguous(memory_format=cl)
+    assert common.alignment(72, x72) == 8  # 16 bytes of fp16, although 72 is no multiple of 16
+    assert common.alignment(72, x72.float()) == 4
+    assert common.alignment(20, torch.empty(2, 20, 5, 5, dtype=torch.float16).contiguous(memory_format=cl)) == 4
+    assert common.alignment(72, x72.contiguous()) == 1  # NCHW: the position stride along W is 1
+    wide = torch.empty(2, 80, 5, 5, dtype=torch.float16).contiguous(memory_format=cl)
+    assert common.alignment(72, wide[:, :72]) == 8  # a channel slice keeps its parent's strides
+    odd = torch.empty(2, 74, 5, 5, dtype=torch.float16).contiguous(memory_format=cl)[:, :72]
+    assert common.alignment(72, odd) == 2
+    assert common.alignment(72, x72, odd) == 2  # the smallest over every tensor of the launch
+
+
+def test_the_fixed_channel_block_wastes_at_most_an_eighth_of_its_lanes():
+    from mobileops.kernels import _common as common
+
+    assert common.channel_block_size(64) == 64
+    assert common.channel_block_size(72) == 16  # 64 would run 128 lanes for 72 channels
+    assert common.channel_block_size(120) == 64
+    assert common.channel_block_size(200) == 32
+    for c in range(9, 1000):
+        b = common.channel_block_size(c)
+        assert b in (8, 16, 32, 64) and (-(-c // b) * b - c) * 8 <= c or b == 8
