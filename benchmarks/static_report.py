@@ -20,7 +20,7 @@ One JSON row per (backend, kernel, layer, pass) with at least: ``backend``, ``ke
 ``shape`` (N, C, H, W of the op's input), ``grid``, ``programs_per_sm``, ``occupancy`` (resident
 warps / 64 per SM from registers, shared memory and warps per program), ``registers``,
 ``spills`` (spill store + load bytes), ``shared_bytes``, ``barriers`` (static ``bar.sync``
-count in the PTX), ``min_bytes`` (the activation-sized
+count in the PTX) and ``loop_barriers`` (those inside loops, paid every tile), ``min_bytes`` (the activation-sized
 tensors the pass must read and write once), ``vector_loads`` (whether the widest global load
 and store are 16-byte vectors, from the PTX) and ``load_widths`` / ``store_widths`` (static
 count of global accesses per width in bytes). The table printed (and written next to the JSON
@@ -75,9 +75,33 @@ _PTX_ACCESS = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global(?:\.[a-z0-9_:]+)*?(
 
 
 def barrier_count(ptx: str) -> int:
-    """Static count of block-wide barriers (``bar.sync`` / ``barrier.sync``) in PTX: each
-    cross-warp reduction or shared-memory layout change costs some."""
-    return len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx))
+    """Static count of block-wide barriers (``bar.sync`` / ``barrier.sync``) in the PTX of the
+    kernel's own body (the ``.entry``; Triton's noinline merge functions, which run once in one
+    program per block, are separate ``.func`` bodies and left out): each cross-warp reduction
+    or shared-memory layout change costs some."""
+    entries = _ptx_entries(ptx) or {"": ptx}
+    return sum(len(re.findall(r"\b(?:bar|barrier)\.sync\b", body)) for body in entries.values())
+
+
+def loop_barrier_count(ptx: str) -> int:
+    """Barriers inside loops of the kernel's own body: ``bar.sync`` lines between a label and a
+    later branch back to it. The per-iteration cost that a barrier count alone hides: a
+    reduction across warps inside the tile loop pays it every tile."""
+    total = 0
+    for body in (_ptx_entries(ptx) or {"": ptx}).values():
+        lines = body.splitlines()
+        labels = {}
+        in_loop = [False] * len(lines)
+        for i, line in enumerate(lines):
+            label = re.match(r"\s*(\$L__\w+):", line)
+            if label:
+                labels[label.group(1)] = i
+            branch = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", line)
+            if branch and branch.group(1) in labels:
+                for j in range(labels[branch.group(1)], i + 1):
+                    in_loop[j] = True
+        total += sum(1 for i, line in enumerate(lines) if in_loop[i] and re.search(r"\b(?:bar|barrier)\.sync\b", line))
+    return total
 
 
 def access_widths(ptx: str) -> tuple[dict, dict]:
@@ -146,7 +170,8 @@ def launch_row(backend: str, kernel: str, grid: tuple, warps: int, resources: di
                 programs_per_sm=round(programs / SM90["sms"], 2),
                 occupancy=occupancy(resources["registers"], resources["shared_bytes"], warps),
                 registers=resources["registers"], spills=resources["spills"],
-                shared_bytes=resources["shared_bytes"], barriers=resources["barriers"], min_bytes=min_bytes,
+                shared_bytes=resources["shared_bytes"], barriers=resources["barriers"],
+                loop_barriers=resources["loop_barriers"], min_bytes=min_bytes,
                 vector_loads=widest_load >= 16 and (not writes_activations or widest_store >= 16),
                 load_widths={str(k): v for k, v in sorted(loads.items())},
                 store_widths={str(k): v for k, v in sorted(stores.items())}, **extra)
@@ -269,6 +294,7 @@ class _TritonCompiler:
             resources = self._ptxas(ptx, compiled.metadata.name)
             resources["shared_bytes"] = max(resources["shared_bytes"], int(compiled.metadata.shared))
             resources["barriers"] = barrier_count(ptx)
+            resources["loop_barriers"] = loop_barrier_count(ptx)
             self.by_hash[key] = dict(resources=resources, widths=access_widths(ptx))
         found = self.by_hash[key]
         return kernel.__name__, grid, warps, found["resources"], found["widths"]
@@ -403,6 +429,7 @@ def compile_cuda() -> tuple[dict[tuple, dict], str]:
             for mangled, resources in parse_ptxas(log).items():
                 name, targs = _demangled_template(mangled)
                 resources["barriers"] = barrier_count(entries.get(mangled, ""))
+                resources["loop_barriers"] = loop_barrier_count(entries.get(mangled, ""))
                 found[(name, targs)] = dict(resources=resources, widths=access_widths(entries.get(mangled, "")))
     return found, version
 
@@ -493,6 +520,7 @@ def summary(rows: list[dict]) -> list[dict]:
                         registers=(min(r["registers"] for r in mine), max(r["registers"] for r in mine)),
                         spills=max(r["spills"] for r in mine),
                         barriers=(min(r["barriers"] for r in mine), max(r["barriers"] for r in mine)),
+                        loop_barriers=max(r["loop_barriers"] for r in mine),
                         shared_bytes=max(r["shared_bytes"] for r in mine),
                         occupancy=(min(r["occupancy"] for r in mine), max(r["occupancy"] for r in mine)),
                         programs_per_sm_16mb=(min(r["programs_per_sm"] for r in big),
@@ -509,13 +537,14 @@ def _span(pair, fmt="{}") -> str:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Static report: {meta['dtype']}, {meta['layout']}, batch {BATCH}, 640x640, sm_90 "
              f"({meta['triton_config']}); triton {meta['triton']}, nvcc {meta.get('nvcc', '-')}.", "",
-             "| backend | op | pass | kernel | layers | warps | registers | spills (B) | shared (B) | barriers | "
-             "occupancy | programs/SM (>= 16 MB: min, median) | 16-byte loads+stores |",
+             "| backend | op | pass | kernel | layers | warps | registers | spills (B) | shared (B) | "
+             "barriers (in loops) | occupancy | programs/SM (>= 16 MB: min, median) | 16-byte loads+stores |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary(rows):
         lines.append(f"| {s['backend']} | {s['op']} | {s['pass']} | {s['kernel']} | {s['layers']} | "
                      f"{','.join(map(str, s['warps']))} | {_span(s['registers'])} | {s['spills']} | "
-                     f"{s['shared_bytes']} | {_span(s['barriers'])} | {_span(s['occupancy'], '{:.0%}')} | "
+                     f"{s['shared_bytes']} | {_span(s['barriers'])} ({s['loop_barriers']}) | "
+                     f"{_span(s['occupancy'], '{:.0%}')} | "
                      f"{s['programs_per_sm_16mb'][0]:g}, {s['programs_per_sm_16mb'][1]:g} | "
                      f"{s['vector_loads']} of {s['layers']} |")
     return "\n".join(lines) + "\n"

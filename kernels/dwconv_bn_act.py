@@ -244,6 +244,15 @@ def _sum_block_columns(part_ptr, out_ptr, first, ROWS, M, ACC: tl.constexpr, WID
 
 
 @triton.jit
+def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan et al.'s merge of two (count, mean, M2) summaries; an empty one leaves the other."""
+    count = count_a + count_b
+    frac = tl.where(count > 0, count_b / tl.maximum(count, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
+
+
+@triton.jit
 def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr, counter_ptr,
                   C, H, W, HO, WO, chunks_per_sample, CHUNK, m2_offset,
                   sxn, sxc, sxh, sxw, eps_hi, eps_lo, mom_hi, mom_lo,
@@ -265,23 +274,24 @@ def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
-    count = tl.zeros([BLOCK_C], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    # Welford per lane (each tile position row sees one value per tile), merged across the rows
+    # once after the loop: a reduction over positions spans warps (shared memory, barriers),
+    # too dear to pay every tile.
+    lane_count = tl.zeros([BLOCK_P], dtype=ACC)
+    lane_mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    lane_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for t in range(start, end, BLOCK_P):
         p = t + tl.arange(0, BLOCK_P)
         pmask = p < end
         z = _conv_tile(x_ptr + n * sxn, w_ptr, c, cmask, p // WO, p % WO, pmask, H, W,
                        sxc, sxh, sxw, K, STRIDE, PAD, ACC, BLOCK_P, BLOCK_C)
-        t_count = tl.minimum(end - t, BLOCK_P).to(ACC)
-        t_mean = tl.sum(z, axis=0) / t_count  # masked positions hold exact zeros
-        d = tl.where(pmask[:, None], z - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, axis=0)
-        total = count + t_count
-        delta = t_mean - mean
-        mean += delta * (t_count / total)
-        m2 += t_m2 + delta * delta * (count * t_count / total)
-        count = total
+        lane_count += pmask.to(ACC)
+        step = tl.where(pmask, 1.0 / tl.maximum(lane_count, 1.0), 0.0)
+        delta = z - lane_mean
+        lane_mean += delta * step[:, None]
+        lane_m2 += delta * (z - lane_mean) * pmask.to(ACC)[:, None]
+    _, mean, m2 = tl.reduce((tl.broadcast_to(lane_count[:, None], (BLOCK_P, BLOCK_C)), lane_mean, lane_m2), 0,
+                            _chan_merge)
     row = pid.to(tl.int64) * C
     tl.store(part_ptr + row + c, mean, mask=cmask)
     tl.store(part_ptr + m2_offset + row + c, m2, mask=cmask)
@@ -318,8 +328,10 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
     end = tl.minimum(start + CHUNK, HO * WO)
     mean, rstd, gamma, beta = _channel_params(gamma_ptr, beta_ptr, mean_ptr, rstd_ptr, c, cmask, 0.0,
                                               2, HAS_GAMMA, HAS_BETA, ACC, BLOCK_C)
-    sum_du = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dux = tl.zeros([BLOCK_C], dtype=ACC)
+    # Per-lane sums, reduced across the tile once after the loop: a reduction over positions
+    # spans warps (shared memory and barriers), too dear to pay every tile.
+    lane_du = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    lane_dux = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for t in range(start, end, BLOCK_P):
         p = t + tl.arange(0, BLOCK_P)
         pmask = p < end
@@ -332,8 +344,10 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
         g = tl.load(dy_ptr + n * sdn + (oh * sdh + ow * sdw)[:, None] + (c * sdc)[None, :],
                     mask=m, other=0.0).to(ACC)
         du = tl.where(m, activation_grad(xhat * gamma[None, :] + beta[None, :], g, ACT), 0.0)
-        sum_du += tl.sum(du, axis=0)
-        sum_dux += tl.sum(du * xhat, axis=0)
+        lane_du += du
+        lane_dux += du * xhat
+    sum_du = tl.sum(lane_du, axis=0)
+    sum_dux = tl.sum(lane_dux, axis=0)
     row = pid.to(tl.int64) * C
     tl.store(part_ptr + row + c, sum_du, mask=cmask)
     tl.store(part_ptr + dux_offset + row + c, sum_dux, mask=cmask)
@@ -380,8 +394,8 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
         inv_count = tl.cast(inv_count_hi, ACC) + tl.cast(inv_count_lo, ACC)
         mean_du = tl.load(sum_du_ptr + c, mask=cmask, other=0.0).to(ACC) * inv_count
         mean_dux = tl.load(sum_dux_ptr + c, mask=cmask, other=0.0).to(ACC) * inv_count
-    sum_du = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dux = tl.zeros([BLOCK_C], dtype=ACC)
+    lane_du = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)  # per-lane sums (as in _grad_sums_kernel)
+    lane_dux = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     tap = tl.arange(0, TAPS)
     tap_ok = tap < K * K
     tap_h = tap // K - PAD
@@ -404,8 +418,8 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
             dz = (du - mean_du[None, :] - xhat * mean_dux[None, :]) * (gamma * rstd)[None, :]
             dz = tl.where(m, dz, 0.0)
         else:
-            sum_du += tl.sum(du, axis=0)
-            sum_dux += tl.sum(du * xhat, axis=0)
+            lane_du += du
+            lane_dux += du * xhat
             dz = du * (gamma * rstd)[None, :]
         tl.store(dz_ptr + n * szn + (oh * szh + ow * szw)[:, None] + (c * szc)[None, :],
                  dz.to(dz_ptr.dtype.element_ty), mask=m)
@@ -421,8 +435,8 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
         tl.store(part_ptr + dw_offset + row * C * (K * K) + c[None, :] * (K * K) + tap[:, None], acc_w,
                  mask=tap_ok[:, None] & cmask[None, :])
     if NORM != NORM_BATCH:
-        tl.store(part_ptr + row * C + c, sum_du, mask=cmask)
-        tl.store(part_ptr + dux_offset + row * C + c, sum_dux, mask=cmask)
+        tl.store(part_ptr + row * C + c, tl.sum(lane_du, axis=0), mask=cmask)
+        tl.store(part_ptr + dux_offset + row * C + c, tl.sum(lane_dux, axis=0), mask=cmask)
     if WEIGHT_GRAD or NORM != NORM_BATCH:
         if last_of_channel_block(counter_ptr):
             first = channel_block() * BLOCK_C

@@ -74,7 +74,8 @@ def _store_channel_partials(x_ptr, dy_ptr, gate_ptr, part_ptr, pid, n, start, c,
     end = tl.minimum(start + CHUNK, HW)
     if GRAD:
         g = tl.load(gate_ptr + n * C + c, mask=cmask, other=0.0).to(ACC)
-    acc = tl.zeros([BLOCK_C], dtype=ACC)
+    # per-lane sums, reduced across the tile once after the loop (see dwconv_bn_act._grad_sums_kernel)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for t in range(start, end, BLOCK_P):
         p = t + tl.arange(0, BLOCK_P)
         m = (p < end)[:, None] & cmask[None, :]
@@ -86,10 +87,10 @@ def _store_channel_partials(x_ptr, dy_ptr, gate_ptr, part_ptr, pid, n, start, c,
             dy = tl.load(dy_ptr + n * sdn + (h * sdh + w * sdw)[:, None] + (c * sdc)[None, :], mask=m,
                          other=0.0).to(ACC)
             dv = activation_grad(xv * g[None, :], dy, POST)
-            acc += tl.sum(tl.where(m, dv * xv, 0.0), axis=0)
+            acc += tl.where(m, dv * xv, 0.0)
         else:
-            acc += tl.sum(xv, axis=0)
-    tl.store(part_ptr + pid.to(tl.int64) * C + c, acc, mask=cmask)
+            acc += xv
+    tl.store(part_ptr + pid.to(tl.int64) * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
