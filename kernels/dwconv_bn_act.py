@@ -464,32 +464,53 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
     sxn = aligned(sxn, ALIGN)
     sxh = aligned(sxh, ALIGN)
     sxw = aligned(sxw, ALIGN)
-    n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(H * W, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
-    p = p0 + tl.arange(0, BLOCK_P)
-    pmask = p < H * W
-    ih = p // W
-    iw = p % W
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    row0 = ih + PAD
-    col0 = iw + PAD
-    w_c = w_ptr + c * (K * K)
-    for kh in tl.static_range(K):
-        th = row0 - kh
-        oh = th // STRIDE
-        h_ok = pmask & (th >= 0) & (oh < HO)
-        if STRIDE > 1:
-            h_ok = h_ok & (th % STRIDE == 0)
-        row_ptr = dz_ptr + n * szn + (oh * szh)[:, None] + (c * szc)[None, :]
-        row_ok = h_ok[:, None] & cmask[None, :]
-        for kw in tl.static_range(K):
-            tw = col0 - kw
-            ow = tw // STRIDE
-            ok = (tw >= 0) & (ow < WO)
-            if STRIDE > 1:
-                ok = ok & (tw % STRIDE == 0)
-            g = tl.load(row_ptr + (ow * szw)[:, None], mask=row_ok & ok[:, None], other=0.0)
-            wv = tl.load(w_c + (kh * K + kw), mask=cmask, other=0.0)
-            acc += g.to(ACC) * wv.to(ACC)[None, :]
+    if STRIDE == 1:
+        n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(H * W, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < H * W
+        ih = p // W
+        iw = p % W
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        w_c = w_ptr + c * (K * K)
+        for kh in tl.static_range(K):
+            oh = ih + PAD - kh
+            row_ptr = dz_ptr + n * szn + (oh * szh)[:, None] + (c * szc)[None, :]
+            row_ok = (pmask & (oh >= 0) & (oh < HO))[:, None] & cmask[None, :]
+            for kw in tl.static_range(K):
+                ow = iw + PAD - kw
+                g = tl.load(row_ptr + (ow * szw)[:, None], mask=row_ok & ((ow >= 0) & (ow < WO))[:, None], other=0.0)
+                wv = tl.load(w_c + (kh * K + kw), mask=cmask, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
+    else:
+        # By output phase: the program's input positions share (ih % STRIDE, iw % STRIDE), so the
+        # taps that reach an output position are the same for all of them (kh = kh0, kh0 +
+        # STRIDE, ...), about K*K / STRIDE**2 of the K*K; the taps are added in the same order
+        # as at stride 1, without the exact zeros of the others.
+        hp = tl.cdiv(H, STRIDE)
+        wp = tl.cdiv(W, STRIDE)
+        tiles_per_phase = tl.cdiv(hp * wp, BLOCK_P)
+        n, r0, c, cmask = tile_coords(tl.program_id(0), STRIDE * STRIDE * tiles_per_phase, C, 1, BLOCK_C, INDEX64)
+        phase = r0 // tiles_per_phase
+        ph = phase // STRIDE
+        pw = phase % STRIDE
+        q = (r0 % tiles_per_phase) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ih = ph + STRIDE * (q // wp)
+        iw = pw + STRIDE * (q % wp)
+        pmask = (q < hp * wp) & (ih < H) & (iw < W)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        w_c = w_ptr + c * (K * K)
+        kh0 = (ph + PAD) % STRIDE
+        kw0 = (pw + PAD) % STRIDE
+        for kh in range(kh0, K, STRIDE):
+            oh = (ih + PAD - kh) // STRIDE  # exact: ih + PAD - kh is a multiple of STRIDE
+            row_ptr = dz_ptr + n * szn + (oh * szh)[:, None] + (c * szc)[None, :]
+            row_ok = (pmask & (ih + PAD >= kh) & (oh < HO))[:, None] & cmask[None, :]
+            for kw in range(kw0, K, STRIDE):
+                ow = (iw + PAD - kw) // STRIDE
+                ok = (iw + PAD >= kw) & (ow < WO)
+                g = tl.load(row_ptr + (ow * szw)[:, None], mask=row_ok & ok[:, None], other=0.0)
+                wv = tl.load(w_c + (kh * K + kw), mask=cmask, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
     offs = n * sxn + (ih * sxh + iw * sxw)[:, None] + (c * sxc)[None, :]
     tl.store(dx_ptr + offs, acc.to(dx_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 
@@ -544,6 +565,25 @@ def _tile_grid(n: int, positions: int, channels: int):
         grid = grids.get(blocks)
         if grid is None:
             grid = grids[blocks] = common.channel_grid(n * common.cdiv(positions, blocks[0]), channels, blocks[1])
+        return grid
+
+    return grid_of
+
+
+def _dx_grid(n: int, h: int, w: int, stride: int, channels: int):
+    """``grid_of`` for :func:`_dx_kernel`: BLOCK_P-position tiles of every sample's input, at
+    stride > 1 per output phase (stride**2 phases of ceil(h / stride) x ceil(w / stride))."""
+    if stride == 1:
+        return _tile_grid(n, h * w, channels)
+    grids = {}
+    phase_positions = common.cdiv(h, stride) * common.cdiv(w, stride)
+
+    def grid_of(meta):
+        blocks = meta["BLOCK_P"], meta["BLOCK_C"]
+        grid = grids.get(blocks)
+        if grid is None:
+            tiles = stride * stride * common.cdiv(phase_positions, blocks[0])
+            grid = grids[blocks] = common.channel_grid(n * tiles, channels, blocks[1])
         return grid
 
     return grid_of
@@ -700,7 +740,7 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
     dx_args = dict(**dz_strides, **dx_strides, **shape_args)
     return _BackwardPlan(False, identity, acc_t, dz_shape, scratch, counters, weight_grad, sums_args, sums_meta,
                          input_args, input_meta, input_tuned, _chunk_grid(rows, c), dx_args,
-                         common.fixed_meta(x, reduction=False, kernel_size=k), _tile_grid(n, h * w, c))
+                         common.fixed_meta(x, reduction=False, kernel_size=k), _dx_grid(n, h, w, stride, c))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -574,3 +574,43 @@ def test_bn_act_low_precision_within_the_error_bound(monkeypatch, dtype, layout)
         for name, o, r, b in zip(("dgamma", "dbeta", "running_mean", "running_var"), ours[2:], ref[2:], base[2:]):
             err, base_err = relative_norm_error(o, r), relative_norm_error(b, r)
             assert err <= 2 * base_err + FLOORS[dtype], f"bn_act {name}: error {err:.3g}, torch's {base_err:.3g}"
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_stride_two_dx_loads_only_the_taps_that_reach_an_output(monkeypatch, k):
+    """At stride 2 an input position receives from about K*K/4 of the K*K taps; the dx kernel
+    runs per output phase, so its dz loads are the valid taps (masked only at the borders),
+    not all K*K with three quarters masked off."""
+    from triton.runtime import interpreter
+
+    kernels, common = _kernels(), _common()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 13, 13, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 1, k, k, generator=g)
+    stat = torch.ones(16)
+    dy = torch.randn(2, 16, 7, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    captured = []
+    real_launch = common.launch
+    monkeypatch.setattr(common, "launch", lambda *launch: captured.append(launch) or real_launch(*launch))
+    dx, *_ = kernels.backward(dy, x, w, stat, stat, stat, stat, stride=2, padding=(k - 1) // 2, activation="relu",
+                              norm="batch", eps=1e-5, weight_grad=True, memory_format=torch.channels_last)
+    dx_launch = [launch for launch in captured if launch[0] is kernels._dx_kernel]
+    assert len(dx_launch) == 1
+    lanes = []
+    real_load = interpreter.InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        if mask.data.ndim == 2:  # the dz tiles ([BLOCK_P, BLOCK_C]); weights are [BLOCK_C]
+            lanes.append((mask.data.size, int(mask.data.sum())))
+        return real_load(self, ptrs, mask, other, cache_policy, is_volatile)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", counting_load)
+    again = torch.full_like(dx, float("nan"))
+    real_launch(*dx_launch[0][:3], dict(dx_launch[0][3], dx_ptr=again), dx_launch[0][4])
+    torch.testing.assert_close(again, dx, rtol=0, atol=0)  # the same kernel, the same result
+    issued, valid = map(sum, zip(*lanes))
+    # Each input position of a 13x13 map at stride 2 receives ceil(k/2) or floor(k/2) taps per
+    # dimension; the phases' tiles (ceil(13/2)**2 = 49 positions) are mostly full tiles here.
+    loads_per_position = len(lanes) * dx_launch[0][4]["BLOCK_P"] * (16 // dx_launch[0][4]["BLOCK_C"]) / (2 * 13 * 13)
+    assert loads_per_position < k * k / 2, f"{loads_per_position:.1f} dz tile loads per position: all taps issued"
+    assert valid / issued > 0.5, f"only {valid / issued:.0%} of the dz lanes loaded were needed"
