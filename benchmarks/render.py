@@ -2,6 +2,9 @@
 
     python benchmarks/render.py                       # every benchmarks/results/*.json
     python benchmarks/render.py path/to/run.json ...  # chosen files
+
+The tables of ``benchmarks/static_report.py`` runs (``benchmarks/results/static/*.md``, newest
+first) follow the measured runs: what the kernels compile to, without a GPU.
 """
 
 import sys
@@ -19,7 +22,20 @@ def main(argv):
         return 2
     for path in render(files, HERE / "RESULTS.md"):
         print(f"wrote {path}")
+    append_static_reports(HERE / "RESULTS.md", sorted((HERE / "results" / "static").glob("*.md"), reverse=True))
     return 0
+
+
+def append_static_reports(markdown: Path, tables: list[Path]) -> None:
+    """Add a section per static report table to the rendered results."""
+    if not tables:
+        return
+    lines = ["", "## Static reports (compiled for sm_90 on a CPU; nothing timed)", "",
+             "Written by `python benchmarks/static_report.py --out benchmarks/results/static/NAME.json`; "
+             "columns in benchmarks/README.md.", ""]
+    for table in tables:
+        lines += [f"### `{table.name}`", "", table.read_text().strip(), ""]
+    markdown.write_text(markdown.read_text().rstrip("\n") + "\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -190,11 +190,12 @@ def layer_calls(quick: bool) -> list[dict]:
     for op, entries in cases.op_shapes().items():
         for (c, h, w), opts, detector in entries:
             calls.append(dict(op=op, shape=(BATCH, c, h, w), options=dict(opts), detector=detector))
-    if quick:  # the largest and the smallest call of each op
+    if quick:  # per op the largest and the smallest call, and a 5x5 one with channels not a multiple of 16
         picked = []
         for op in ("dwconv_bn_act", "bn_act", "squeeze_excite"):
             mine = sorted((c for c in calls if c["op"] == op), key=lambda c: c["shape"][1] * c["shape"][2] ** 2)
             picked += [mine[-1], mine[0]] if len(mine) > 1 else mine
+            picked += [c for c in mine if c["options"].get("kernel") == 5 and c["shape"][1] % 16][:1]
         calls = picked
     return calls
 
@@ -556,7 +557,8 @@ def main() -> None:
     parser.add_argument("--backend", choices=["triton", "cuda", "both"], default="both")
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     parser.add_argument("--layout", choices=["channels_last", "nchw"], default="channels_last")
-    parser.add_argument("--quick", action="store_true", help="the largest and smallest layer of each op only")
+    parser.add_argument("--quick", action="store_true",
+                        help="per op the largest and smallest layer, and a 5x5 one with C %% 16 != 0")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the kernels must be compiled, not interpreted")

@@ -238,8 +238,11 @@ def test_host_overhead_script_times_every_op_with_stubbed_launches(monkeypatch, 
     script.main()
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     calls = list(script.fused_calls(torch.device("cpu"), torch.float16))
-    assert [r["call"] for r in rows] == calls * 2
-    assert [r["mode"] for r in rows] == ["mobileops python"] * len(calls) + ["eager composition"] * len(calls)
+    floors = list(script.floor_calls(torch.device("cpu"), torch.float16))
+    assert floors == [c for c in calls if c.endswith("forward+backward")]
+    assert [r["call"] for r in rows] == calls + floors + calls
+    assert [r["mode"] for r in rows] == (["mobileops python"] * len(calls) + ["autograd floor"] * len(floors)
+                                         + ["eager composition"] * len(calls))
     assert all(r["us_median"] > 0 and r["us_min"] <= r["us_median"] <= r["us_max"] and r["torch"] == torch.__version__
                for r in rows)
     # launches per call, counted with the launches stubbed (the design's limits)

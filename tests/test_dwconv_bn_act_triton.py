@@ -614,3 +614,22 @@ def test_stride_two_dx_loads_only_the_taps_that_reach_an_output(monkeypatch, k):
     loads_per_position = len(lanes) * dx_launch[0][4]["BLOCK_P"] * (16 // dx_launch[0][4]["BLOCK_C"]) / (2 * 13 * 13)
     assert loads_per_position < k * k / 2, f"{loads_per_position:.1f} dz tile loads per position: all taps issued"
     assert valid / issued > 0.5, f"only {valid / issued:.0%} of the dz lanes loaded were needed"
+
+
+@interpreter_only
+def test_batch_statistics_do_not_cancel_on_a_large_mean(monkeypatch, fresh_plans):
+    """Values 1e4 with a spread of 1e-1 in float32: a sum-of-squares variance would lose every
+    digit (E[x^2] is 1e8, its float32 ulp 8, the variance 1e-2); the per-lane Welford sums and
+    Chan merges keep it to the rounding of the deviations (the mean's ulp, 1e-3, against a
+    spread of 0.1: about 1%). Small tiles and chunks: several tiles per chunk (the last
+    partial), several chunks per sample."""
+    monkeypatch.setattr(_common(), "INTERPRETER_META", dict(BLOCK_P=8, BLOCK_C=4))
+    monkeypatch.setattr(_common(), "INTERPRETER_CHUNK", 20)
+    kernels = _kernels()
+    g = torch.Generator().manual_seed(0)
+    x = (1e4 + 0.1 * torch.randn(3, 6, 7, 9, generator=g)).contiguous(memory_format=torch.channels_last)
+    mean, rstd = kernels.batch_stats(x, None, None, None, stride=1, padding=0, momentum=0.1, eps=0.0)
+    x64 = x.double()
+    var64 = x64.var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), x64.mean(dim=(0, 2, 3)), rtol=4e-7, atol=0)  # a few ulps
+    torch.testing.assert_close((1 / rstd.double() ** 2), var64, rtol=1e-2, atol=0)
