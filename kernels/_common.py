@@ -97,6 +97,12 @@ def aligned(v, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def aligned_strides(sn, sh, sw, ALIGN: tl.constexpr):
+    """:func:`aligned` of a tensor's position strides (sample, row, column)."""
+    return aligned(sn, ALIGN), aligned(sh, ALIGN), aligned(sw, ALIGN)
+
+
+@triton.jit
 def sum_rows_block(in_ptr, out_ptr, m, mmask, ROWS, M, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
                    CACHE: tl.constexpr):
     """out[m] = sum_r in[r, m] for the columns ``m`` (where ``mmask``) of the row-major

@@ -73,6 +73,7 @@ from mobileops.kernels._common import (
     activation,
     activation_grad,
     aligned,
+    aligned_strides,
     channel_block,
     last_of_channel_block,
     sum_rows_block,
@@ -151,14 +152,9 @@ def _forward_kernel(x_ptr, w_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, y_ptr,
                     NORM: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
                     INDEX64: tl.constexpr, ACC: tl.constexpr,
                     ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # (the launcher checked ALIGN divides these; see _common.aligned)
-    C = aligned(C, ALIGN)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
-    syn = aligned(syn, ALIGN)
-    syh = aligned(syh, ALIGN)
-    syw = aligned(syw, ALIGN)
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
+    syn, syh, syw = aligned_strides(syn, syh, syw, ALIGN)
     n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(HO * WO, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     pmask = p < HO * WO
@@ -244,15 +240,6 @@ def _sum_block_columns(part_ptr, out_ptr, first, ROWS, M, ACC: tl.constexpr, WID
 
 
 @triton.jit
-def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """Chan et al.'s merge of two (count, mean, M2) summaries; an empty one leaves the other."""
-    count = count_a + count_b
-    frac = tl.where(count > 0, count_b / tl.maximum(count, 1.0), 0.0)
-    delta = mean_b - mean_a
-    return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
-
-
-@triton.jit
 def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr, counter_ptr,
                   C, H, W, HO, WO, chunks_per_sample, CHUNK, m2_offset,
                   sxn, sxc, sxh, sxw, eps_hi, eps_lo, mom_hi, mom_lo,
@@ -263,14 +250,12 @@ def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_
     the partial rows (M2 rows at ``part + m2_offset``); the last program of each channel block
     merges its block's rows into mean and rstd and updates the running statistics.
 
-    Each tile's values are centred on the tile mean while still in registers and merged into
-    the running (count, mean, M2) with Chan's formula, so no sum-of-squares cancellation.
+    Each lane (a tile position row) keeps a Welford (count, mean, M2) over the tiles, and the
+    lanes are merged with Chan's formula after the loop: deviations from means throughout, so
+    no sum-of-squares cancellation, and no cross-warp reduction inside the loop.
     """
-    # (the launcher checked ALIGN divides these; see _common.aligned)
-    C = aligned(C, ALIGN)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -290,8 +275,12 @@ def _stats_kernel(x_ptr, w_ptr, part_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_
         delta = z - lane_mean
         lane_mean += delta * step[:, None]
         lane_m2 += delta * (z - lane_mean) * pmask.to(ACC)[:, None]
-    _, mean, m2 = tl.reduce((tl.broadcast_to(lane_count[:, None], (BLOCK_P, BLOCK_C)), lane_mean, lane_m2), 0,
-                            _chan_merge)
+    # The lanes' summaries merged at once (the parallel form of Chan et al.'s formula): the
+    # weighted mean, then M2 = sum of the lanes' M2 + n_i * (mean_i - mean)^2.
+    counts = lane_count[:, None]
+    mean = tl.sum(counts * lane_mean, axis=0) / tl.maximum(tl.sum(lane_count, axis=0), 1.0)
+    dev = tl.where(counts > 0, lane_mean - mean[None, :], 0.0)
+    m2 = tl.sum(lane_m2 + counts * dev * dev, axis=0)
     row = pid.to(tl.int64) * C
     tl.store(part_ptr + row + c, mean, mask=cmask)
     tl.store(part_ptr + m2_offset + row + c, m2, mask=cmask)
@@ -315,14 +304,9 @@ def _grad_sums_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, rstd_
     """Training backward, first pass: per-chunk sums of du and du * xhat (du = dL/du, the
     gradient at the BN output), recomputing the conv; the last program of each channel block
     adds its block's partial rows into sum_du and sum_dux."""
-    # (the launcher checked ALIGN divides these; see _common.aligned)
-    C = aligned(C, ALIGN)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
-    sdn = aligned(sdn, ALIGN)
-    sdh = aligned(sdh, ALIGN)
-    sdw = aligned(sdw, ALIGN)
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
+    sdn, sdh, sdw = aligned_strides(sdn, sdh, sdw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -373,17 +357,10 @@ def _grad_input_kernel(x_ptr, w_ptr, dy_ptr, gamma_ptr, beta_ptr, mean_ptr, var_
     the partial sums of du, du * xhat (at ``part`` and ``part + dux_offset``), which there are
     outputs (``sum_du``, ``sum_dux``); in batch-stats mode those are inputs. The last program
     of each channel block adds its block's partial rows into dw (and the du sums)."""
-    # (the launcher checked ALIGN divides these; see _common.aligned)
-    C = aligned(C, ALIGN)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
-    sdn = aligned(sdn, ALIGN)
-    sdh = aligned(sdh, ALIGN)
-    sdw = aligned(sdw, ALIGN)
-    szn = aligned(szn, ALIGN)
-    szh = aligned(szh, ALIGN)
-    szw = aligned(szw, ALIGN)
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
+    sdn, sdh, sdw = aligned_strides(sdn, sdh, sdw, ALIGN)
+    szn, szh, szw = aligned_strides(szn, szh, szw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     end = tl.minimum(start + CHUNK, HO * WO)
@@ -455,15 +432,11 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
                K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                INDEX64: tl.constexpr, ACC: tl.constexpr,
                ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = the transposed depthwise conv of dz, over input positions (gather, no atomics)."""
-    # (the launcher checked ALIGN divides these; see _common.aligned)
-    C = aligned(C, ALIGN)
-    szn = aligned(szn, ALIGN)
-    szh = aligned(szh, ALIGN)
-    szw = aligned(szw, ALIGN)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
+    """dx = the transposed depthwise conv of dz, over input positions (gather, no atomics); at
+    stride > 1 each program takes the positions of one output phase (grid: ``_dx_grid``)."""
+    C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
+    szn, szh, szw = aligned_strides(szn, szh, szw, ALIGN)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
     if STRIDE == 1:
         n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(H * W, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
         p = p0 + tl.arange(0, BLOCK_P)

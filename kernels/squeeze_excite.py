@@ -56,7 +56,14 @@ import triton
 import triton.language as tl
 
 from mobileops.kernels import _common as common
-from mobileops.kernels._common import ACTIVATION_CODES, activation, activation_grad, aligned, tile_coords
+from mobileops.kernels._common import (
+    ACTIVATION_CODES,
+    activation,
+    activation_grad,
+    aligned,
+    aligned_strides,
+    tile_coords,
+)
 
 # The per-sample MLP's channel block, and the weight-gradient tiles and bias-sum blocks: fixed
 # (never tuned), so the MLP's and the weight gradients' reductions never change their blocking.
@@ -204,9 +211,7 @@ def _pool_mlp_kernel(x_ptr, part_ptr, count_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                      ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per-chunk channel sums of x; each sample's last program runs the sample's MLP."""
     C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
     _store_channel_partials(x_ptr, x_ptr, part_ptr, part_ptr, pid, n, start, c, cmask, HW, W, CHUNK, C,
@@ -230,12 +235,8 @@ def _pool_mlp_backward_kernel(x_ptr, dy_ptr, gate_ptr, scratch_ptr, count_ptr, w
     The partials and the MLP's outputs share one scratch buffer: partials first, the others at
     the ``*_at`` offsets (see _scratch_layout)."""
     C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
-    sdn = aligned(sdn, ALIGN)
-    sdh = aligned(sdh, ALIGN)
-    sdw = aligned(sdw, ALIGN)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
+    sdn, sdh, sdw = aligned_strides(sdn, sdh, sdw, ALIGN)
     part_ptr = scratch_ptr
     pid = tl.program_id(0)
     n, start, c, cmask = tile_coords(pid, chunks_per_sample, C, CHUNK, BLOCK_C, INDEX64)
@@ -299,12 +300,8 @@ def _scale_kernel(x_ptr, gate_ptr, y_ptr, C, HW, W, sxn, sxc, sxh, sxw, syn, syc
                   POST: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr,
                   ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
-    syn = aligned(syn, ALIGN)
-    syh = aligned(syh, ALIGN)
-    syw = aligned(syw, ALIGN)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
+    syn, syh, syw = aligned_strides(syn, syh, syw, ALIGN)
     n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(HW, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     m = (p < HW)[:, None] & cmask[None, :]
@@ -323,15 +320,9 @@ def _input_grad_kernel(x_ptr, dy_ptr, gate_ptr, scratch_ptr, dx_ptr, d_pooled_at
                        POST: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr,
                        ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
-    sxn = aligned(sxn, ALIGN)
-    sxh = aligned(sxh, ALIGN)
-    sxw = aligned(sxw, ALIGN)
-    sdn = aligned(sdn, ALIGN)
-    sdh = aligned(sdh, ALIGN)
-    sdw = aligned(sdw, ALIGN)
-    son = aligned(son, ALIGN)
-    soh = aligned(soh, ALIGN)
-    sow = aligned(sow, ALIGN)
+    sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
+    sdn, sdh, sdw = aligned_strides(sdn, sdh, sdw, ALIGN)
+    son, soh, sow = aligned_strides(son, soh, sow, ALIGN)
     n, p0, c, cmask = tile_coords(tl.program_id(0), tl.cdiv(HW, BLOCK_P), C, BLOCK_P, BLOCK_C, INDEX64)
     p = p0 + tl.arange(0, BLOCK_P)
     m = (p < HW)[:, None] & cmask[None, :]
