@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -56,6 +57,9 @@ import torch.nn.functional as F
 SHAPE = (32, 128, 20, 20)
 EAGER_CPU_SHAPE = (1, 8, 4, 4)
 REDUCED = 32  # SE's hidden width (EAGER_CPU_SHAPE: 4)
+#: The inputs (keys of ``_inputs``) each op's training forward+backward differentiates.
+DIFFERENTIATED = {"dwconv_bn_act": ("x", "w", "gamma", "beta"), "bn_act": ("x", "gamma", "beta"),
+                  "squeeze_excite": ("x", "fc1", "fc2")}
 WARMUP_CALLS = 5  # untimed calls before each timing (the launch count divides them out)
 LAUNCHER_MODE = "through triton's launcher"
 
@@ -104,8 +108,7 @@ def fused_calls(device, dtype) -> dict:
                                                              a["rv"], activation="relu6"),
         "squeeze_excite inference": lambda: ops.squeeze_excite(a["x"], a["fc1"], None, a["fc2"], None),
         "dwconv_bn_act train forward": dw_train,
-    }, {"dwconv_bn_act": (dw_train, ("x", "w", "gamma", "beta")), "bn_act": (bn_train, ("x", "gamma", "beta")),
-        "squeeze_excite": (se_train, ("x", "fc1", "fc2"))}, t)
+    }, {"dwconv_bn_act": dw_train, "bn_act": bn_train, "squeeze_excite": se_train}, t)
 
 
 def eager_calls(device, dtype, shape=SHAPE) -> dict:
@@ -128,9 +131,8 @@ def eager_calls(device, dtype, shape=SHAPE) -> dict:
         "dwconv_bn_act inference": lambda: conv_bn(a, F.relu6, False),
         "squeeze_excite inference": lambda: se(a),
         "dwconv_bn_act train forward": lambda: conv_bn(t, F.hardswish, True),
-    }, {"dwconv_bn_act": (lambda: conv_bn(t, F.hardswish, True), ("x", "w", "gamma", "beta")),
-        "bn_act": (lambda: bn(t, F.hardswish, True), ("x", "gamma", "beta")),
-        "squeeze_excite": (lambda: se(t), ("x", "fc1", "fc2"))}, t)
+    }, {"dwconv_bn_act": lambda: conv_bn(t, F.hardswish, True), "bn_act": lambda: bn(t, F.hardswish, True),
+        "squeeze_excite": lambda: se(t)}, t)
 
 
 class _NoOpCall(torch.autograd.Function):
@@ -150,25 +152,20 @@ def floor_calls(device, dtype) -> dict:
     """name -> zero-argument call: each op's training forward+backward as a no-op Function over
     the inputs the fused op differentiates."""
     t = _trainable(_inputs(device, dtype))
-    trained = {"dwconv_bn_act": ("x", "w", "gamma", "beta"), "bn_act": ("x", "gamma", "beta"),
-               "squeeze_excite": ("x", "fc1", "fc2")}
-
-    def step(names):
-        inputs = [t[n] for n in names]
-        return lambda: torch.autograd.grad(_NoOpCall.apply(*inputs), inputs, t["dy"])
-
-    return {f"{op} train forward+backward": step(names) for op, names in trained.items()}
+    forwards = {op: functools.partial(_NoOpCall.apply, *(t[n] for n in names)) for op, names in DIFFERENTIATED.items()}
+    return {name: fn for name, (fn, _) in _with_backward({}, forwards, t).items()}
 
 
-def _with_backward(calls: dict, trained: dict, t: dict) -> dict:
-    """Add a ``<op> train forward+backward`` call per op: ``autograd.grad`` (not ``backward()``,
-    whose accumulation into ``.grad`` would add a pass over x)."""
+def _with_backward(calls: dict, forwards: dict, t: dict) -> dict:
+    """Add a ``<op> train forward+backward`` call per op of ``forwards`` (op -> its training
+    forward): ``autograd.grad`` over :data:`DIFFERENTIATED` (not ``backward()``, whose
+    accumulation into ``.grad`` would add a pass over x)."""
     def step(forward, names):
         return lambda: torch.autograd.grad(forward(), [t[n] for n in names], t["dy"])
 
     calls = {name: (fn, "train" in name) for name, fn in calls.items()}
-    for op, (forward, names) in trained.items():
-        calls[f"{op} train forward+backward"] = (step(forward, names), True)
+    for op, forward in forwards.items():
+        calls[f"{op} train forward+backward"] = (step(forward, DIFFERENTIATED[op]), True)
     return calls
 
 

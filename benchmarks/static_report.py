@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -74,13 +75,16 @@ _PTX_ACCESS = re.compile(r"^\s*(?:@%p\d+\s+)?(ld|st)\.global(?:\.[a-z0-9_:]+)*?(
                          re.MULTILINE)
 
 
+_BARRIER = re.compile(r"\b(?:bar|barrier)\.sync\b")
+
+
 def barrier_count(ptx: str) -> int:
     """Static count of block-wide barriers (``bar.sync`` / ``barrier.sync``) in the PTX of the
     kernel's own body (the ``.entry``; Triton's noinline merge functions, which run once in one
     program per block, are separate ``.func`` bodies and left out): each cross-warp reduction
     or shared-memory layout change costs some."""
     entries = _ptx_entries(ptx) or {"": ptx}
-    return sum(len(re.findall(r"\b(?:bar|barrier)\.sync\b", body)) for body in entries.values())
+    return sum(len(_BARRIER.findall(body)) for body in entries.values())
 
 
 def loop_barrier_count(ptx: str) -> int:
@@ -100,7 +104,7 @@ def loop_barrier_count(ptx: str) -> int:
             if branch and branch.group(1) in labels:
                 for j in range(labels[branch.group(1)], i + 1):
                     in_loop[j] = True
-        total += sum(1 for i, line in enumerate(lines) if in_loop[i] and re.search(r"\b(?:bar|barrier)\.sync\b", line))
+        total += sum(1 for i, line in enumerate(lines) if in_loop[i] and _BARRIER.search(line))
     return total
 
 
@@ -160,9 +164,7 @@ def launch_row(backend: str, kernel: str, grid: tuple, warps: int, resources: di
     """One report row. ``vector_loads``: the widest global load is a 16-byte vector, and so is
     the widest store where the kernel writes an activation-sized tensor (partial sums and
     per-channel results are small, scalar stores are fine there)."""
-    programs = 1
-    for g in grid:
-        programs *= g
+    programs = math.prod(grid)
     loads, stores = ptx_widths
     widest_load = max(loads, default=0)
     widest_store = max(stores, default=0)
@@ -282,12 +284,11 @@ class _TritonCompiler:
     def capture(self, helper) -> list[tuple]:
         return self.driver.capture(self.common, helper)
 
-    def compile(self, captured) -> tuple[str, tuple, int, dict, tuple]:
-        """(kernel name, grid, num_warps, resources, PTX access widths) of one captured launch."""
-        kernel, _, grid_of, args, meta = captured
+    def compile(self, captured, grid: tuple) -> tuple[int, dict, tuple]:
+        """(num_warps, resources, PTX access widths) of one captured launch with its ``grid``."""
+        kernel, _, _, args, meta = captured
         meta = dict(meta)
         warps = meta.pop("num_warps", 4)
-        grid = tuple(grid_of(meta))
         compiled = kernel[grid](**args, **meta, num_warps=warps)
         key = compiled.hash
         if key not in self.by_hash:
@@ -298,7 +299,7 @@ class _TritonCompiler:
             resources["loop_barriers"] = loop_barrier_count(ptx)
             self.by_hash[key] = dict(resources=resources, widths=access_widths(ptx))
         found = self.by_hash[key]
-        return kernel.__name__, grid, warps, found["resources"], found["widths"]
+        return warps, found["resources"], found["widths"]
 
     @staticmethod
     def _ptxas(ptx: str, name: str) -> dict:
@@ -342,7 +343,8 @@ def triton_rows(calls: list[dict], dtype_name: str, layout_name: str) -> list[di
     compiler = _TritonCompiler()
     rows = []
     for call, pass_name, captured, grid in triton_launches(calls, dtype_name, layout_name, compiler):
-        name, grid, warps, resources, widths = compiler.compile(captured)
+        name = captured[0].__name__
+        warps, resources, widths = compiler.compile(captured, grid)
         meta = {k: v for k, v in captured[4].items() if k != "num_warps"}
         if "CHUNK" in captured[3]:
             meta["CHUNK"] = captured[3]["CHUNK"]

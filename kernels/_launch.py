@@ -14,8 +14,8 @@ for the same assumptions: Triton 3.6-3.9 specialise a tensor argument on its dty
 on its type alone, and a constexpr on its value. The key holds each tensor's dtype and
 alignment, each runtime float's type and each other argument's exact type and value, plus the
 current driver, device, ``num_warps`` and the option knobs ``JITFunction.run`` reads on every
-call. Anything else takes the normal path, which
-compiles the new specialization and fills the cache: a kernel with ``pre_run_hooks``, a changed
+call. Anything else takes the normal path, which compiles the new specialization and fills the
+cache: a kernel with ``pre_run_hooks``, a changed
 global the kernel read, an argument of another kind, an autotuner whose tuning cache no longer
 holds the chosen config, ``TRITON_INTERPRET=1`` (the kernels are then not ``JITFunction``), a
 non-CUDA target, and any triton whose internals this module was not written against

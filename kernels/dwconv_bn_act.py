@@ -433,7 +433,8 @@ def _dx_kernel(dz_ptr, w_ptr, dx_ptr, C, H, W, HO, WO,
                INDEX64: tl.constexpr, ACC: tl.constexpr,
                ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = the transposed depthwise conv of dz, over input positions (gather, no atomics); at
-    stride > 1 each program takes the positions of one output phase (grid: ``_dx_grid``)."""
+    stride > 1 each program takes the positions of one output phase (the grid's tiles per sample
+    times stride**2)."""
     C = aligned(C, ALIGN)  # (the launcher checked ALIGN divides these; see _common.aligned)
     szn, szh, szw = aligned_strides(szn, szh, szw, ALIGN)
     sxn, sxh, sxw = aligned_strides(sxn, sxh, sxw, ALIGN)
@@ -538,25 +539,6 @@ def _tile_grid(n: int, positions: int, channels: int):
         grid = grids.get(blocks)
         if grid is None:
             grid = grids[blocks] = common.channel_grid(n * common.cdiv(positions, blocks[0]), channels, blocks[1])
-        return grid
-
-    return grid_of
-
-
-def _dx_grid(n: int, h: int, w: int, stride: int, channels: int):
-    """``grid_of`` for :func:`_dx_kernel`: BLOCK_P-position tiles of every sample's input, at
-    stride > 1 per output phase (stride**2 phases of ceil(h / stride) x ceil(w / stride))."""
-    if stride == 1:
-        return _tile_grid(n, h * w, channels)
-    grids = {}
-    phase_positions = common.cdiv(h, stride) * common.cdiv(w, stride)
-
-    def grid_of(meta):
-        blocks = meta["BLOCK_P"], meta["BLOCK_C"]
-        grid = grids.get(blocks)
-        if grid is None:
-            tiles = stride * stride * common.cdiv(phase_positions, blocks[0])
-            grid = grids[blocks] = common.channel_grid(n * tiles, channels, blocks[1])
         return grid
 
     return grid_of
@@ -713,7 +695,9 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
     dx_args = dict(**dz_strides, **dx_strides, **shape_args)
     return _BackwardPlan(False, identity, acc_t, dz_shape, scratch, counters, weight_grad, sums_args, sums_meta,
                          input_args, input_meta, input_tuned, _chunk_grid(rows, c), dx_args,
-                         common.fixed_meta(x, reduction=False, kernel_size=k), _dx_grid(n, h, w, stride, c))
+                         common.fixed_meta(x, reduction=False, kernel_size=k),
+                         # at stride > 1 each of the stride**2 output phases is a sample's tiles
+                         _tile_grid(n * stride * stride, common.cdiv(h, stride) * common.cdiv(w, stride), c))
 
 
 # ----------------------------------------------------------------------------------------------
