@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +33,9 @@ from mobileops.nn.detect import Detect
 
 #: Objectness weight per head level, finest first (YOLOv5's values for 3 and 5 levels).
 BALANCE = {3: (4.0, 1.0, 0.4), 5: (4.0, 1.0, 0.25, 0.06, 0.02)}
+
+#: The image index of a padding row in a fixed-size target tensor (:func:`pack_targets`).
+PADDING = -1.0
 
 # A match is also given to the neighbouring cell on a side whose centre is within half a cell.
 _NEIGHBOUR_OFFSETS = ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1))
@@ -42,22 +47,27 @@ def bbox_ciou(box1: Tensor, box2: Tensor, eps: float = 1e-7) -> Tensor:
     CIoU = IoU - (centre distance^2 / enclosing-box diagonal^2) - alpha * v, with
     ``v = 4/pi^2 (atan(w2/h2) - atan(w1/h1))^2`` the aspect-ratio term and
     ``alpha = v / (v - IoU + 1)`` treated as a constant (no gradient), as in the CIoU paper.
-    Returns a (...,) tensor.
+    Sizes are clamped to at least ``eps``. Returns a (...,) tensor.
     """
-    x1, y1, w1, h1 = box1.unbind(-1)
-    x2, y2, w2, h2 = box2.unbind(-1)
-    h1, h2 = h1.clamp(min=eps), h2.clamp(min=eps)
-    b1_x1, b1_x2, b1_y1, b1_y2 = x1 - w1 / 2, x1 + w1 / 2, y1 - h1 / 2, y1 + h1 / 2
-    b2_x1, b2_x2, b2_y1, b2_y2 = x2 - w2 / 2, x2 + w2 / 2, y2 - h2 / 2, y2 + h2 / 2
-    inter = (torch.minimum(b1_x2, b2_x2) - torch.maximum(b1_x1, b2_x1)).clamp(min=0) * \
-        (torch.minimum(b1_y2, b2_y2) - torch.maximum(b1_y1, b2_y1)).clamp(min=0)
-    union = w1 * h1 + w2 * h2 - inter + eps
-    iou = inter / union
-    cw = torch.maximum(b1_x2, b2_x2) - torch.minimum(b1_x1, b2_x1)
-    ch = torch.maximum(b1_y2, b2_y2) - torch.minimum(b1_y1, b2_y1)
-    diagonal2 = cw ** 2 + ch ** 2 + eps
-    centre2 = (x2 - x1) ** 2 + (y2 - y1) ** 2
-    v = (4 / math.pi ** 2) * (torch.atan(w2 / h2) - torch.atan(w1 / h1)) ** 2
+    return centre_size_ciou(box1[..., :2], box1[..., 2:], box2[..., :2], box2[..., 2:], eps)
+
+
+def centre_size_ciou(centre1: Tensor, size1: Tensor, centre2: Tensor, size2: Tensor, eps: float = 1e-7) -> Tensor:
+    """:func:`bbox_ciou` of boxes given as (..., 2) centres and (..., 2) sizes, which broadcast:
+    x and y are computed together, so the loss launches half as many kernels."""
+    size1, size2 = size1.clamp(min=eps), size2.clamp(min=eps)
+    half1, half2 = size1 * 0.5, size2 * 0.5
+    low1, high1, low2, high2 = centre1 - half1, centre1 + half1, centre2 - half2, centre2 + half2
+    overlap = (torch.minimum(high1, high2) - torch.maximum(low1, low2)).clamp(min=0)
+    inter = overlap[..., 0] * overlap[..., 1]
+    w1, h1, w2, h2 = size1[..., 0], size1[..., 1], size2[..., 0], size2[..., 1]
+    iou = inter / (w1 * h1 + w2 * h2 - inter + eps)
+    enclosing = torch.maximum(high1, high2) - torch.minimum(low1, low2)
+    diagonal2 = (enclosing * enclosing).sum(-1) + eps
+    distance = centre2 - centre1
+    centre2 = (distance * distance).sum(-1)
+    aspect = torch.atan(w2 / h2) - torch.atan(w1 / h1)
+    v = (4 / math.pi ** 2) * (aspect * aspect)
     with torch.no_grad():
         alpha = v / (v - iou + (1 + eps))
     return iou - (centre2 / diagonal2 + v * alpha)
@@ -101,6 +111,7 @@ class YOLOv5Loss(nn.Module):
         self.anchor_t, self.balance = anchor_t, tuple(balance)
         self.cls_pos, self.cls_neg = 1.0 - 0.5 * label_smoothing, 0.5 * label_smoothing
         self.iou_ratio = iou_ratio
+        self._cache: dict[tuple, _Constants] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, img_size: int = 640, **kwargs) -> YOLOv5Loss:
@@ -116,69 +127,79 @@ class YOLOv5Loss(nn.Module):
                    obj_gain=gains["obj_gain"] * (img_size / 640) ** 2 * scale, **kwargs)
 
     def forward(self, predictions: list[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(predictions, targets)
-        device = predictions[0].device
-        lbox, lobj, lcls = (torch.zeros((), device=device, dtype=torch.float32) for _ in range(3))
-        for level, (p, match) in enumerate(zip(predictions, self.build_targets(predictions, targets))):
-            b, a, gj, gi, tbox, anchors, tcls = match
-            tobj = torch.zeros(p.shape[:4], device=device, dtype=torch.float32)
-            if b.numel():
-                selected = p[b, a, gj, gi].float()
-                pxy = selected[:, :2].sigmoid() * 2 - 0.5
-                pwh = (selected[:, 2:4].sigmoid() * 2) ** 2 * anchors
-                iou = bbox_ciou(torch.cat((pxy, pwh), 1), tbox)
-                lbox = lbox + (1.0 - iou).mean()
-                score = iou.detach().clamp(min=0)
-                score = (1.0 - self.iou_ratio) + self.iou_ratio * score
-                flat = ((b * self.na + a) * p.shape[2] + gj) * p.shape[3] + gi
-                tobj.view(-1).scatter_reduce_(0, flat, score, reduce="amax", include_self=True)
-                if self.nc > 1:
-                    t = torch.full_like(selected[:, 5:], self.cls_neg)
-                    t[torch.arange(b.numel(), device=device), tcls] = self.cls_pos
-                    lcls = lcls + F.binary_cross_entropy_with_logits(selected[:, 5:], t)
-            lobj = lobj + F.binary_cross_entropy_with_logits(p[..., 4].float(), tobj) * self.balance[level]
-        lbox, lobj, lcls = lbox * self.box_gain, lobj * self.obj_gain, lcls * self.cls_gain
-        batch = predictions[0].shape[0]
-        return (lbox + lobj + lcls) * batch, torch.stack((lbox, lobj, lcls)).detach()
+        batch = self._check(predictions, targets)
+        constants = self._constants(predictions)
+        m = self.build_targets(predictions, targets)
+        # Every candidate is computed; invalid ones gather cell 0 of their level, scatter into a
+        # spare slot past the last cell and are weighted by zero. Shapes are (levels, na, nt, 5).
+        index = m.cell * m.valid
+        rows = torch.cat([p.view(-1, self.nc + 5)[index[level].view(-1)] for level, p in enumerate(predictions)])
+        rows = rows.float().view(*m.valid.shape, self.nc + 5)
+        weight = m.valid / m.valid.sum((1, 2, 3), keepdim=True).clamp(min=1)  # each level's matches: mean
+        xy_wh = rows[..., :4].sigmoid()
+        # the decoded box: xy = 2 s - 0.5 cells, wh = (2 s)^2 anchor (= s^2 * 4 anchor, the same bits)
+        iou = centre_size_ciou(xy_wh[..., :2] * 2 - 0.5, xy_wh[..., 2:] ** 2 * (m.anchor_wh * 4),
+                               m.box_xy, m.box_wh)
+        lbox = ((1.0 - iou) * (weight * self.box_gain)).sum()
+        score = iou.detach().clamp(min=0)
+        if self.iou_ratio != 1.0:
+            score = (1.0 - self.iou_ratio) + self.iou_ratio * score
+        slot = torch.where(m.valid, m.cell + constants.cells_before, constants.spare_slot)
+        tobj = torch.zeros(constants.total_cells + 1, device=score.device, dtype=torch.float32)
+        tobj = tobj.scatter_reduce(0, slot.view(-1), score.view(-1), reduce="amax", include_self=True)
+        logits = torch.cat([p[..., 4].reshape(-1) for p in predictions]).float()
+        lobj = F.binary_cross_entropy_with_logits(logits, tobj[:-1], weight=constants.obj_weight, reduction="sum")
+        lobj = lobj * self.obj_gain
+        if self.nc > 1:
+            target = torch.where(m.cls[:, None] == constants.classes, constants.cls_pos, constants.cls_neg)
+            lcls = F.binary_cross_entropy_with_logits(
+                rows[..., 5:], target.view(-1, 1, self.nc).expand(rows[..., 5:].shape),
+                weight=(weight * (self.cls_gain / self.nc))[..., None], reduction="sum")
+        else:
+            lcls = constants.zero
+        parts = torch.stack((lbox, lobj, lcls))
+        return parts.sum() * batch, parts.detach()
 
-    def build_targets(self, predictions: list[Tensor], targets: Tensor):
-        """Per level ``(image, anchor, gj, gi, target box, anchor wh, class)`` of every match:
-        target boxes as (x offset in its cell, y offset, w, h) in grid units."""
-        device = predictions[0].device
-        targets = targets.to(device=device, dtype=torch.float32)
-        nt = targets.shape[0]
-        anchor_index = torch.arange(self.na, device=device, dtype=torch.float32).view(self.na, 1).expand(self.na, nt)
-        # (na, nt, 7): every target once per anchor, its anchor index last
-        per_anchor = torch.cat((targets.expand(self.na, nt, 6), anchor_index[..., None]), 2)
-        offsets = torch.tensor(_NEIGHBOUR_OFFSETS, device=device, dtype=torch.float32) * 0.5
-        out = []
-        for level, p in enumerate(predictions):
-            anchors = self.head.anchors[level].to(device=device, dtype=torch.float32)
-            ny, nx = p.shape[2], p.shape[3]
-            gain = torch.tensor([1, 1, nx, ny, nx, ny, 1], device=device, dtype=torch.float32)
-            t = per_anchor * gain
-            if nt:
-                ratio = t[..., 4:6] / anchors[:, None]
-                t = t[torch.maximum(ratio, 1 / ratio).amax(2) < self.anchor_t]
-                gxy = t[:, 2:4]
-                gxy_inverse = gain[[2, 3]] - gxy
-                left, top = ((gxy % 1 < 0.5) & (gxy > 1)).T
-                right, bottom = ((gxy_inverse % 1 < 0.5) & (gxy_inverse > 1)).T
-                keep = torch.stack((torch.ones_like(left), left, top, right, bottom))
-                t = t[None].expand(5, -1, -1)[keep]
-                shift = offsets[:, None].expand(5, gxy.shape[0], 2)[keep]
-            else:
-                t = per_anchor[0]
-                shift = torch.zeros_like(t[:, 2:4])
-            b, c = t[:, 0].long(), t[:, 1].long()
-            gxy, gwh, a = t[:, 2:4], t[:, 4:6], t[:, 6].long()
-            gij = (gxy - shift).long()
-            gi, gj = gij[:, 0].clamp(0, nx - 1), gij[:, 1].clamp(0, ny - 1)
-            tbox = torch.cat((gxy - torch.stack((gi, gj), 1), gwh), 1)
-            out.append((b, a, gj, gi, tbox, anchors[a], c))
-        return out
+    def build_targets(self, predictions: list[Tensor], targets: Tensor) -> Matches:
+        """Every candidate match of every level at once, as :class:`Matches` of static shapes:
+        each target against each anchor, in its own cell and the four neighbours, with
+        ``valid`` marking the matches YOLOv5 keeps (anchor ratio within ``anchor_t``, the two
+        neighbours nearest the centre, not a padding row)."""
+        constants = self._constants(predictions)
+        t = targets.to(device=constants.grid.device, dtype=torch.float32)
+        xywh = t[:, 2:6] * constants.grid  # (levels, nt, 4), grid units
+        xy, wh = xywh[..., :2], xywh[..., 2:]
+        anchors = self.head.anchors.to(device=t.device, dtype=torch.float32)[:, :, None, None]  # (levels, na, 1, 1, 2)
+        ratio = wh[:, None] / anchors[..., 0, :]  # (levels, na, nt, 2)
+        anchor_ok = torch.maximum(ratio, 1 / ratio).amax(3, keepdim=True) < self.anchor_t
+        # left, top, right, bottom: a side whose neighbour's centre is within half a cell; the
+        # centre's own cell first
+        sides = torch.cat((xy, constants.grid[..., :2] - xy), 2)
+        near = F.pad((sides % 1 < 0.5) & (sides > 1), (1, 0), value=True)  # (levels, nt, 5)
+        image_class = t[:, :2]
+        valid = near[:, None] & anchor_ok & (image_class[:, :1] >= 0)  # (levels, na, nt, 5)
+        ij = torch.minimum((xy[:, :, None] - constants.offsets).long().clamp(min=0), constants.last_cell)
+        image = image_class.long()
+        # (image * na + anchor) * ny * nx + gj * nx + gi: the flat index in the level's grid
+        cell = (image[:, :1] * self.na + constants.anchor_index) * constants.cells_per_map + \
+            (ij * constants.cell_stride).sum(3)[:, None]
+        return Matches(cell=cell, valid=valid, box_xy=(xy[:, :, None] - ij)[:, None], box_wh=wh[:, None, :, None],
+                       anchor_wh=anchors, cls=image[:, 1])
 
-    def _check(self, predictions, targets) -> None:
+    def _constants(self, predictions: list[Tensor]) -> _Constants:
+        """The shape-only tensors of a call, made once per (device, prediction shapes): creating
+        them from Python numbers is a host-to-device copy, which a captured or sync-free step
+        must not make."""
+        key = (predictions[0].device, tuple(tuple(p.shape[:4]) for p in predictions))
+        constants = self._cache.get(key)
+        if constants is None:
+            if len(self._cache) >= 8:  # multi-scale training: a few sizes; never grow without bound
+                self._cache.clear()
+            constants = self._cache[key] = _Constants.make(self, predictions)
+        return constants
+
+    def _check(self, predictions, targets) -> int:
+        """Checks shapes on the host and values on the device; returns the batch size."""
         if not isinstance(predictions, (list, tuple)) or len(predictions) != self.nl:
             raise ValueError(f"YOLOv5Loss: expected the head's {self.nl} training-mode outputs, got "
                              f"{type(predictions).__name__}")
@@ -186,20 +207,126 @@ class YOLOv5Loss(nn.Module):
             if not isinstance(p, Tensor) or p.dim() != 5 or p.shape[1] != self.na or p.shape[4] != self.nc + 5:
                 shape = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise ValueError(f"YOLOv5Loss: each output must be (bs, {self.na}, ny, nx, {self.nc + 5}), got {shape}")
+            if p.shape[0] != predictions[0].shape[0] or p.device != predictions[0].device:
+                raise ValueError("YOLOv5Loss: the outputs must share one batch size and one device")
         if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.shape[1] != 6:
             shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"YOLOv5Loss: targets must be (nt, 6) rows [image, class, x, y, w, h], got {shape}")
-        if targets.numel():
-            def out_of_range(column, upper):
-                values = targets[:, column]
-                return ((values < 0) | (values >= upper) | (values != values.round())).any()
+        if not targets.is_floating_point():
+            raise ValueError(f"YOLOv5Loss: targets must be floating point, got {targets.dtype}")
+        if targets.numel() and targets.device.type != "meta":
+            self._check_values(targets, predictions)
+        return predictions[0].shape[0]
 
-            # one host sync per call for both columns (targets usually live on the GPU)
-            bad = torch.stack((out_of_range(0, predictions[0].shape[0]), out_of_range(1, self.nc))).tolist()
-            if bad[0]:
-                raise ValueError("YOLOv5Loss: target image indices must be integers in [0, batch size)")
-            if bad[1]:
-                raise ValueError(f"YOLOv5Loss: target classes must be integers in [0, {self.nc})")
+    def _check_values(self, targets: Tensor, predictions: list[Tensor]) -> None:
+        # Asserted on the device, so the host never waits for the targets' values: on the CPU
+        # a failure raises here, on a GPU it is a device-side assert.
+        low, high = self._constants(predictions).id_range
+        image_class = targets[:, :2].to(low.dtype)
+        ok = (image_class == image_class.round()) & (image_class >= low) & (image_class < high)
+        ok = (ok | (image_class[:, :1] == PADDING)).all()
+        message = (f"YOLOv5Loss: target rows must hold an integer image index in [0, batch size) (-1 for a "
+                   f"padding row) and an integer class in [0, {self.nc})")
+        if torch.compiler.is_compiling():
+            torch._assert_async(ok, message)
+            return
+        try:
+            torch._assert_async(ok, message)
+        except RuntimeError:
+            batch = predictions[0].shape[0]
+            image = targets[:, 0]
+            if not (((image >= 0) & (image < batch) & (image == image.round())) | (image == PADDING)).all():
+                raise ValueError(f"YOLOv5Loss: target image indices must be integers in [0, {batch}) "
+                                 "(or -1 for a padding row)") from None
+            raise ValueError(f"YOLOv5Loss: target classes must be integers in [0, {self.nc})") from None
 
 
-__all__ = ["BALANCE", "YOLOv5Loss", "bbox_ciou"]
+class Matches(NamedTuple):
+    """The candidate matches of :meth:`YOLOv5Loss.build_targets`. Each field broadcasts to
+    (levels, na, nt, 5): level, anchor, target, and cell (the centre's, then the left, top,
+    right and bottom neighbour); only entries where ``valid`` holds are matches.
+
+    ``cell``: the flat index of (image, anchor, gj, gi) in its level's (bs, na, ny, nx) grid;
+    ``box_xy`` / ``box_wh`` (..., 2): the target's centre offset from that cell and its size, in
+    grid units; ``anchor_wh`` (..., 2): the anchor; ``cls``: each target's class, (nt,).
+    """
+
+    cell: Tensor
+    valid: Tensor
+    box_xy: Tensor
+    box_wh: Tensor
+    anchor_wh: Tensor
+    cls: Tensor
+
+
+@dataclass(frozen=True)
+class _Constants:
+    grid: Tensor             # (levels, 1, 4): nx, ny, nx, ny as floats
+    last_cell: Tensor        # (levels, 1, 1, 2): nx - 1, ny - 1
+    offsets: Tensor          # (5, 2): the cell shifts of _NEIGHBOUR_OFFSETS, half a cell each
+    cell_stride: Tensor      # (levels, 1, 1, 2): 1, nx (gi + gj * nx)
+    cells_per_map: Tensor    # (levels, 1, 1, 1): ny * nx
+    anchor_index: Tensor     # (na, 1, 1)
+    cells_before: Tensor     # (levels, 1, 1, 1): cells of the finer levels
+    spare_slot: Tensor       # (): the objectness slot past the last cell, for invalid candidates
+    obj_weight: Tensor       # (total cells,): each level's balance over its cell count
+    classes: Tensor          # (nc,)
+    cls_pos: Tensor          # (): class target values
+    cls_neg: Tensor
+    zero: Tensor             # (): the class loss of a one-class model
+    id_range: tuple[Tensor, Tensor]  # (2,) each: lowest and past-highest image index and class
+    total_cells: int
+
+    @classmethod
+    def make(cls, loss: YOLOv5Loss, predictions: list[Tensor]) -> _Constants:
+        device, levels = predictions[0].device, len(predictions)
+        sizes = [(p.shape[3], p.shape[2]) for p in predictions]  # (nx, ny)
+        cells = [p.shape[:4].numel() for p in predictions]
+        first = [sum(cells[:level]) for level in range(levels)]
+
+        def tensor(values, dtype=torch.float32):
+            return torch.tensor(values, device=device, dtype=dtype)
+
+        def scalar(value, dtype=torch.float32):
+            return torch.tensor(value, device=device, dtype=dtype)
+
+        obj_weight = torch.cat([torch.full((n,), balance / n, device=device)
+                                for n, balance in zip(cells, loss.balance)])
+        id_dtype = predictions[0].dtype if predictions[0].dtype == torch.float64 else torch.float32
+        return cls(grid=tensor([[nx, ny, nx, ny] for nx, ny in sizes]).view(levels, 1, 4),
+                   last_cell=(tensor(sizes, torch.long) - 1).view(levels, 1, 1, 2),
+                   offsets=tensor(_NEIGHBOUR_OFFSETS) * 0.5,
+                   cell_stride=tensor([[1, nx] for nx, _ in sizes], torch.long).view(levels, 1, 1, 2),
+                   cells_per_map=tensor([nx * ny for nx, ny in sizes], torch.long).view(levels, 1, 1, 1),
+                   anchor_index=torch.arange(loss.na, device=device).view(loss.na, 1, 1),
+                   cells_before=tensor(first, torch.long).view(levels, 1, 1, 1),
+                   spare_slot=scalar(sum(cells), torch.long), obj_weight=obj_weight,
+                   classes=torch.arange(loss.nc, device=device), cls_pos=scalar(loss.cls_pos),
+                   cls_neg=scalar(loss.cls_neg), zero=scalar(0.0),
+                   id_range=(tensor([PADDING, 0], id_dtype), tensor([predictions[0].shape[0], loss.nc], id_dtype)),
+                   total_cells=sum(cells))
+
+
+def pack_targets(targets: Tensor, capacity: int) -> Tensor:
+    """``targets`` (nt, 6) padded to ``capacity`` rows with padding rows (image index -1), for a
+    step whose shapes must not change (a captured CUDA graph, ``torch.compile`` without dynamic
+    shapes). Only the row count is read: nothing waits for the device.
+
+    Raises:
+        ValueError: more than ``capacity`` targets (nothing is ever dropped), or a bad shape.
+    """
+    if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.shape[1] != 6:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"pack_targets: targets must be (nt, 6) rows [image, class, x, y, w, h], got {shape}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"pack_targets: capacity must be a non-negative integer, got {capacity!r}")
+    nt = targets.shape[0]
+    if nt > capacity:
+        raise ValueError(f"pack_targets: the batch has {nt} targets, more than the capacity of {capacity} "
+                         "(raise max_targets)")
+    padding = targets.new_zeros(capacity - nt, 6)
+    padding[:, 0] = PADDING
+    return torch.cat((targets, padding))
+
+
+__all__ = ["BALANCE", "PADDING", "Matches", "YOLOv5Loss", "bbox_ciou", "centre_size_ciou", "pack_targets"]
