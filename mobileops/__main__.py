@@ -185,10 +185,11 @@ def _bench(args) -> int:
 #: --project is where the latest run is looked for). The backend is never taken from the
 #: checkpoint: it is the one named here (--backend, MOBILEOPS_BACKEND, else auto), like the device.
 _RESUME_MAY_CHANGE = {"resume", "device", "backend", "quiet", "project", "name", "exist_ok", "epochs",
-                      "save_period", "cfg", "nc"}
+                      "save_period", "cfg", "nc", "cuda_graph", "compile"}
 _TRAIN_OPTIONS = ("cfg", "data", "epochs", "steps", "batch_size", "imgsz", "nc", "amp", "channels_last",
-                  "backend", "lr", "seed", "save_period")
-_RESUME_FROM_CHECKPOINT = tuple(dest for dest in _TRAIN_OPTIONS if dest != "backend")
+                  "backend", "lr", "seed", "save_period", "cuda_graph", "compile")
+# how to run, not what: taken from this command line, never from the checkpoint
+_RESUME_FROM_CHECKPOINT = tuple(dest for dest in _TRAIN_OPTIONS if dest not in ("backend", "cuda_graph", "compile"))
 
 
 def _resume_path(value, project: str) -> Path:
@@ -249,6 +250,11 @@ def _train(args) -> int:
     _check_img(args.imgsz)
     device = _resolve_device(args.device)
     backend_name = _resolve_backend(args.backend, device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph: CUDA graphs need a CUDA device; this run is on {device} (drop --cuda-graph)")
+    if args.cuda_graph and args.compile in ("reduce-overhead", "max-autotune"):
+        raise UsageError(f"--compile {args.compile} captures CUDA graphs itself; with --cuda-graph use "
+                         "default or max-autotune-no-cudagraphs")
     total = args.epochs * args.steps
     if resumed is not None:
         if "cfg" in explicit or "nc" in explicit:
@@ -288,7 +294,7 @@ def _train(args) -> int:
                            img_size=args.imgsz, amp=args.amp, channels_last=args.channels_last, lr=args.lr,
                            seed=args.seed, progress=None if args.quiet else progress, save_dir=save_dir,
                            save_period=max(args.save_period, 0), options=options, resume=resumed,
-                           stop=interrupt.requested)
+                           stop=interrupt.requested, cuda_graph=args.cuda_graph, compile=args.compile)
     except KeyboardInterrupt:  # the second Ctrl-C: stopped mid-step, the previous checkpoint stays
         kept = f"the last checkpoint written is kept: {last}" if last.is_file() else "no checkpoint was written yet"
         print(f"interrupted at once; {kept}", file=sys.stderr, flush=True)
@@ -355,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         A fresh :class:`argparse.ArgumentParser`; parsing with it has no side effects.
     """
+    from mobileops.yolo.train import COMPILE_MODES
+
     parser = _Parser(prog="python -m mobileops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="per-layer table and size of a detector config")
@@ -412,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-period", type=int, default=0,
                    help="also write weights/last.pt every this many steps (below 1: at epoch ends only, "
                         "as YOLOv5's -1)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole step (forward, loss, backward, SGD, scaler) as one CUDA graph after 3 "
+                        "eager steps and replay it")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=tuple(COMPILE_MODES),
+                   help="torch.compile the model and the loss in this mode (no MODE: default)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue a run from its last.pt, its run folder, or (no PATH) the latest under --project")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

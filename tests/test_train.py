@@ -11,12 +11,13 @@ import pytest
 import torch
 import yaml
 from helpers import one_error_line
+from host_syncs import ForbidHostSyncs, HostSyncError
 
 import mobileops
 from mobileops import yolo
 from mobileops.__main__ import main
 from mobileops.yolo.checkpoint import load_weights, save_checkpoint
-from mobileops.yolo.train import Trainer, synthetic_batch, synthetic_batches, train
+from mobileops.yolo.train import Trainer, make_optimizer, synthetic_batch, synthetic_batches, train
 
 
 def test_synthetic_targets_are_valid_yolo_rows():
@@ -274,3 +275,143 @@ def test_ctrl_c_saves_last_pt_exits_130_and_resumes(tmp_path, capsys):
     assert torch.load(last, weights_only=True)["step"] == 2 * epochs
     assert f"resuming {last} at step {saved['step']}" in capsys.readouterr().out
     assert len((tmp_path / "runs" / "exp" / "results.csv").read_text().splitlines()) == 1 + epochs
+
+
+# --- a step without host synchronisation; whole-step CUDA graphs; torch.compile ---------------------------------
+
+@pytest.mark.parametrize("amp", ["none", "fp16", "bf16"])
+def test_a_training_step_never_makes_the_host_wait(amp):
+    torch.manual_seed(0)
+    trainer = Trainer(yolo.build(TINY), img_size=32, amp=amp, max_targets=16)
+    images, targets = synthetic_batch(2, 32, 2, generator=torch.Generator().manual_seed(1))
+    trainer.step(images, targets)  # the first step makes the loss's constants and the scaler's state
+    with ForbidHostSyncs():
+        parts = trainer.step(images, targets)
+    assert torch.isfinite(parts).all()
+
+
+def test_the_probe_sees_the_unfused_optimizer_wait_for_the_scaler():
+    # torch's SGD without fused=True makes GradScaler read found-inf on the host every step
+    model = yolo.build(TINY)
+    trainer = Trainer(model, img_size=32, amp="fp16")
+    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images, targets = synthetic_batch(2, 32, 2, generator=torch.Generator().manual_seed(1))
+    trainer.step(images, targets)
+    with pytest.raises(HostSyncError, match="_local_scalar_dense"), ForbidHostSyncs():
+        trainer.step(images, targets)
+
+
+def test_fused_sgd_survives_a_skipped_first_step_like_the_unfused_one():
+    # GradScaler skips a step whose gradients overflowed; the fused kernel then leaves momentum
+    # buffers it created uninitialised, so make_optimizer starts them at zero.
+    torch.manual_seed(0)
+    model = yolo.build(TINY)
+    reference = yolo.build(TINY)
+    reference.load_state_dict(model.state_dict())
+    fused = make_optimizer(model)
+    assert fused.defaults["fused"]
+    decay = [p for n, p in reference.named_parameters() if n.endswith(".weight") and p.dim() > 1]
+    rest = [p for n, p in reference.named_parameters() if not (n.endswith(".weight") and p.dim() > 1)]
+    unfused = torch.optim.SGD([dict(params=decay, weight_decay=5e-4), dict(params=rest, weight_decay=0.0)],
+                              lr=0.01, momentum=0.937, nesterov=True, foreach=False)
+    x = torch.rand(2, 3, 32, 32)
+    for net, optimizer in ((model, fused), (reference, unfused)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        for factor in (float("inf"), 1.0, 1.0):
+            optimizer.zero_grad()
+            scaler.scale(sum(o.float().square().mean() for o in net(x)) * factor).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_max_targets_pads_and_rejects_more():
+    torch.manual_seed(0)
+    trainer = Trainer(yolo.build(TINY), img_size=32, max_targets=8)
+    images, targets = synthetic_batch(2, 32, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(trainer.step(images, targets)).all()
+    with pytest.raises(ValueError, match="the batch has 12 targets, more than the capacity of 8"):
+        trainer.step(*synthetic_batch(3, 32, 2, generator=torch.Generator().manual_seed(1)))
+
+
+def test_cuda_graph_and_compile_requests_that_cannot_work_say_why():
+    model = yolo.build(TINY)
+    with pytest.raises(ValueError, match="needs max_targets"):
+        Trainer(model, cuda_graph=True)
+    with pytest.raises(ValueError, match="captures CUDA graphs itself"):
+        Trainer(model, cuda_graph=True, max_targets=8, compile="reduce-overhead")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        Trainer(model, compile="fast")
+    with pytest.raises(ValueError, match="max_targets must be"):
+        Trainer(model, max_targets=-1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs the model on a CUDA device; it is on cpu"):
+            Trainer(model, cuda_graph=True, max_targets=8)
+        with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+            train(model, steps_per_epoch=1, batch_size=2, img_size=32, cuda_graph=True)
+
+
+def test_compile_compiles_the_model_and_the_loss(monkeypatch):
+    # inductor takes minutes on this CPU; aot_eager traces the same graphs
+    modes, real_compile = [], torch.compile
+
+    def compile_with_aot_eager(fn, mode=None):
+        modes.append((type(fn).__name__, mode))
+        return real_compile(fn, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    images, targets = synthetic_batch(2, 32, 2, generator=torch.Generator().manual_seed(1))
+    results = []
+    for compile_mode in (None, "max-autotune-no-cudagraphs"):
+        torch.manual_seed(0)
+        trainer = Trainer(yolo.build(TINY), img_size=32, compile=compile_mode, max_targets=16)
+        results.append([trainer.step(images, targets) for _ in range(2)])
+    assert modes == [("DetectionModel", "max-autotune-no-cudagraphs"), ("YOLOv5Loss", "max-autotune-no-cudagraphs")]
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend_name", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_graph_replayed_steps_are_bit_identical_to_eager_steps(backend_name, amp):
+    from mobileops import backend as backends
+
+    if backends._backend_problem(backend_name, torch.device("cuda")) is not None:
+        pytest.skip(f"the {backend_name} backend is not available here")
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    batches = list(synthetic_batches(6, 4, 64, 2, seed=3))
+    runs = []
+    for cuda_graph in (False, True):
+        torch.manual_seed(0)
+        model = yolo.build(TINY).cuda().to(memory_format=torch.channels_last)
+        trainer = Trainer(model, img_size=64, amp=amp, cuda_graph=cuda_graph, max_targets=16)
+        with mobileops.use_backend(backend_name):
+            parts = [trainer.step(i.cuda().contiguous(memory_format=torch.channels_last), t.cuda())
+                     for i, t in batches]
+        runs.append((torch.stack(parts), [p.detach().clone() for p in model.parameters()], trainer))
+    (eager_parts, eager_params, _), (graph_parts, graph_params, graph_trainer) = runs
+    assert graph_trainer._graph is not None  # captured after 3 warm-up steps, replayed for the last 3
+    assert torch.equal(graph_parts, eager_parts)
+    assert all(torch.equal(a, b) for a, b in zip(graph_params, eager_params))
+    with pytest.raises(ValueError, match="a CUDA graph replays one shape"):
+        graph_trainer.step(batches[0][0][:2].cuda(), batches[0][1][:8].cuda())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cli_cuda_graph_without_a_gpu_stops_with_one_line(capsys, tmp_path):
+    assert main(["train", "--cuda-graph", "--quiet", "--steps", "1", "--batch-size", "2", "--img", "64",
+                 "--project", str(tmp_path)]) == 2
+    assert one_error_line(capsys.readouterr()) == \
+        "error: --cuda-graph: CUDA graphs need a CUDA device; this run is on cpu (drop --cuda-graph)"
+    assert not any(tmp_path.iterdir())  # stopped before making a run folder
+
+
+def test_cli_compile_takes_an_optional_mode():
+    from mobileops.__main__ import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--compile"]).compile == "default"
+    assert parse(["train", "--compile", "max-autotune-no-cudagraphs"]).compile == "max-autotune-no-cudagraphs"
+    assert parse(["train"]).compile is None and not parse(["train"]).cuda_graph

@@ -190,6 +190,8 @@ class YOLOv5Loss(nn.Module):
         """The shape-only tensors of a call, made once per (device, prediction shapes): creating
         them from Python numbers is a host-to-device copy, which a captured or sync-free step
         must not make."""
+        if torch.compiler.is_compiling():  # constants of the traced graph; a cache entry would retrace
+            return _Constants.make(self, predictions)
         key = (predictions[0].device, tuple(tuple(p.shape[:4]) for p in predictions))
         constants = self._cache.get(key)
         if constants is None:
