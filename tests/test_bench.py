@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from mobileops import ops
+from mobileops import ops, reference
 from mobileops.__main__ import main
 from mobileops.bench import cases, report, run
 
@@ -73,15 +73,38 @@ def test_blocks_and_detectors_agree_across_implementations():
                        block.detector, needs_cuda=False)
     row = run.measure(small, CPU, 1e10)
     assert set(row["times_ms"]) == {"eager", "mobileops_torch"} and not row["errors"]
-    env = cases.setup(cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64),
-                                 (), "yolov5n-c3uib", needs_cuda=False), CPU)
-    before = [p.detach().clone() for p in env.parameters["mobileops_torch"]]
-    cases.timed_function(cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64)),
-                         env, "mobileops_torch")()
-    assert any(not torch.equal(a, b) for a, b in zip(before, env.parameters["mobileops_torch"])), \
+    step = cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64), (), "yolov5n-c3uib",
+                      needs_cuda=False)
+    env = cases.setup(step, CPU)
+    assert set(env.trainers) == {"eager", "mobileops_torch"}
+    eager, fused = env.trainers["eager"](), env.trainers["mobileops_torch"]()
+    assert isinstance(eager.trainer.model.model[2], reference.RefC3UIB)  # the plain blocks
+    before = [p.detach().clone() for p in fused.trainer.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, eager.trainer.model.parameters())), \
+        "every implementation starts from the same weights"
+    fused.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, fused.trainer.model.parameters())), \
         "a train step must move the parameters"
-    assert all(torch.equal(a, b) for a, b in zip(before, env.parameters["eager"])), \
+    assert all(torch.equal(a, b) for a, b in zip(before, eager.trainer.model.parameters())), \
         "each implementation trains its own copy"
+
+
+def test_train_steps_time_graphs_and_every_compile_mode_on_a_gpu():
+    names = set(cases.train_step_variants(torch.device("cuda"), "default", {"bn_act"}))
+    assert {"eager", "eager_graph", "compile_default", "compile_reduce-overhead",
+            "compile_max-autotune-no-cudagraphs"} <= names
+    assert all(f"mobileops_{b}{suffix}" in names for b in cases.mobileops_backends(["bn_act"], torch.device("cuda"))
+               for suffix in ("", "_graph", "_compile"))
+    assert set(cases.train_step_variants(CPU, None, {"bn_act"})) == {"eager", "mobileops_torch"}
+
+
+def test_a_train_step_that_disagrees_with_eager_is_not_timed(monkeypatch):
+    real = ops.bn_act
+    monkeypatch.setattr(ops, "bn_act", lambda x, *a, **k: real(x, *a, **k) * 1.01)
+    step = cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64), (), "yolov5n-c3uib",
+                      needs_cuda=False)
+    row = run.measure(step, CPU, 1e10)
+    assert set(row["times_ms"]) == {"eager"} and "differs from eager" in row["errors"]["mobileops_torch"]
 
 
 def test_disagreement_rule():
@@ -214,6 +237,7 @@ def test_detector_train_step_rows_report_images_per_second():
                       "yolov5n-c3uib", needs_cuda=False)
     row = run.measure(step, CPU, 1e10)
     assert not row["errors"] and set(row["images_per_s"]) == set(row["times_ms"])
+    assert row["agreement"]["mobileops_torch"] < 1e-6 and row["check_steps"] == cases.TRAIN_CHECK_STEPS
     for name, ms in row["times_ms"].items():
         assert row["images_per_s"][name] == pytest.approx(2 / (ms * 1e-3))
     table = "\n".join(report.group_table([row]))

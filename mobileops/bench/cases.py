@@ -20,8 +20,13 @@ thing from the same parameters:
 
 Modes: ``inference`` (eval, no autograd), ``train_forward`` (batch statistics, running-stat
 update), ``backward`` (the backward of one saved forward), ``forward`` / ``forward_backward``
-(SE and blocks: forward, or forward plus backward) and ``train_step`` (detectors: forward,
-a stand-in loss, backward and an SGD step; the YOLOv5 loss comes with the training issue).
+(SE and blocks: forward, or forward plus backward) and ``train_step`` (detectors: one
+:class:`mobileops.yolo.train.Trainer` step: forward, the YOLOv5 loss on fixed synthetic
+targets, backward, fused SGD and the GradScaler). Train steps time more implementations
+(:func:`train_step_variants`): each of the above also inside a whole-step CUDA graph
+(``eager_graph``, ``mobileops_<backend>_graph``), every ``torch.compile`` mode of
+:data:`TRAIN_COMPILE_MODES` (``compile_<mode>``) and mobileops compiled
+(``mobileops_<backend>_compile``).
 Low-precision blocks and detectors run under ``torch.autocast`` with float32 parameters
 (AMP, with a GradScaler for fp16 training); low-precision ops take inputs in that dtype with
 float32 BatchNorm parameters, as they would inside an autocast region.
@@ -124,6 +129,7 @@ class Setup:
     modules: dict[str, nn.Module] = field(default_factory=dict)
     min_bytes: int | None = None
     autocast_dtype: torch.dtype | None = None
+    trainers: dict[str, Callable[[], TrainStep]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- real shapes
@@ -433,14 +439,101 @@ def _module_setup(case: Case, device: torch.device, compile_mode: str | None) ->
         model = fused_model if name == "torch" else copy.deepcopy(fused_model)
         impls[f"mobileops_{name}"] = _on_backend(model, name)
         modules[f"mobileops_{name}"] = model
-    if case.mode == "train_step":
-        # Each implementation trains its own copy; compile shares eager's module and must too.
-        if "compile" in impls:
-            own = copy.deepcopy(plain)
-            impls["compile"], modules["compile"] = torch.compile(own, mode=compile_mode), own
     impls = {name: _under_autocast(fn, device, amp) for name, fn in impls.items()}
     params = {name: [p for p in modules[name].parameters() if p.requires_grad] for name in impls}
     return Setup(impls, x, None, params, modules, None, amp)
+
+
+#: ``torch.compile`` modes a train-step case times (when the run has a compile baseline at all).
+TRAIN_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+#: Steps every train-step implementation runs from the same weights before it is timed, its
+#: loss and its parameter updates checked against eager's (a graph: 3 warm-up steps, the
+#: capture, a replay).
+TRAIN_CHECK_STEPS = 5
+
+
+@dataclass
+class TrainStep:
+    """One implementation's trainer on the case's fixed batch: :meth:`step` runs a step."""
+
+    trainer: object  # mobileops.yolo.train.Trainer
+    images: torch.Tensor
+    targets: torch.Tensor
+    backend: str
+
+    def step(self) -> torch.Tensor:
+        with mobileops.use_backend(self.backend):
+            return self.trainer.step(self.images, self.targets)
+
+    def trace(self, steps: int = TRAIN_CHECK_STEPS) -> list[torch.Tensor]:
+        """``steps`` steps; returns their (steps, 3) loss parts and the change of every floating
+        state tensor over them, flattened into one vector (what the agreement check compares:
+        one scale for all, since a tensor that barely moves would make its own relative
+        difference meaningless)."""
+        before = {k: v.detach().clone() for k, v in self.trainer.model.state_dict().items() if v.is_floating_point()}
+        parts = torch.stack([self.step() for _ in range(steps)])
+        after = self.trainer.model.state_dict()
+        return [parts, torch.cat([(after[k].detach() - v).flatten().float() for k, v in before.items()])]
+
+
+def train_step_variants(device: torch.device, compile_mode: str | None,
+                        op_names) -> dict[str, dict[str, object]]:
+    """name -> the model's blocks and the Trainer options of each train-step implementation:
+    eager and mobileops on each fused backend; on a GPU each also in a whole-step CUDA graph;
+    with a compile baseline every mode of :data:`TRAIN_COMPILE_MODES` on eager, and mobileops
+    compiled in ``compile_mode``."""
+    cuda = device.type == "cuda"
+    variants: dict[str, dict[str, object]] = {"eager": dict(blocks="plain", backend="torch")}
+    if cuda:
+        variants["eager_graph"] = dict(blocks="plain", backend="torch", cuda_graph=True)
+    if compile_mode:
+        for mode in TRAIN_COMPILE_MODES:
+            variants[f"compile_{mode}"] = dict(blocks="plain", backend="torch", compile=mode)
+    for name in mobileops_backends(sorted(op_names), device):
+        variants[f"mobileops_{name}"] = dict(blocks="mobileops", backend=name)
+        if cuda:
+            variants[f"mobileops_{name}_graph"] = dict(blocks="mobileops", backend=name, cuda_graph=True)
+        if compile_mode:
+            variants[f"mobileops_{name}_compile"] = dict(blocks="mobileops", backend=name, compile=compile_mode)
+    return variants
+
+
+def _train_step_setup(case: Case, device: torch.device, compile_mode: str | None) -> Setup:
+    from mobileops.yolo.train import BOXES_PER_IMAGE, Trainer, synthetic_batch
+
+    layout = LAYOUTS[case.layout]
+    amp = {"fp32": "none", "fp16": "fp16", "bf16": "bf16"}[case.dtype]
+    weights = _model(case.target).state_dict()
+    nc = _model(case.target).model[-1].nc
+    images, targets = synthetic_batch(case.batch, case.shape[-1], nc, generator=torch.Generator().manual_seed(0))
+    images = images.to(device).contiguous(memory_format=layout)
+    targets = targets.to(device)
+    op_names = {call["op"] for call in yolo.fused_op_calls(_model(case.target), (1, 3, 64, 64))}
+
+    def factory(spec: dict) -> Callable[[], TrainStep]:
+        def make() -> TrainStep:
+            model = copy.deepcopy(_model(case.target, spec["blocks"]))
+            model.load_state_dict(weights, strict=True)  # every implementation starts from the same weights
+            model = model.to(device).to(memory_format=layout)
+            trainer = Trainer(model, img_size=case.shape[-1], amp=amp, cuda_graph=spec.get("cuda_graph", False),
+                              max_targets=case.batch * BOXES_PER_IMAGE, compile=spec.get("compile"))
+            return TrainStep(trainer, images, targets, spec["backend"])
+
+        return make
+
+    trainers = {name: factory(spec) for name, spec in train_step_variants(device, compile_mode, op_names).items()}
+    return Setup({}, images, trainers=trainers, autocast_dtype=None if amp == "none" else DTYPES[case.dtype])
+
+
+def float32_train_trace(case: Case, device: torch.device) -> list[torch.Tensor] | None:
+    """Eager's :meth:`TrainStep.trace` without autocast: the reference autocast train steps
+    are measured against (None for a float32 case)."""
+    if case.dtype == "fp32":
+        return None
+    exact = Case(case.kind, case.target, case.mode, "fp32", case.layout, case.batch, case.shape, case.options,
+                 case.detector, case.needs_cuda)
+    return _train_step_setup(exact, device, None).trainers["eager"]().trace()
 
 
 def setup(case: Case, device: torch.device, compile_mode: str | None = None) -> Setup:
@@ -450,6 +543,8 @@ def setup(case: Case, device: torch.device, compile_mode: str | None = None) -> 
         raise ValueError(f"{case.group} {case.name} needs a CUDA device")
     if case.kind == "op":
         return _op_setup(case, device, compile_mode)
+    if case.mode == "train_step":
+        return _train_step_setup(case, device, compile_mode)
     return _module_setup(case, device, compile_mode)
 
 
@@ -490,25 +585,6 @@ def timed_function(case: Case, env: Setup, name: str) -> Callable[[], object]:
                 stand_in_loss(out).backward()
 
         return run
-    if case.mode == "train_step":
-        from mobileops.yolo.loss import YOLOv5Loss
-        from mobileops.yolo.train import synthetic_batch
-
-        optimizer = torch.optim.SGD(env.parameters[name], lr=1e-3, momentum=0.937, nesterov=True)
-        scaler = torch.amp.GradScaler(env.x.device.type, enabled=env.autocast_dtype == torch.float16)
-        criterion = YOLOv5Loss.for_model(env.modules[name], img_size=env.x.shape[-1])
-        _, targets = synthetic_batch(env.x.shape[0], env.x.shape[-1], criterion.nc,
-                                     generator=torch.Generator().manual_seed(0))
-        targets = targets.to(env.x.device)
-
-        def run():
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = criterion(fn(env.x), targets)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-        return run
     raise ValueError(f"unknown mode {case.mode!r}")
 
 
@@ -538,6 +614,7 @@ def float32_output(env: Setup) -> list[torch.Tensor] | None:
         return _flat(env.modules["eager"](env.x.float()))
 
 
-__all__ = ["Case", "DETECTORS", "DTYPES", "LAYOUTS", "SCOPES", "Setup", "all_cases", "block_cases", "block_shapes",
-           "detector_cases", "first_output", "float32_output", "mobileops_backends", "op_cases", "op_shapes",
-           "setup", "stand_in_loss", "timed_function"]
+__all__ = ["Case", "DETECTORS", "DTYPES", "LAYOUTS", "SCOPES", "TRAIN_CHECK_STEPS", "TRAIN_COMPILE_MODES", "Setup",
+           "TrainStep", "all_cases", "block_cases", "block_shapes", "detector_cases", "first_output",
+           "float32_output", "float32_train_trace", "mobileops_backends", "op_cases", "op_shapes", "setup",
+           "stand_in_loss", "timed_function", "train_step_variants"]

@@ -22,7 +22,7 @@ from mobileops.bench import timing
 AGREEMENT = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 1e-1}
 
 #: The order in which baselines are compared against (ratios are baseline_time / impl_time).
-BASELINES = ("eager", "eager_folded", "compile")
+BASELINES = ("eager", "eager_folded", "eager_graph", "compile")
 
 
 def _relative_difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -78,6 +78,8 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     implementations already built with :func:`cases.setup`.
     """
     env = env if env is not None else case_lib.setup(case, device, compile_mode)
+    if case.mode == "train_step":
+        return _measure_train_steps(case, device, env)
     row = case.describe()
     row.update(times_ms={}, spread_ms={}, timed_calls={}, agreement={}, errors={}, min_bytes=env.min_bytes,
                timer=("cuda_graph" if _launch_bound(case) else "cuda_events") if device.type == "cuda"
@@ -104,7 +106,7 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
                     continue
             fn = case_lib.timed_function(case, env, name)
             if device.type == "cuda":
-                if case.mode in ("backward", "forward_backward", "train_step"):
+                if case.mode in ("backward", "forward_backward"):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats(device)
                     fn()
@@ -118,6 +120,12 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
             row["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
     if ready:
         samples.update(timing.interleaved_cpu_samples_ms(ready))
+    return _finish_row(case, row, samples, env.min_bytes, copy_bytes_per_s)
+
+
+def _finish_row(case: case_lib.Case, row: dict, samples: dict[str, list[float]], min_bytes: int | None,
+                copy_bytes_per_s: float) -> dict:
+    """Adds the times, their spread, throughput and the ratios to ``row``."""
     for name, values in samples.items():
         row["times_ms"][name] = statistics.median(values)
         row["spread_ms"][name] = [min(values), max(values)]
@@ -125,15 +133,75 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     times = row["times_ms"]
     if case.kind == "detector":
         row["images_per_s"] = {name: case.batch / (ms * 1e-3) for name, ms in times.items()}
+    baselines = dict(times)
+    compiled = {name: ms for name, ms in times.items() if name.startswith("compile_")}
+    if compiled:  # train steps time several compile modes: "compile" is the fastest of them
+        row["best_compile"] = min(compiled, key=compiled.get)
+        baselines["compile"] = compiled[row["best_compile"]]
     for name, ms in times.items():
         if not name.startswith("mobileops"):
             continue
-        if env.min_bytes:
-            row[f"{name}_fraction_of_copy"] = env.min_bytes / (ms * 1e-3) / copy_bytes_per_s
+        if min_bytes:
+            row[f"{name}_fraction_of_copy"] = min_bytes / (ms * 1e-3) / copy_bytes_per_s
         for base in BASELINES:
-            if base in times:
-                row[f"{name}_speedup_vs_{base}"] = times[base] / ms
+            if base in baselines:
+                row[f"{name}_speedup_vs_{base}"] = baselines[base] / ms
     return row
+
+
+def _measure_train_steps(case: case_lib.Case, device: torch.device, env: case_lib.Setup) -> dict:
+    """:func:`measure` for a detector train step: every implementation is built on its own
+    (its peak memory is its own model, optimizer, activations and graph pool), runs
+    :data:`~mobileops.bench.cases.TRAIN_CHECK_STEPS` steps from the same weights, and is timed
+    only if its loss parts and state changes agree with eager's under the bench's rule."""
+    row = case.describe()
+    row.update(times_ms={}, spread_ms={}, timed_calls={}, agreement={}, errors={}, min_bytes=None,
+               timer="cuda_events" if device.type == "cuda" else "perf_counter_interleaved",
+               check_steps=case_lib.TRAIN_CHECK_STEPS)
+    exact = case_lib.float32_train_trace(case, device)
+    reference, eager_error, ready, samples = None, None, {}, {}
+    for name, make in env.trainers.items():
+        impl = None
+        try:
+            if name != "eager" and reference is None:
+                row["errors"][name] = "not checked: eager, the reference, did not run"
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            impl = make()
+            trace = impl.trace()
+            if name == "eager":
+                reference = trace
+                if exact is not None:
+                    eager_error = _relative_difference(trace, exact)
+                    row["float32_difference"] = {name: eager_error}
+            else:
+                diff = row["agreement"][name] = _relative_difference(trace, reference)
+                own = None
+                if exact is not None:
+                    own = row["float32_difference"][name] = _relative_difference(trace, exact)
+                problem = _disagreement(diff, own, eager_error, AGREEMENT[case.dtype])
+                if problem:
+                    row["errors"][name] = problem
+                    continue
+            if device.type == "cuda":
+                impl.step()
+                torch.cuda.synchronize(device)
+                row.setdefault("peak_memory_bytes", {})[name] = torch.cuda.max_memory_allocated(device) - base
+                samples[name] = timing.cuda_samples_ms(impl.step)
+            else:
+                ready[name] = impl.step
+        except Exception as exc:  # recorded in the row; one failure must not end the run
+            row["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
+        finally:
+            if device.type == "cuda":
+                del impl  # the next implementation's peak memory starts without this one
+    if ready:
+        samples.update(timing.interleaved_cpu_samples_ms(ready))
+    return _finish_row(case, row, samples, None, 0.0)
 
 
 class Progress:

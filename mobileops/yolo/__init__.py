@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mobileops.yolo.loss import YOLOv5Loss, bbox_ciou
+from mobileops.yolo.loss import YOLOv5Loss, bbox_ciou, pack_targets
 from mobileops.yolo.model import DetectionModel, count_flops, fused_op_calls
 from mobileops.yolo.parse import ceil_to_multiple, load_config, parse_model, shipped_configs
 from mobileops.yolo.registry import KINDS, known_modules, register
@@ -33,4 +33,5 @@ def build(cfg: str | Path | dict[str, Any], nc: int | None = None, ch: int = 3,
 
 
 __all__ = ["KINDS", "DetectionModel", "YOLOv5Loss", "bbox_ciou", "build", "ceil_to_multiple", "count_flops",
-           "fused_op_calls", "known_modules", "load_config", "parse_model", "register", "shipped_configs"]
+           "fused_op_calls", "known_modules", "load_config", "pack_targets", "parse_model", "register",
+           "shipped_configs"]
