@@ -2,14 +2,16 @@
 # One GPU session on a fresh host without network, sized for one 10-minute call: install
 # without build isolation (builds the CUDA extension for MOBILEOPS_CUDA_ARCHS, default 90),
 # record the environment, run the test suite (GPU tests included) and then the benchmarks,
-# each under its own time limit. At most eight files land in OUT_DIR (env.txt, install.log,
-# tests.log, tests.xml, profile.txt, host_overhead.jsonl, bench.log and the results JSON,
+# each under its own time limit. At most nine files land in OUT_DIR (env.txt, install.log,
+# tests.log, tests.xml, profile.txt, profile_step.txt, host_overhead.jsonl, bench.log and the results JSON,
 # which is rewritten after every case so a benchmark stopped at its limit keeps what it
 # measured). The exit status is the tests'.
 #
 #   benchmarks/gpu_session.sh OUT_DIR [pytest arguments for the benchmarks]
 #
 # Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
+#              STEP_PROFILE   arguments for benchmarks/profile_step.py into profile_step.txt (unset: none;
+#                             "default": both detectors' eager step, b32 640 fp16, then mobileops on triton)
 #              HOST_OVERHEAD  1: benchmarks/host_overhead.py --real into host_overhead.jsonl (twice:
 #                             with and without the direct Triton launch)
 #              SESSION_TESTS  pytest arguments for the tests ("tests": tests/test_large_tensors.py
@@ -41,6 +43,17 @@ if [ -n "${PROFILE_ARGS:-}" ]; then
     # shellcheck disable=SC2086
     timeout -s INT "${PROFILE_TIMEOUT:-150}" python benchmarks/profile_case.py $PROFILE_ARGS >"$OUT/profile.txt" 2>&1
     echo "profile done at $((SECONDS - began)) s"
+fi
+
+if [ -n "${STEP_PROFILE:-}" ]; then
+    if [ "$STEP_PROFILE" = "default" ]; then
+        timeout -s INT 120 python benchmarks/profile_step.py >"$OUT/profile_step.txt" 2>&1
+        timeout -s INT 120 python benchmarks/profile_step.py --blocks mobileops --backend triton >>"$OUT/profile_step.txt" 2>&1
+    else
+        # shellcheck disable=SC2086
+        timeout -s INT 180 python benchmarks/profile_step.py $STEP_PROFILE >"$OUT/profile_step.txt" 2>&1
+    fi
+    echo "step profile done at $((SECONDS - began)) s"; grep -v '^{' "$OUT/profile_step.txt" | cut -c1-200
 fi
 
 if [ "${HOST_OVERHEAD:-0}" = "1" ]; then

@@ -275,3 +275,30 @@ def test_host_overhead_script_times_every_op_with_stubbed_launches(monkeypatch, 
                         "dwconv_bn_act train forward": 2, "dwconv_bn_act train forward+backward": 5,
                         "bn_act train forward+backward": 4, "squeeze_excite train forward+backward": 5}
     assert _common.launch is real_launch
+
+
+def _benchmark_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_profile_step_sums_phases_kernels_and_idle_time():
+    script = _benchmark_script("profile_step")
+    assert script.busy_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert [script.category(n) for n in ("sm90_xmma_fprop_implicit_gemm", "cudnn::bn_fw_tr_1C11_kernel",
+                                          "vectorized_elementwise_kernel<hardswish>", "_stats_kernel",
+                                          "index_put_kernel", "mobileops::(anonymous namespace)::dx_kernel<float>")] \
+        == ["conv", "bn_act", "bn_act", "fused", "other", "fused"]
+    windows = {"forward": (0.0, 100.0), "loss": (100.0, 200.0)}
+    kernels = [("implicit_gemm", 10.0, 40.0), ("batch_norm_collect", 30.0, 50.0), ("index", 150.0, 160.0)]
+    summary = script.summarise(windows, kernels)
+    forward = summary["forward"]
+    assert forward.pop("by_category_ms") == pytest.approx({"bn_act": 0.02, "conv": 0.03})
+    assert forward == pytest.approx(dict(wall_ms=0.1, kernel_ms=0.04, idle_ms=0.06, kernels=2))
+    assert summary["loss"]["kernels"] == 1 and summary["loss"]["idle_ms"] == pytest.approx(0.09)
