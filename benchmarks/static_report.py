@@ -451,6 +451,10 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     elem = 2
     t = CUDA_TYPES[dtype_name]
     threads, reduce_threads = k["kThreads"], k["kReduceThreads"]
+    # the elementwise kernels' channels per thread (csrc/common.cuh packs_fit: the report's
+    # tensors are contiguous, so channels_last and C a multiple of the 16-byte width decide)
+    width = 16 // elem if channels_last and c % (16 // elem) == 0 else 1
+    vec = str(width)
     groups = -(-c // k["kLastChannels"]) if channels_last else c
     x_bytes = n * c * h * w * elem
     if call["op"] == "squeeze_excite":
@@ -458,10 +462,12 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
         se = k["kSeThreads"]
         return [("train forward", "se_channel_sum_kernel", (t,), (n, groups), reduce_threads, x_bytes),
                 ("train forward", "mlp_kernel", ("float", str(gate)), (n,), se, 0),
-                ("train forward", "scale_kernel", (t, str(post)), (_blocks_for(n * c * h * w, se),), se, 2 * x_bytes),
+                ("train forward", "scale_kernel", (t, str(post), vec), (_blocks_for(n * c * h * w // width, se),), se,
+                 2 * x_bytes),
                 ("train backward", "se_channel_sum_kernel", (t,), (n, groups), reduce_threads, x_bytes),
                 ("train backward", "mlp_backward_kernel", ("float", str(gate)), (n,), se, 0),
-                ("train backward", "dx_kernel", (t,), (_blocks_for(n * c * h * w, se),), se, 3 * x_bytes)]
+                ("train backward", "dx_kernel", (t, vec), (_blocks_for(n * c * h * w // width, se),), se,
+                 3 * x_bytes)]
     act = str(ACTIVATION_CODES[call["options"]["activation"]])
     if call["op"] == "bn_act":
         kk, ho, wo = 0, h, w
@@ -473,17 +479,16 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     out_total = n * c * ho * wo
     chunk, chunks = _chunking(n * ho * wo, c, channels_last)
     reduce_grid = (chunks, groups)
-    rows = [("inference", "apply_kernel", (t, str(kk), act), (_blocks_for(out_total, threads),), threads,
-             x_bytes + y_bytes),
+    apply_grid = (_blocks_for(out_total // width, threads),)
+    rows = [("inference", "apply_kernel", (t, str(kk), act, vec), apply_grid, threads, x_bytes + y_bytes),
             ("train forward", "stats_kernel", (t, str(kk)), reduce_grid, reduce_threads, x_bytes),
-            ("train forward", "apply_kernel", (t, str(kk), act), (_blocks_for(out_total, threads),), threads,
-             x_bytes + y_bytes),
+            ("train forward", "apply_kernel", (t, str(kk), act, vec), apply_grid, threads, x_bytes + y_bytes),
             ("train backward", "grad_sums_kernel", (t, str(kk)), reduce_grid, reduce_threads, x_bytes + y_bytes),
             ("train backward", "grad_input_kernel", (t, str(kk)), reduce_grid, reduce_threads,
              x_bytes + 2 * y_bytes)]
     if kk:
-        rows.append(("train backward", "dx_kernel", (t, str(kk)), (_blocks_for(n * c * h * w, threads),), threads,
-                     y_bytes + x_bytes))
+        rows.append(("train backward", "dx_kernel", (t, str(kk), vec), (_blocks_for(n * c * h * w // width, threads),),
+                     threads, y_bytes + x_bytes))
     return rows
 
 

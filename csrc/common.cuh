@@ -10,6 +10,7 @@
 
 #include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -115,6 +116,53 @@ __device__ __forceinline__ void split_index(int64_t i, int C, int H, int W, bool
     i = divmod(i, H, h);
     n = divmod(i, C, c);
   }
+}
+
+// Elementwise kernels take V consecutive channels per thread in channels_last (one 16-byte
+// load or store: 8 fp16/bf16, 4 fp32), else one element. Pack<T, V> is that group, aligned to
+// its size so that a load through it is a single vector instruction.
+template <typename T> struct VecWidth { static constexpr int value = 16 / int(sizeof(T)); };
+template <> struct VecWidth<double> { static constexpr int value = 1; };  // float64 stays scalar
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+
+// Through uint4. A plain uint4 store of a pack built from converted elements came out of nvcc
+// 13.0 as four 4-byte v2.u16 stores in the kernels (not in a minimal probe); the __stwb
+// intrinsic (st.global.wb, the default write-back policy) stays one 16-byte store.
+template <int V, typename T> __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  Pack<T, V> out;
+  if constexpr (V == 1) {
+    out.v[0] = *p;
+  } else {
+    static_assert(sizeof(T) * V == sizeof(uint4), "a pack is 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    memcpy(&out, &raw, sizeof(raw));
+  }
+  return out;
+}
+template <int V, typename T> __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  if constexpr (V == 1) {
+    *p = v.v[0];
+  } else {
+    uint4 raw;
+    memcpy(&raw, &v, sizeof(raw));
+    __stwb(reinterpret_cast<uint4*>(p), raw);
+  }
+}
+
+// Whether V channels per thread fit every tensor of a launch: channels innermost and
+// contiguous (stride 1), C and every other stride multiples of V, addresses aligned to a
+// pack. Decided on the host per launch; otherwise the kernel takes one element per thread.
+struct Strided {
+  uintptr_t address;
+  Strides strides;
+};
+inline bool packs_fit(int C, int V, size_t element, std::initializer_list<Strided> tensors) {
+  if (V <= 1 || C % V) return false;
+  for (const Strided& t : tensors) {
+    if (t.strides[1] != 1 || t.address % (size_t(V) * element)) return false;
+    if (t.strides[0] % V || t.strides[2] % V || t.strides[3] % V) return false;
+  }
+  return true;
 }
 
 // Reducing kernels run blocks of (blockDim.x channels) x (blockDim.y rows of positions), chosen

@@ -11,17 +11,23 @@ struct DwShape {
   int N, C, H, W, HO, WO, stride, pad;
 };
 
-// The depthwise convolution at output (n, c, oh, ow), accumulated in A; weights (C, K, K)
-// contiguous. Without a convolution it is x itself.
-template <typename T, typename A, int K>
-__device__ __forceinline__ A conv_at(const T* __restrict__ x, const T* __restrict__ w, const DwShape& s,
-                                     const Strides4& sx, int64_t n, int64_t c, int64_t oh, int64_t ow) {
+// The depthwise convolution at output (n, c0 + j, oh, ow) for the V channels j < V, accumulated
+// in A; weights (C, K, K) contiguous. Without a convolution it is x itself. V > 1 only where
+// packs_fit: one pack load of x per tap, and each channel adds its taps in the same order as
+// V = 1, so both give the same bits.
+template <typename T, typename A, int K, int V>
+__device__ __forceinline__ void conv_pack(const T* __restrict__ x, const T* __restrict__ w, const DwShape& s,
+                                          const Strides4& sx, int64_t n, int64_t c0, int64_t oh, int64_t ow,
+                                          A (&acc)[V]) {
   if constexpr (K == 0) {
-    return load_as<A>(x + sx.at(n, c, oh, ow));
+    const Pack<T, V> v = load_pack<V>(x + sx.at(n, c0, oh, ow));
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = load_as<A>(&v.v[j]);
   } else {
-    A acc = A(0);
-    const T* xb = x + n * sx.n + c * sx.c;
-    const T* wc = w + c * K * K;
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = A(0);
+    const T* xb = x + n * sx.n + c0 * sx.c;
+    const T* wc = w + c0 * K * K;
     const int64_t ih0 = oh * s.stride - s.pad, iw0 = ow * s.stride - s.pad;
 #pragma unroll
     for (int kh = 0; kh < K; ++kh) {
@@ -31,11 +37,21 @@ __device__ __forceinline__ A conv_at(const T* __restrict__ x, const T* __restric
       for (int kw = 0; kw < K; ++kw) {
         const int64_t iw = iw0 + kw;
         if (iw < 0 || iw >= s.W) continue;
-        acc += load_as<A>(xb + ih * sx.h + iw * sx.w) * load_as<A>(wc + kh * K + kw);
+        const Pack<T, V> v = load_pack<V>(xb + ih * sx.h + iw * sx.w);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += load_as<A>(&v.v[j]) * load_as<A>(wc + j * K * K + kh * K + kw);
       }
     }
-    return acc;
   }
+}
+
+// conv_pack of one channel.
+template <typename T, typename A, int K>
+__device__ __forceinline__ A conv_at(const T* __restrict__ x, const T* __restrict__ w, const DwShape& s,
+                                     const Strides4& sx, int64_t n, int64_t c, int64_t oh, int64_t ow) {
+  A acc[1];
+  conv_pack<T, A, K, 1>(x, w, s, sx, n, c, oh, ow, acc);
+  return acc[0];
 }
 
 // Per-channel (mean, rstd, gamma, beta) such that u = (z - mean) * rstd * gamma + beta.

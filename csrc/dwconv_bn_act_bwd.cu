@@ -2,7 +2,7 @@
 // Saves nothing but x and the per-channel statistics: every pass recomputes the conv.
 //   1. (batch statistics only) per-(chunk, channel) sums of du and du * xhat, where du is
 //      dL/d(BN output) = dy * act'(u); merged in chunk order.
-//   2. dz = dL/d(conv output) per position, written to an accumulation-type workspace (or
+//   2. dz = dL/d(conv output) per position, written to a workspace in the activation dtype (or
 //      straight into dx without a conv), with the per-chunk weight-gradient partials
 //      sum(dz * x[tap]) and, for running statistics, the du sums.
 //   3. dx as a gather-form transposed depthwise conv of dz.
@@ -65,7 +65,7 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
                   const T* __restrict__ w, const typename Acc<T>::type* gamma, const typename Acc<T>::type* beta,
                   const typename Acc<T>::type* mean, const typename Acc<T>::type* var, typename Acc<T>::type eps,
                   const typename Acc<T>::type* sum_du, const typename Acc<T>::type* sum_dux, DwShape s,
-                  int64_t chunk, Grad g, typename Acc<T>::type* dz, Strides4 sdz, T* dx_direct, Strides4 sdx,
+                  int64_t chunk, Grad g, T* dz, Strides4 sdz, T* dx_direct, Strides4 sdx,
                   typename Acc<T>::type* part_dw, typename Acc<T>::type* part_du, typename Acc<T>::type* part_dux) {
   using A = typename Acc<T>::type;
   constexpr int TAPS = K > 0 ? K * K : 1;
@@ -96,7 +96,7 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
     if constexpr (K == 0) {
       dx_direct[sdx.at(n, c, oh, ow)] = store_as<T>(d);
     } else {
-      dz[sdz.at(n, c, oh, ow)] = d;
+      dz[sdz.at(n, c, oh, ow)] = store_as<T>(d);
       if (part_dw != nullptr) {
         const T* xb = x + n * sx.n + c * sx.c;
         const int64_t ih0 = oh * s.stride - s.pad, iw0 = ow * s.stride - s.pad;
@@ -127,17 +127,23 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
   }
 }
 
-template <typename T, int K>
+// dx as a gather of dz over the taps that reach (h, w), for V channels per thread (see
+// packs_fit) or one.
+template <typename T, int K, int V>
 __global__ void __launch_bounds__(kThreads)
-dx_kernel(const typename Acc<T>::type* __restrict__ dz, Strides4 sdz, const T* __restrict__ w, T* __restrict__ dx,
-          Strides4 sdx, DwShape s, bool channels_last) {
+dx_kernel(const T* __restrict__ dz, Strides4 sdz, const T* __restrict__ w, T* __restrict__ dx, Strides4 sdx,
+          DwShape s, bool channels_last) {
   using A = typename Acc<T>::type;
-  const int64_t total = int64_t(s.N) * s.C * s.H * s.W;
+  const int groups = s.C / V;
+  const int64_t total = int64_t(s.N) * groups * s.H * s.W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, ww;
-    split_index(i, s.C, s.H, s.W, channels_last, n, c, h, ww);
-    const T* wc = w + c * K * K;
-    A acc = A(0);
+    int64_t n, g, h, ww;
+    split_index(i, groups, s.H, s.W, channels_last, n, g, h, ww);
+    const int64_t c0 = g * V;
+    const T* wc = w + c0 * K * K;
+    A acc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = A(0);
 #pragma unroll
     for (int kh = 0; kh < K; ++kh) {
       const int64_t th = h + s.pad - kh;
@@ -150,21 +156,32 @@ dx_kernel(const typename Acc<T>::type* __restrict__ dz, Strides4 sdz, const T* _
         if (tw < 0 || tw % s.stride) continue;
         const int64_t ow = tw / s.stride;
         if (ow >= s.WO) continue;
-        acc += dz[sdz.at(n, c, oh, ow)] * load_as<A>(wc + kh * K + kw);
+        const Pack<T, V> d = load_pack<V>(dz + sdz.at(n, c0, oh, ow));
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += load_as<A>(&d.v[j]) * load_as<A>(wc + j * K * K + kh * K + kw);
       }
     }
-    dx[sdx.at(n, c, h, ww)] = store_as<T>(acc);
+    Pack<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) out.v[j] = store_as<T>(acc[j]);
+    store_pack<V>(dx + sdx.at(n, c0, h, ww), out);
   }
 }
 
 // Without a conv the input-gradient pass already wrote dx.
 template <typename T, int K>
-void launch_dx(const typename Acc<T>::type* dz, Strides4 sdz, const T* w, T* dx, Strides4 sdx, const DwShape& s,
+void launch_dx(uintptr_t dz, Strides sdz, const T* w, uintptr_t dx, Strides sdx, const DwShape& s,
                bool channels_last, cudaStream_t st) {
   if constexpr (K > 0) {
     const int64_t total = int64_t(s.N) * s.C * s.H * s.W;
-    if (total > 0) {
-      dx_kernel<T, K><<<blocks_for(total, kThreads), kThreads, 0, st>>>(dz, sdz, w, dx, sdx, s, channels_last);
+    if (total == 0) return;
+    constexpr int V = VecWidth<T>::value;
+    if (channels_last && packs_fit(s.C, V, sizeof(T), {{dz, sdz}, {dx, sdx}})) {
+      dx_kernel<T, K, V><<<blocks_for(total / V, kThreads), kThreads, 0, st>>>(
+          cptr<T>(dz), Strides4(sdz), w, mptr<T>(dx), Strides4(sdx), s, channels_last);
+    } else {
+      dx_kernel<T, K, 1><<<blocks_for(total, kThreads), kThreads, 0, st>>>(
+          cptr<T>(dz), Strides4(sdz), w, mptr<T>(dx), Strides4(sdx), s, channels_last);
     }
   }
 }
@@ -195,7 +212,7 @@ void dwconv_bn_act_backward(int dtype, int k, int act, int norm, uintptr_t dy, S
       grad_input_kernel<T, K><<<grid, block, 0, st>>>(
           cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
           cptr<A>(mean), cptr<A>(var), A(eps), cptr<A>(sum_du), cptr<A>(sum_dux), s, chunk, Grad{act, norm},
-          mptr<A>(dz), Strides4(sdz), mptr<T>(dx), Strides4(sdx), mptr<A>(part_dw), mptr<A>(part_du),
+          mptr<T>(dz), Strides4(sdz), mptr<T>(dx), Strides4(sdx), mptr<A>(part_dw), mptr<A>(part_du),
           mptr<A>(part_dux));
       check_launch("dwconv_bn_act backward (input gradient)");
       if (norm != kNormBatch) {
@@ -206,7 +223,7 @@ void dwconv_bn_act_backward(int dtype, int k, int act, int norm, uintptr_t dy, S
         const int64_t cols = int64_t(s.C) * taps;
         sum_rows_kernel<A><<<blocks_for(cols, 128), 128, 0, st>>>(cptr<A>(part_dw), chunks, cols, mptr<A>(dw));
       }
-      launch_dx<T, K>(cptr<A>(dz), Strides4(sdz), cptr<T>(w), mptr<T>(dx), Strides4(sdx), s, channels_last, st);
+      launch_dx<T, K>(dz, sdz, cptr<T>(w), dx, sdx, s, channels_last, st);
     });
   });
   check_launch("dwconv_bn_act backward");

@@ -10,20 +10,29 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, int K, int ACT>
+// V channels per thread (see packs_fit), or one.
+template <typename T, int K, int ACT, int V>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, const typename Acc<T>::type* gamma,
              const typename Acc<T>::type* beta, const typename Acc<T>::type* mean,
              const typename Acc<T>::type* var, int norm, typename Acc<T>::type eps, T* __restrict__ y, Strides4 sy,
              DwShape s, bool channels_last) {
   using A = typename Acc<T>::type;
-  const int64_t total = int64_t(s.N) * s.C * s.HO * s.WO;
+  const int groups = s.C / V;
+  const int64_t total = int64_t(s.N) * groups * s.HO * s.WO;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, oh, ow;
-    split_index(i, s.C, s.HO, s.WO, channels_last, n, c, oh, ow);
-    const ChannelParams<A> p(gamma, beta, mean, var, norm, eps, c);
-    const A z = conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow);
-    y[sy.at(n, c, oh, ow)] = store_as<T>(activate<ACT>((z - p.mean) * p.rstd * p.gamma + p.beta));
+    int64_t n, g, oh, ow;
+    split_index(i, groups, s.HO, s.WO, channels_last, n, g, oh, ow);
+    const int64_t c0 = g * V;
+    A z[V];
+    conv_pack<T, A, K, V>(x, w, s, sx, n, c0, oh, ow, z);
+    Pack<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const ChannelParams<A> p(gamma, beta, mean, var, norm, eps, c0 + j);
+      out.v[j] = store_as<T>(activate<ACT>((z[j] - p.mean) * p.rstd * p.gamma + p.beta));
+    }
+    store_pack<V>(y + sy.at(n, c0, oh, ow), out);
   }
 }
 
@@ -107,10 +116,18 @@ void dwconv_bn_act_forward(int dtype, int k, int act, int norm, uintptr_t x, Str
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
     MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
+      constexpr int V = VecWidth<T>::value;
+      const bool packed = channels_last && packs_fit(s.C, V, sizeof(T), {{x, sx}, {y, sy}});
       MOBILEOPS_DISPATCH_ACT(act, ACT, {
-        apply_kernel<T, K, ACT><<<blocks_for(total, kThreads), kThreads, 0, st>>>(
-            cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta), cptr<A>(mean), cptr<A>(var), norm,
-            A(eps), mptr<T>(y), Strides4(sy), s, channels_last);
+        if (packed) {
+          apply_kernel<T, K, ACT, V><<<blocks_for(total / V, kThreads), kThreads, 0, st>>>(
+              cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta), cptr<A>(mean), cptr<A>(var),
+              norm, A(eps), mptr<T>(y), Strides4(sy), s, channels_last);
+        } else {
+          apply_kernel<T, K, ACT, 1><<<blocks_for(total, kThreads), kThreads, 0, st>>>(
+              cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta), cptr<A>(mean), cptr<A>(var),
+              norm, A(eps), mptr<T>(y), Strides4(sy), s, channels_last);
+        }
       });
     });
   });

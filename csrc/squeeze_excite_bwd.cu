@@ -62,21 +62,28 @@ __global__ void column_sum_kernel(const A* a, int N, int I, A* out) {
   out[i] = acc;
 }
 
-template <typename T>
+template <typename T, int V>
 __global__ void __launch_bounds__(kSeThreads)
 dx_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x, Strides4 sx,
           const typename Acc<T>::type* gates, const typename Acc<T>::type* d_pooled, int post_act,
           T* __restrict__ dx, Strides4 sdx, int N, int C, int H, int W, bool channels_last) {
   using A = typename Acc<T>::type;
-  const int64_t total = int64_t(N) * C * H * W;
+  const int groups = C / V;
+  const int64_t total = int64_t(N) * groups * H * W;
   const A inv_hw = A(1) / A(int64_t(H) * W);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, w;
-    split_index(i, C, H, W, channels_last, n, c, h, w);
-    const A g = gates[n * C + c];
-    const A xv = load_as<A>(x + sx.at(n, c, h, w));
-    const A dv = load_as<A>(dy + sdy.at(n, c, h, w)) * activate_grad_rt(post_act, xv * g);
-    dx[sdx.at(n, c, h, w)] = store_as<T>(dv * g + d_pooled[n * C + c] * inv_hw);
+    int64_t n, g, h, w;
+    split_index(i, groups, H, W, channels_last, n, g, h, w);
+    const int64_t c0 = g * V;
+    const Pack<T, V> xv = load_pack<V>(x + sx.at(n, c0, h, w)), dyv = load_pack<V>(dy + sdy.at(n, c0, h, w));
+    Pack<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A gate = gates[n * C + c0 + j], xj = load_as<A>(&xv.v[j]);
+      const A dv = load_as<A>(&dyv.v[j]) * activate_grad_rt(post_act, xj * gate);
+      out.v[j] = store_as<T>(dv * gate + d_pooled[n * C + c0 + j] * inv_hw);
+    }
+    store_pack<V>(dx + sdx.at(n, c0, h, w), out);
   }
 }
 
@@ -112,9 +119,16 @@ void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, St
     if (db2 != 0) column_sum_kernel<A><<<(C + 127) / 128, 128, 0, st>>>(cptr<A>(d_pre_gate), N, C, mptr<A>(db2));
     if (db1 != 0) column_sum_kernel<A><<<(R + 127) / 128, 128, 0, st>>>(cptr<A>(d_pre_hidden), N, R, mptr<A>(db1));
     check_launch("squeeze_excite backward (weight gradients)");
-    dx_kernel<T><<<blocks_for(total, kSeThreads), kSeThreads, 0, st>>>(
-        cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<A>(gates), cptr<A>(d_pooled), post_act,
-        mptr<T>(dx), Strides4(sdx), N, C, H, W, channels_last);
+    constexpr int V = VecWidth<T>::value;
+    if (channels_last && packs_fit(C, V, sizeof(T), {{dy, sdy}, {x, sx}, {dx, sdx}})) {
+      dx_kernel<T, V><<<blocks_for(total / V, kSeThreads), kSeThreads, 0, st>>>(
+          cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<A>(gates), cptr<A>(d_pooled), post_act,
+          mptr<T>(dx), Strides4(sdx), N, C, H, W, channels_last);
+    } else {
+      dx_kernel<T, 1><<<blocks_for(total, kSeThreads), kSeThreads, 0, st>>>(
+          cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<A>(gates), cptr<A>(d_pooled), post_act,
+          mptr<T>(dx), Strides4(sdx), N, C, H, W, channels_last);
+    }
   });
   check_launch("squeeze_excite backward (input gradient)");
 }

@@ -21,17 +21,23 @@ mlp_kernel(const A* pooled, const A* w1, const A* b1, const A* w2, const A* b2, 
   }
 }
 
-template <typename T, int POST>
+// V channels per thread (see packs_fit), or one.
+template <typename T, int POST, int V>
 __global__ void __launch_bounds__(kSeThreads)
 scale_kernel(const T* __restrict__ x, Strides4 sx, const typename Acc<T>::type* gates, T* __restrict__ y,
              Strides4 sy, int N, int C, int H, int W, bool channels_last) {
   using A = typename Acc<T>::type;
-  const int64_t total = int64_t(N) * C * H * W;
+  const int groups = C / V;
+  const int64_t total = int64_t(N) * groups * H * W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, c, h, w;
-    split_index(i, C, H, W, channels_last, n, c, h, w);
-    const A v = load_as<A>(x + sx.at(n, c, h, w)) * gates[n * C + c];
-    y[sy.at(n, c, h, w)] = store_as<T>(activate<POST>(v));
+    int64_t n, g, h, w;
+    split_index(i, groups, H, W, channels_last, n, g, h, w);
+    const int64_t c0 = g * V;
+    const Pack<T, V> xv = load_pack<V>(x + sx.at(n, c0, h, w));
+    Pack<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) out.v[j] = store_as<T>(activate<POST>(load_as<A>(&xv.v[j]) * gates[n * C + c0 + j]));
+    store_pack<V>(y + sy.at(n, c0, h, w), out);
   }
 }
 
@@ -55,9 +61,16 @@ void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Stri
                                                        cptr<A>(b2), C, hidden, mptr<A>(gates));
     });
     check_launch("squeeze_excite forward (MLP)");
+    constexpr int V = VecWidth<T>::value;
+    const bool packed = channels_last && packs_fit(C, V, sizeof(T), {{x, sx}, {y, sy}});
     MOBILEOPS_DISPATCH_ACT(post_act, POST, {
-      scale_kernel<T, POST><<<blocks_for(total, kSeThreads), kSeThreads, 0, st>>>(
-          cptr<T>(x), Strides4(sx), cptr<A>(gates), mptr<T>(y), Strides4(sy), N, C, H, W, channels_last);
+      if (packed) {
+        scale_kernel<T, POST, V><<<blocks_for(total / V, kSeThreads), kSeThreads, 0, st>>>(
+            cptr<T>(x), Strides4(sx), cptr<A>(gates), mptr<T>(y), Strides4(sy), N, C, H, W, channels_last);
+      } else {
+        scale_kernel<T, POST, 1><<<blocks_for(total, kSeThreads), kSeThreads, 0, st>>>(
+            cptr<T>(x), Strides4(sx), cptr<A>(gates), mptr<T>(y), Strides4(sy), N, C, H, W, channels_last);
+      }
     });
   });
   check_launch("squeeze_excite forward (scale)");

@@ -5,6 +5,9 @@ running-statistic updates on machines without a GPU; it says nothing about GPU-s
 behaviour (warp scheduling, memory model, speed), which test_cuda_backend.py covers on a GPU.
 Every CUDA thread is an OS thread here, so the shapes are tiny."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from harness import ARGUMENTS, LAYOUTS, check, inputs
@@ -13,6 +16,9 @@ from helpers import assert_nan_and_inf_land_as_with_torch, cuda_backend_on_cpu
 import mobileops
 from mobileops import codes, ops
 from mobileops.cuda import _extension
+
+sys.path.insert(0, str(Path(__file__).parent / "cuda_emulation"))
+import build as emulation_build
 
 F64 = torch.float64
 
@@ -170,3 +176,61 @@ def test_offsets_past_2_31_elements_read_the_same_values(cuda_on_cpu, monkeypatc
     near = _results(fn, near_x, near_dy, grad_params, buffers)
     for i, (a, b) in enumerate(zip(far, near)):
         assert torch.equal(a, b), f"result {i} differs between the far views and their dense copies"
+
+
+# ---- 16-byte packs of channels -----------------------------------------------------------
+
+PACKED = (", V>",)  # how the launch log spells a kernel launched with V channels per thread
+BN_STATS = ("running_mean", "running_var")  # updated in place, not differentiated
+
+
+def _run_both_ways(op, args, **options):
+    """Outputs and gradients of ``op`` on the cuda backend, once with x and dy channels_last and
+    once NCHW (the same values), and the kernels each of the two launched."""
+    results, logs = [], []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        tensors = {k: None if v is None else v.detach().clone() for k, v in args.items()}
+        x = tensors.pop("x").contiguous(memory_format=layout).requires_grad_(True)
+        grads = [t.requires_grad_(True) for k, t in tensors.items() if t is not None and k not in BN_STATS]
+        emulation_build.launches(_extension.extension())  # clears the log
+        with mobileops.use_backend("cuda"):
+            y = getattr(ops, op)(x, *tensors.values(), **options)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(31), dtype=F64).to(y.dtype)
+            y.backward(dy.contiguous(memory_format=layout))
+        results.append([y.detach(), x.grad] + [t.grad for t in grads])
+        logs.append(emulation_build.launches(_extension.extension()))
+    return results, logs
+
+
+def _packed(log):
+    return [k for k in log if k.startswith(("apply_kernel", "scale_kernel", "dx_kernel")) and k.endswith(PACKED)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op, options", [
+    ("dwconv_bn_act", dict(activation="hswish")),
+    ("dwconv_bn_act", dict(activation="relu6", stride=2)),
+    ("bn_act", dict(activation="silu")),
+    ("dwconv_bn_act", dict(activation="relu6", stride=2, training=True)),
+    ("bn_act", dict(activation="silu", training=True)),
+    ("squeeze_excite", dict(gate="hsigmoid", post_act="hswish")),
+], ids=["dw-eval", "dw-eval-s2", "bn-eval", "dw-train-s2", "bn-train", "se"])
+def test_channels_last_packs_agree_with_one_element_per_thread(cuda_on_cpu, op, options, dtype):
+    """In channels_last with C a multiple of the 16-byte width the elementwise kernels (apply,
+    dx, SE scale and dx) take 4 (float32) or 8 (fp16/bf16) channels per thread with one vector
+    access; NCHW takes one element. Each channel adds its terms in the same order either way,
+    so with running statistics (no reduction feeds y or dx) the output and the input gradient
+    agree to the last bit; the reductions sum in a layout-dependent order, so the rest agrees
+    to rounding. The launch log shows which kernels ran."""
+    (packed, single), (packed_log, single_log) = _run_both_ways(op, inputs(op, (2, 16, 5, 6), dtype=dtype, seed=41),
+                                                                **options)
+    exact = 2 if op != "squeeze_excite" and not options.get("training") else 0
+    for i, (a, b) in enumerate(zip(packed, single)):
+        if i < exact:
+            assert torch.equal(a, b), f"result {i} differs between the packed and the one-element kernels"
+        else:
+            torch.testing.assert_close(a, b, msg=f"result {i}")
+    assert _packed(packed_log) and not _packed(single_log), (packed_log, single_log)
+    # 12 channels: no multiple of fp16's 8, so one element per thread (float32's 4 divides it)
+    _, (odd_log, _) = _run_both_ways(op, inputs(op, (2, 12, 5, 6), dtype=dtype, seed=42), **options)
+    assert bool(_packed(odd_log)) == (dtype == torch.float32), odd_log

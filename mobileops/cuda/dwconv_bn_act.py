@@ -126,7 +126,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gam
     parts = torch.empty((2, chunks, c), device=x.device, dtype=acc)
     # separate tensors: the custom op's outputs must not share storage
     sum_du, sum_dux = torch.empty(c, device=x.device, dtype=acc), torch.empty(c, device=x.device, dtype=acc)
-    dz = torch.empty((n, c, ho, wo), device=x.device, dtype=acc, memory_format=memory_format) if k else None
+    # dz in x's dtype: half the bytes of an accumulation-type round trip (eager's BatchNorm
+    # backward rounds it the same way)
+    dz = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype, memory_format=memory_format) if k else None
     part_dw = torch.empty((chunks, c * k * k), device=x.device, dtype=acc) if weight_grad else None
     dw = torch.empty((c, 1, k, k), device=x.device, dtype=acc) if weight_grad else None
     stream = ext.prepare(x)

@@ -2,7 +2,8 @@
 cuda_shim.h, bound as an importable module with the same interface as mobileops._C.
 
 Tests use it to run the CUDA backend's kernels on machines without a GPU (tiny shapes only:
-every CUDA thread is an OS thread). The build is cached by a hash of the sources.
+every CUDA thread is an OS thread). The build is cached by a hash of the sources. Every launch
+is logged by its source text (``apply_kernel<T, K, ACT, V>``): :func:`launches` reads the log.
 """
 
 import hashlib
@@ -32,7 +33,9 @@ def _rewrite_launches(source: str) -> str:
             i += 1
         args = source[match.end():i - 1]
         out.append(source[pos:match.start()])
-        out.append(f"emu_launcher({match.group(2)})([&] {{ {match.group(1)}({args}); }})")
+        # the launch is logged by its source text (kernel<template arguments as written>)
+        name = " ".join(match.group(1).split())
+        out.append(f'(emu_record("{name}"), emu_launcher({match.group(2)})([&] {{ {match.group(1)}({args}); }}))')
         pos = i
     out.append(source[pos:])
     return "".join(out)
@@ -53,6 +56,7 @@ def build(out_dir: Path):
     work = Path(out_dir) / f"emulated-{digest}"
     library = work / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
     if not library.exists():
+        work = work / f"build-{os.getpid()}"  # pytest-xdist workers build side by side
         work.mkdir(parents=True, exist_ok=True)
         shutil.copy(HERE / "cuda_shim.h", work / "cuda_shim.h")
         units = []
@@ -76,14 +80,26 @@ def build(out_dir: Path):
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objects = list(pool.map(compile_unit, units))
-        partial = library.with_suffix(".partial")
+        partial = work / library.name
         subprocess.run([compiler, "-shared", "-pthread", *objects, "-o", str(partial)], check=True,
                        capture_output=True, text=True)
         partial.rename(library)  # atomic: a concurrent or interrupted build never leaves half a library
+        shutil.rmtree(work, ignore_errors=True)
     spec = importlib.util.spec_from_file_location("_C", library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def launches(module) -> list[str]:
+    """The kernels the emulated ``module`` launched since the last call, in order (clears the log)."""
+    import ctypes
+
+    library = ctypes.CDLL(module.__file__)
+    library.emu_launch_log.restype = ctypes.c_char_p
+    text = library.emu_launch_log().decode()
+    library.emu_clear_launch_log()
+    return text.split("\n") if text else []
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -56,6 +58,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return __nv_bfloat16{uint16_t(u >> 16)};
 }
 
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+template <typename T> inline void __stwb(T* p, T v) { *p = v; }
+
 typedef int cudaError_t;
 typedef void* cudaStream_t;
 constexpr cudaError_t cudaSuccess = 0;
@@ -93,6 +98,17 @@ void emu_run(dim3 grid, dim3 block, F body) {
 }
 
 
+
+// The launches made, by their source text, for tests (read through ctypes: build.launches).
+inline std::mutex emu_log_mutex;
+inline std::string emu_log;
+inline void emu_record(const char* kernel) {
+  std::lock_guard<std::mutex> lock(emu_log_mutex);
+  if (!emu_log.empty()) emu_log += "\n";
+  emu_log += kernel;
+}
+extern "C" __attribute__((visibility("default"), used)) inline const char* emu_launch_log() { return emu_log.c_str(); }
+extern "C" __attribute__((visibility("default"), used)) inline void emu_clear_launch_log() { emu_log.clear(); }
 
 struct EmuLauncher {
   dim3 grid, block;
