@@ -58,6 +58,20 @@ def _disagreement(vs_eager: float, own_error: float | None, eager_error: float |
             f"more than twice eager's {eager_error:.3g} plus {bound}")
 
 
+def _agrees(row: dict, name: str, out: list[torch.Tensor], reference: list[torch.Tensor],
+            exact: list[torch.Tensor] | None, eager_error: float | None, dtype: str) -> bool:
+    """Records ``name``'s difference from eager (and from float32 under autocast) in ``row``;
+    False, with the reason in ``row["errors"]``, when it does not count as eager's result."""
+    diff = row["agreement"][name] = _relative_difference(out, reference)
+    own = None
+    if exact is not None:
+        own = row["float32_difference"][name] = _relative_difference(out, exact)
+    problem = _disagreement(diff, own, eager_error, AGREEMENT[dtype])
+    if problem:
+        row["errors"][name] = problem
+    return problem is None
+
+
 def _launch_bound(case: case_lib.Case) -> bool:
     """Batch-1 inference is dominated by launches: time it as CUDA-graph replays."""
     return case.batch == 1 and case.mode in ("inference", "forward")
@@ -93,17 +107,9 @@ def measure(case: case_lib.Case, device: torch.device, copy_bytes_per_s: float,
     ready, samples = {}, {}
     for name in env.impls:
         try:
-            if name != "eager":
-                out = case_lib.first_output(case, env, name)
-                diff = _relative_difference(out, reference)
-                row["agreement"][name] = diff
-                own = None
-                if exact is not None:
-                    own = row["float32_difference"][name] = _relative_difference(out, exact)
-                problem = _disagreement(diff, own, eager_error, AGREEMENT[case.dtype])
-                if problem:
-                    row["errors"][name] = problem
-                    continue
+            if name != "eager" and not _agrees(row, name, case_lib.first_output(case, env, name), reference, exact,
+                                               eager_error, case.dtype):
+                continue
             fn = case_lib.timed_function(case, env, name)
             if device.type == "cuda":
                 if case.mode in ("backward", "forward_backward"):
@@ -178,15 +184,8 @@ def _measure_train_steps(case: case_lib.Case, device: torch.device, env: case_li
                 if exact is not None:
                     eager_error = _relative_difference(trace, exact)
                     row["float32_difference"] = {name: eager_error}
-            else:
-                diff = row["agreement"][name] = _relative_difference(trace, reference)
-                own = None
-                if exact is not None:
-                    own = row["float32_difference"][name] = _relative_difference(trace, exact)
-                problem = _disagreement(diff, own, eager_error, AGREEMENT[case.dtype])
-                if problem:
-                    row["errors"][name] = problem
-                    continue
+            elif not _agrees(row, name, trace, reference, exact, eager_error, case.dtype):
+                continue
             if device.type == "cuda":
                 impl.step()
                 torch.cuda.synchronize(device)
