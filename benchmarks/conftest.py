@@ -80,7 +80,7 @@ class BenchSession:
         self.write()
         benchmark.group = case.group
         benchmark.extra_info.update(row)
-        fused = [name for name in env.impls if name.startswith("mobileops")]
+        fused = [name for name in cases.implementation_names(env) if name.startswith("mobileops")]
         assert fused, f"no mobileops backend can run {case.group} on {DEVICE.type}"
         broken = {name: row["errors"][name] for name in fused if name in row["errors"]}
         assert not broken, f"{case.group} {case.name}: {broken}"

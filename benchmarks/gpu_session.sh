@@ -11,7 +11,8 @@
 #
 # Environment: PROFILE_ARGS   arguments for benchmarks/profile_case.py (unset: no profile)
 #              STEP_PROFILE   arguments for benchmarks/profile_step.py into profile_step.txt (unset: none;
-#                             "default": both detectors' eager step, b32 640 fp16, then mobileops on triton)
+#                             "default": both detectors' eager step, b32 640 fp16, then mobileops on triton;
+#                             up to 240 s more: lower TESTS_TIMEOUT / BENCH_TIMEOUT to stay in one call)
 #              HOST_OVERHEAD  1: benchmarks/host_overhead.py --real into host_overhead.jsonl (twice:
 #                             with and without the direct Triton launch)
 #              SESSION_TESTS  pytest arguments for the tests ("tests": tests/test_large_tensors.py

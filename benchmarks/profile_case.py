@@ -45,7 +45,7 @@ def _host_profile(fn, iterations: int, limit: int) -> None:
 def profile_case(case, device, iterations: int, limit: int, impls, host: bool = False) -> None:
     env = cases.setup(case, device, None)
     print(f"\n== {case.group} {case.name}")
-    for name in env.impls:
+    for name in cases.implementation_names(env):
         if impls and name not in impls:
             continue
         try:

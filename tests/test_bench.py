@@ -302,3 +302,15 @@ def test_profile_step_sums_phases_kernels_and_idle_time():
     assert forward.pop("by_category_ms") == pytest.approx({"bn_act": 0.02, "conv": 0.03})
     assert forward == pytest.approx(dict(wall_ms=0.1, kernel_ms=0.04, idle_ms=0.06, kernels=2))
     assert summary["loss"]["kernels"] == 1 and summary["loss"]["idle_ms"] == pytest.approx(0.09)
+
+
+def test_train_step_implementations_are_named_and_timed_like_the_others():
+    # benchmarks/conftest.py and profile_case.py list and time every case this way
+    step = cases.Case("detector", "yolov5n-c3uib", "train_step", "fp32", "nchw", 2, (3, 64, 64), (), "yolov5n-c3uib",
+                      needs_cuda=False)
+    env = cases.setup(step, CPU)
+    assert cases.implementation_names(env) == ["eager", "mobileops_torch"]
+    parts = cases.timed_function(step, env, "mobileops_torch")()
+    assert parts.shape == (3,) and torch.isfinite(parts).all()
+    op = _tiny("inference")
+    assert cases.implementation_names(cases.setup(op, CPU)) == list(cases.setup(op, CPU).impls)

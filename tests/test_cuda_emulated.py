@@ -203,7 +203,14 @@ def _run_both_ways(op, args, **options):
 
 
 def _packed(log):
-    return [k for k in log if k.startswith(("apply_kernel", "scale_kernel", "dx_kernel")) and k.endswith(PACKED)]
+    """The elementwise kernels of a launch log that ran with V channels per thread, by name."""
+    return {k.split("<")[0] for k in log if k.startswith(("apply_kernel", "scale_kernel", "dx_kernel"))
+            and k.endswith(PACKED)}
+
+
+#: The elementwise kernels of each op's forward + backward (bn_act's backward writes dx itself).
+ELEMENTWISE = {"dwconv_bn_act": {"apply_kernel", "dx_kernel"}, "bn_act": {"apply_kernel"},
+               "squeeze_excite": {"scale_kernel", "dx_kernel"}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -230,7 +237,27 @@ def test_channels_last_packs_agree_with_one_element_per_thread(cuda_on_cpu, op, 
             assert torch.equal(a, b), f"result {i} differs between the packed and the one-element kernels"
         else:
             torch.testing.assert_close(a, b, msg=f"result {i}")
-    assert _packed(packed_log) and not _packed(single_log), (packed_log, single_log)
+    assert _packed(packed_log) == ELEMENTWISE[op] and not _packed(single_log), (packed_log, single_log)
     # 12 channels: no multiple of fp16's 8, so one element per thread (float32's 4 divides it)
     _, (odd_log, _) = _run_both_ways(op, inputs(op, (2, 12, 5, 6), dtype=dtype, seed=42), **options)
-    assert bool(_packed(odd_log)) == (dtype == torch.float32), odd_log
+    assert _packed(odd_log) == (ELEMENTWISE[op] if dtype == torch.float32 else set()), odd_log
+
+
+def test_a_misaligned_input_takes_one_element_per_thread(cuda_on_cpu):
+    # x one element past a 16-byte boundary (a view into a larger storage): the packs would be
+    # misaligned, so the forward falls back; the values are those of an aligned copy
+    args = inputs("dwconv_bn_act", (2, 16, 5, 6), dtype=torch.float16, seed=43)
+    x = args.pop("x").contiguous(memory_format=torch.channels_last)
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype)
+    shifted = storage[1:].as_strided(x.shape, x.stride())
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 and shifted.stride() == x.stride()
+    results = []
+    for view in (x, shifted):
+        emulation_build.launches(_extension.extension())
+        with mobileops.use_backend("cuda"):
+            results.append(ops.dwconv_bn_act(view, *args.values(), activation="relu6"))
+        results.append(_packed(emulation_build.launches(_extension.extension())))
+    aligned, aligned_packed, misaligned, misaligned_packed = results
+    assert aligned_packed == {"apply_kernel"} and misaligned_packed == set()
+    assert torch.equal(aligned, misaligned)

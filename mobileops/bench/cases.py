@@ -559,6 +559,10 @@ def timed_function(case: Case, env: Setup, name: str) -> Callable[[], object]:
     """The zero-argument callable that one timing of implementation ``name`` repeats."""
     from mobileops.bench.timing import Rotation
 
+    if case.mode == "train_step":
+        impl = env.trainers[name]()
+        impl.trace()  # warm: autotuning, allocation, a graph's capture
+        return impl.step
     fn = env.impls[name]
     if case.mode in ("inference", "train_forward", "forward"):
         rotation = Rotation(env.x)
@@ -597,6 +601,11 @@ def _flat(out) -> list[torch.Tensor]:
     return flat
 
 
+def implementation_names(env: Setup) -> list[str]:
+    """The names of the implementations ``env`` times (train steps build theirs on demand)."""
+    return list(env.trainers) or list(env.impls)
+
+
 def first_output(case: Case, env: Setup, name: str) -> list[torch.Tensor]:
     """One forward of implementation ``name`` (no autograd), flattened to a list of tensors,
     for checking that every implementation computes the same thing before timing it."""
@@ -616,5 +625,5 @@ def float32_output(env: Setup) -> list[torch.Tensor] | None:
 
 __all__ = ["Case", "DETECTORS", "DTYPES", "LAYOUTS", "SCOPES", "TRAIN_CHECK_STEPS", "TRAIN_COMPILE_MODES", "Setup",
            "TrainStep", "all_cases", "block_cases", "block_shapes", "detector_cases", "first_output",
-           "float32_output", "float32_train_trace", "mobileops_backends", "op_cases", "op_shapes", "setup",
-           "stand_in_loss", "timed_function", "train_step_variants"]
+           "float32_output", "float32_train_trace", "implementation_names", "mobileops_backends", "op_cases",
+           "op_shapes", "setup", "stand_in_loss", "timed_function", "train_step_variants"]

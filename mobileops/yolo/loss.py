@@ -133,13 +133,16 @@ class YOLOv5Loss(nn.Module):
         # Every candidate is computed; invalid ones gather cell 0 of their level, scatter into a
         # spare slot past the last cell and are weighted by zero. Shapes are (levels, na, nt, 5).
         index = m.cell * m.valid
-        rows = torch.cat([p.view(-1, self.nc + 5)[index[level].view(-1)] for level, p in enumerate(predictions)])
+        rows = torch.cat([p.reshape(-1, self.nc + 5)[index[level].view(-1)] for level, p in enumerate(predictions)])
         rows = rows.float().view(*m.valid.shape, self.nc + 5)
         weight = m.valid / m.valid.sum((1, 2, 3), keepdim=True).clamp(min=1)  # each level's matches: mean
         xy_wh = rows[..., :4].sigmoid()
+        # a rejected row's box may hold anything (inf, NaN): a benign box in its place, so that
+        # nothing non-finite meets the zero weights
+        valid = m.valid[..., None]
+        box_xy, box_wh = torch.where(valid, m.box_xy, constants.half), torch.where(valid, m.box_wh, constants.one)
         # the decoded box: xy = 2 s - 0.5 cells, wh = (2 s)^2 anchor (= s^2 * 4 anchor, the same bits)
-        iou = centre_size_ciou(xy_wh[..., :2] * 2 - 0.5, xy_wh[..., 2:] ** 2 * (m.anchor_wh * 4),
-                               m.box_xy, m.box_wh)
+        iou = centre_size_ciou(xy_wh[..., :2] * 2 - 0.5, xy_wh[..., 2:] ** 2 * (m.anchor_wh * 4), box_xy, box_wh)
         lbox = ((1.0 - iou) * (weight * self.box_gain)).sum()
         score = iou.detach().clamp(min=0)
         if self.iou_ratio != 1.0:
@@ -224,7 +227,7 @@ class YOLOv5Loss(nn.Module):
         # Asserted on the device, so the host never waits for the targets' values: on the CPU
         # a failure raises here, on a GPU it is a device-side assert.
         low, high = self._constants(predictions).id_range
-        image_class = targets[:, :2].to(low.dtype)
+        image_class = targets[:, :2].to(device=low.device, dtype=low.dtype)
         ok = (image_class == image_class.round()) & (image_class >= low) & (image_class < high)
         ok = (ok | (image_class[:, :1] == PADDING)).all()
         message = (f"YOLOv5Loss: target rows must hold an integer image index in [0, batch size) (-1 for a "
@@ -276,6 +279,8 @@ class _Constants:
     cls_pos: Tensor          # (): class target values
     cls_neg: Tensor
     zero: Tensor             # (): the class loss of a one-class model
+    half: Tensor             # (): 0.5 and 1.0, the benign box of an invalid candidate
+    one: Tensor
     id_range: tuple[Tensor, Tensor]  # (2,) each: lowest and past-highest image index and class
     total_cells: int
 
@@ -304,7 +309,7 @@ class _Constants:
                    cells_before=tensor(first, torch.long).view(levels, 1, 1, 1),
                    spare_slot=scalar(sum(cells), torch.long), obj_weight=obj_weight,
                    classes=torch.arange(loss.nc, device=device), cls_pos=scalar(loss.cls_pos),
-                   cls_neg=scalar(loss.cls_neg), zero=scalar(0.0),
+                   cls_neg=scalar(loss.cls_neg), zero=scalar(0.0), half=scalar(0.5), one=scalar(1.0),
                    id_range=(tensor([PADDING, 0], id_dtype), tensor([predictions[0].shape[0], loss.nc], id_dtype)),
                    total_cells=sum(cells))
 

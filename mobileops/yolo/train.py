@@ -160,6 +160,9 @@ class Trainer:
         return self._graph_step(images, targets)
 
     def _step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        compiled_graphs = self.compile is not None and COMPILE_MODES[self.compile]
+        if compiled_graphs:  # a new step of torch.compile's own CUDA graphs (their outputs are reused)
+            torch.compiler.cudagraph_mark_step_begin()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         dtype = AMP_DTYPES[self.amp]
@@ -170,7 +173,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return parts
+        # the graphs' next replay overwrites their outputs; the caller may keep several steps' parts
+        return parts.clone() if compiled_graphs else parts
 
     def _graph_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._static is None:
@@ -179,9 +183,10 @@ class Trainer:
         static_images, static_targets, static_parts = self._static
         for name, got, want in (("images", images, static_images), ("targets", targets, static_targets)):
             if got.shape != want.shape or got.dtype != want.dtype:
-                raise ValueError(f"cuda_graph: the {name} are {tuple(got.shape)} {got.dtype}, but the captured step "
-                                 f"takes {tuple(want.shape)} {want.dtype}; a CUDA graph replays one shape (keep the "
-                                 "batch size and image size fixed, e.g. drop the last partial batch)")
+                raise ValueError(f"cuda_graph: the {name} are {tuple(got.shape)} {got.dtype}, but the step (captured "
+                                 f"after the warm-up steps) takes {tuple(want.shape)} {want.dtype}, the first "
+                                 "batch's; a CUDA graph replays one shape (keep the batch size and image size "
+                                 "fixed, e.g. drop the last partial batch)")
         if images.is_contiguous(memory_format=torch.channels_last) != \
                 static_images.is_contiguous(memory_format=torch.channels_last):
             raise ValueError("cuda_graph: the images' memory format changed from the captured step's")
@@ -189,12 +194,12 @@ class Trainer:
         static_targets.copy_(targets, non_blocking=True)
         if self._graph is None:
             if self._warmed < self.graph_warmup:  # on a side stream, as the capture will run
-                self._warmed += 1
                 stream = torch.cuda.Stream(self.device)
                 stream.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(stream):
                     parts = self._step(static_images, static_targets)
                 torch.cuda.current_stream(self.device).wait_stream(stream)
+                self._warmed += 1
                 return parts
             self.optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
@@ -211,8 +216,9 @@ class TrainResult:
 
     ``losses``: the ``[box, obj, cls]`` loss parts of each step this call ran; ``images_per_s``:
     over those steps (the first, which pays for autotuning and allocation, is excluded when there
-    is more than one); ``steps``: how many steps this call ran; ``step`` and ``epoch``: completed
-    steps and epochs of the whole run (a resumed run counts the steps before the resume);
+    are more; with ``cuda_graph`` also the warm-up steps and the capture); ``steps``: how many
+    steps this call ran; ``step`` and ``epoch``: completed steps and epochs of the whole run (a
+    resumed run counts the steps before the resume);
     ``interrupted``: ``stop()`` ended it early; ``last``: the checkpoint written last, if any.
     """
 
@@ -341,6 +347,8 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
                 progress(done, total, parts)
         del unread[:count]
 
+    # the steps that pay for autotuning and allocation (with a graph: the warm-up and the capture)
+    untimed = trainer.graph_warmup + 1 if cuda_graph else 1
     started = first_done = epoch_began = time.perf_counter()
     epoch_images, interrupted, saved, saving_s, ran = 0, False, None, 0.0, 0
     while step < total:
@@ -354,7 +362,7 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
         step += 1
         ran += 1
         epoch_images += batch_size
-        if ran == 1:
+        if ran == untimed:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             first_done = time.perf_counter()
@@ -388,8 +396,8 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     ended = time.perf_counter() - saving_s
-    if ran > 1:
-        rate = (ran - 1) * batch_size / max(ended - first_done, 1e-9)
+    if ran > untimed:
+        rate = (ran - untimed) * batch_size / max(ended - first_done, 1e-9)
     else:
         rate = ran * batch_size / max(ended - started, 1e-9)
     return TrainResult(losses, rate, ran, step=step, epoch=step // steps_per_epoch, interrupted=interrupted,
