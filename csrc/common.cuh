@@ -120,7 +120,7 @@ __device__ __forceinline__ void split_index(int64_t i, int C, int H, int W, bool
 
 // Elementwise kernels take V consecutive channels per thread in channels_last (one 16-byte
 // load or store: 8 fp16/bf16, 4 fp32), else one element. Pack<T, V> is that group, aligned to
-// its size so that a load through it is a single vector instruction.
+// its size; load_pack and store_pack move it as one uint4.
 template <typename T> struct VecWidth { static constexpr int value = 16 / int(sizeof(T)); };
 template <> struct VecWidth<double> { static constexpr int value = 1; };  // float64 stays scalar
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };

@@ -129,7 +129,9 @@ class YOLOv5Loss(nn.Module):
     def forward(self, predictions: list[Tensor], targets: Tensor) -> tuple[Tensor, Tensor]:
         batch = self._check(predictions, targets)
         constants = self._constants(predictions)
-        m = self.build_targets(predictions, targets)
+        if targets.numel() and targets.device.type != "meta":
+            self._check_values(targets, batch, constants)
+        m = self._match(targets, constants)
         # Every candidate is computed; invalid ones gather cell 0 of their level, scatter into a
         # spare slot past the last cell and are weighted by zero. Shapes are (levels, na, nt, 5).
         index = m.cell * m.valid
@@ -168,7 +170,9 @@ class YOLOv5Loss(nn.Module):
         each target against each anchor, in its own cell and the four neighbours, with
         ``valid`` marking the matches YOLOv5 keeps (anchor ratio within ``anchor_t``, the two
         neighbours nearest the centre, not a padding row)."""
-        constants = self._constants(predictions)
+        return self._match(targets, self._constants(predictions))
+
+    def _match(self, targets: Tensor, constants: _Constants) -> Matches:
         t = targets.to(device=constants.grid.device, dtype=torch.float32)
         xywh = t[:, 2:6] * constants.grid  # (levels, nt, 4), grid units
         xy, wh = xywh[..., :2], xywh[..., 2:]
@@ -204,7 +208,7 @@ class YOLOv5Loss(nn.Module):
         return constants
 
     def _check(self, predictions, targets) -> int:
-        """Checks shapes on the host and values on the device; returns the batch size."""
+        """Checks the shapes (on the host); returns the batch size."""
         if not isinstance(predictions, (list, tuple)) or len(predictions) != self.nl:
             raise ValueError(f"YOLOv5Loss: expected the head's {self.nl} training-mode outputs, got "
                              f"{type(predictions).__name__}")
@@ -219,28 +223,24 @@ class YOLOv5Loss(nn.Module):
             raise ValueError(f"YOLOv5Loss: targets must be (nt, 6) rows [image, class, x, y, w, h], got {shape}")
         if not targets.is_floating_point():
             raise ValueError(f"YOLOv5Loss: targets must be floating point, got {targets.dtype}")
-        if targets.numel() and targets.device.type != "meta":
-            self._check_values(targets, predictions)
         return predictions[0].shape[0]
 
-    def _check_values(self, targets: Tensor, predictions: list[Tensor]) -> None:
+    def _check_values(self, targets: Tensor, batch: int, constants: _Constants) -> None:
         # Asserted on the device, so the host never waits for the targets' values: on the CPU
         # a failure raises here, on a GPU it is a device-side assert.
-        low, high = self._constants(predictions).id_range
+        low, high = constants.id_range
         image_class = targets[:, :2].to(device=low.device, dtype=low.dtype)
         ok = (image_class == image_class.round()) & (image_class >= low) & (image_class < high)
-        ok = (ok | (image_class[:, :1] == PADDING)).all()
+        ok = ok | (image_class[:, :1] == PADDING)  # (nt, 2): image index, class
         message = (f"YOLOv5Loss: target rows must hold an integer image index in [0, batch size) (-1 for a "
                    f"padding row) and an integer class in [0, {self.nc})")
         if torch.compiler.is_compiling():
-            torch._assert_async(ok, message)
+            torch._assert_async(ok.all(), message)
             return
         try:
-            torch._assert_async(ok, message)
-        except RuntimeError:
-            batch = predictions[0].shape[0]
-            image = targets[:, 0]
-            if not (((image >= 0) & (image < batch) & (image == image.round())) | (image == PADDING)).all():
+            torch._assert_async(ok.all(), message)
+        except RuntimeError:  # on the CPU: which column, read on the host (no device to wait for)
+            if not ok[:, 0].all():
                 raise ValueError(f"YOLOv5Loss: target image indices must be integers in [0, {batch}) "
                                  "(or -1 for a padding row)") from None
             raise ValueError(f"YOLOv5Loss: target classes must be integers in [0, {self.nc})") from None
@@ -294,9 +294,6 @@ class _Constants:
         def tensor(values, dtype=torch.float32):
             return torch.tensor(values, device=device, dtype=dtype)
 
-        def scalar(value, dtype=torch.float32):
-            return torch.tensor(value, device=device, dtype=dtype)
-
         obj_weight = torch.cat([torch.full((n,), balance / n, device=device)
                                 for n, balance in zip(cells, loss.balance)])
         id_dtype = predictions[0].dtype if predictions[0].dtype == torch.float64 else torch.float32
@@ -307,9 +304,9 @@ class _Constants:
                    cells_per_map=tensor([nx * ny for nx, ny in sizes], torch.long).view(levels, 1, 1, 1),
                    anchor_index=torch.arange(loss.na, device=device).view(loss.na, 1, 1),
                    cells_before=tensor(first, torch.long).view(levels, 1, 1, 1),
-                   spare_slot=scalar(sum(cells), torch.long), obj_weight=obj_weight,
-                   classes=torch.arange(loss.nc, device=device), cls_pos=scalar(loss.cls_pos),
-                   cls_neg=scalar(loss.cls_neg), zero=scalar(0.0), half=scalar(0.5), one=scalar(1.0),
+                   spare_slot=tensor(sum(cells), torch.long), obj_weight=obj_weight,
+                   classes=torch.arange(loss.nc, device=device), cls_pos=tensor(loss.cls_pos),
+                   cls_neg=tensor(loss.cls_neg), zero=tensor(0.0), half=tensor(0.5), one=tensor(1.0),
                    id_range=(tensor([PADDING, 0], id_dtype), tensor([predictions[0].shape[0], loss.nc], id_dtype)),
                    total_cells=sum(cells))
 

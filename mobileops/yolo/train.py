@@ -332,20 +332,19 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
     unread: list[torch.Tensor] = []  # loss parts of steps run but not yet read on the host
     pinned = device.type == "cuda"  # a pageable host-to-device copy would wait for the GPU
 
-    def read(keep: int = 0) -> None:
-        """Reads all but the last ``keep`` unread loss parts with one synchronisation."""
+    def read() -> None:
+        """Reads the unread loss parts with one synchronisation."""
         nonlocal epoch_losses
-        count = len(unread) - keep
-        if count <= 0:
+        if not unread:
             return
         done = step - len(unread)
-        for parts in torch.stack(unread[:count]).tolist():
+        for parts in torch.stack(unread).tolist():
             done += 1
             losses.append(parts)
             epoch_losses = [a + b for a, b in zip(epoch_losses, parts)]
             if progress is not None:
                 progress(done, total, parts)
-        del unread[:count]
+        unread.clear()
 
     # the steps that pay for autotuning and allocation (with a graph: the warm-up and the capture)
     untimed = trainer.graph_warmup + 1 if cuda_graph else 1
@@ -369,7 +368,8 @@ def train(model: nn.Module, *, epochs: int = 1, steps_per_epoch: int = 10, batch
         epoch_end = step % steps_per_epoch == 0
         periodic = bool(save_period) and step % save_period == 0
         # progress reports every step (a synchronisation each); without it the host runs ahead
-        read(0 if epoch_end or periodic or progress is not None else len(unread))
+        if epoch_end or periodic or progress is not None:
+            read()
         interrupted = stop is not None and stop() and step < total
         if interrupted:
             read()
