@@ -445,7 +445,7 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     """(pass, kernel, template args, grid, threads per block, roles -> bytes) of each launch of
     this op call that moves activations (the small finalize and row-sum launches are left out)."""
     from mobileops.codes import ACTIVATION_CODES
-    from mobileops.cuda.dwconv_bn_act import _chunking
+    from mobileops.cuda.dwconv_bn_act import _chunking, pack_width, reduce_shape
 
     n, c, h, w = call["shape"]
     elem = 2
@@ -455,16 +455,23 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     # tensors are contiguous, so channels_last and C a multiple of the 16-byte width decide)
     width = 16 // elem if channels_last and c % (16 // elem) == 0 else 1
     vec = str(width)
-    groups = -(-c // k["kLastChannels"]) if channels_last else c
+
+    def reducing(per_lane: int) -> tuple[str, int]:
+        """(template V, channel groups) of a reducing kernel with per_lane channels where they fit."""
+        v = per_lane if channels_last and per_lane > 1 and c % per_lane == 0 else 1
+        return str(v), reduce_shape(c, v, elem, channels_last)[2]
+
+    full = pack_width(elem)
+    sum_vec, groups = reducing(full)
     x_bytes = n * c * h * w * elem
     if call["op"] == "squeeze_excite":
         gate, post = ACTIVATION_CODES[call["options"]["gate"]], ACTIVATION_CODES[call["options"]["post_act"]]
         se = k["kSeThreads"]
-        return [("train forward", "se_channel_sum_kernel", (t,), (n, groups), reduce_threads, x_bytes),
+        return [("train forward", "se_channel_sum_kernel", (t, sum_vec), (n, groups), reduce_threads, x_bytes),
                 ("train forward", "mlp_kernel", ("float", str(gate)), (n,), se, 0),
                 ("train forward", "scale_kernel", (t, str(post), vec), (_blocks_for(n * c * h * w // width, se),), se,
                  2 * x_bytes),
-                ("train backward", "se_channel_sum_kernel", (t,), (n, groups), reduce_threads, x_bytes),
+                ("train backward", "se_channel_sum_kernel", (t, sum_vec), (n, groups), reduce_threads, x_bytes),
                 ("train backward", "mlp_backward_kernel", ("float", str(gate)), (n,), se, 0),
                 ("train backward", "dx_kernel", (t, vec), (_blocks_for(n * c * h * w // width, se),), se,
                  3 * x_bytes)]
@@ -477,14 +484,17 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
         ho, wo = (h + 2 * pad - kk) // s + 1, (w + 2 * pad - kk) // s + 1
     y_bytes = n * c * ho * wo * elem
     out_total = n * c * ho * wo
-    chunk, chunks = _chunking(n * ho * wo, c, channels_last)
+    chunk, chunks = _chunking(n * ho * wo, c, elem, channels_last)
     reduce_grid = (chunks, groups)
+    # csrc/dwconv_bn_act_bwd.cu grad_input_vec: half a pack at 3x3, a quarter at 5x5 and 7x7
+    input_vec, input_groups = reducing(max(1, full // (1 if kk == 0 else 2 if kk == 3 else 4)))
     apply_grid = (_blocks_for(out_total // width, threads),)
     rows = [("inference", "apply_kernel", (t, str(kk), act, vec), apply_grid, threads, x_bytes + y_bytes),
-            ("train forward", "stats_kernel", (t, str(kk)), reduce_grid, reduce_threads, x_bytes),
+            ("train forward", "stats_kernel", (t, str(kk), sum_vec), reduce_grid, reduce_threads, x_bytes),
             ("train forward", "apply_kernel", (t, str(kk), act, vec), apply_grid, threads, x_bytes + y_bytes),
-            ("train backward", "grad_sums_kernel", (t, str(kk)), reduce_grid, reduce_threads, x_bytes + y_bytes),
-            ("train backward", "grad_input_kernel", (t, str(kk)), reduce_grid, reduce_threads,
+            ("train backward", "grad_sums_kernel", (t, str(kk), sum_vec), reduce_grid, reduce_threads,
+             x_bytes + y_bytes),
+            ("train backward", "grad_input_kernel", (t, str(kk), input_vec), (chunks, input_groups), reduce_threads,
              x_bytes + 2 * y_bytes)]
     if kk:
         rows.append(("train backward", "dx_kernel", (t, str(kk), vec), (_blocks_for(n * c * h * w // width, threads),),

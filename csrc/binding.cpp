@@ -326,6 +326,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("implemented_ops", &implemented_ops, "fused ops implemented by this build");
   m.def("codes", &codes, "{table: {name: code}} of the activation, norm and dtype enums (see mobileops/codes.py)");
   m.def("set_device", &set_device, "make a CUDA device current for the launches that follow");
+  m.def("reduce_shape", &reduce_shape_of, py::kw_only(), "channels"_a, "vec"_a, "element"_a, "channels_last"_a,
+        "(lanes, rows, channel groups) of the reducing kernels' blocks (csrc/common.cuh reduce_shape)");
   // Launches take keyword arguments only (named like the C++ parameters above), so that no call
   // depends on the order of 17-31 integers, and release the GIL: they only enqueue work on the
   // given stream. Their arguments are converted before the GIL is released.

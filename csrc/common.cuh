@@ -119,22 +119,27 @@ __device__ __forceinline__ void split_index(int64_t i, int C, int H, int W, bool
 }
 
 // Elementwise kernels take V consecutive channels per thread in channels_last (one 16-byte
-// load or store: 8 fp16/bf16, 4 fp32), else one element. Pack<T, V> is that group, aligned to
-// its size; load_pack and store_pack move it as one uint4.
+// load or store: 8 fp16/bf16, 4 fp32), else one element; reductions with many sums per channel
+// may take fewer (8 or 4 bytes). Pack<T, V> is that group, aligned to its size; load_pack and
+// store_pack move it as one access of its size (RawPack).
 template <typename T> struct VecWidth { static constexpr int value = 16 / int(sizeof(T)); };
 template <> struct VecWidth<double> { static constexpr int value = 1; };  // float64 stays scalar
 template <typename T, int V> struct alignas(sizeof(T) * V) Pack { T v[V]; };
+template <int Bytes> struct RawPack;
+template <> struct RawPack<16> { using type = uint4; };
+template <> struct RawPack<8> { using type = uint2; };
+template <> struct RawPack<4> { using type = unsigned int; };
 
-// Through uint4. A plain uint4 store of a pack built from converted elements came out of nvcc
-// 13.0 as four 4-byte v2.u16 stores in the kernels (not in a minimal probe); the __stwb
-// intrinsic (st.global.wb, the default write-back policy) stays one 16-byte store.
+// Through the raw type. A plain uint4 store of a pack built from converted elements came out of
+// nvcc 13.0 as four 4-byte v2.u16 stores in the kernels (not in a minimal probe); the __stwb
+// intrinsic (st.global.wb, the default write-back policy) stays one store of the pack's size.
 template <int V, typename T> __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
   Pack<T, V> out;
   if constexpr (V == 1) {
     out.v[0] = *p;
   } else {
-    static_assert(sizeof(T) * V == sizeof(uint4), "a pack is 16 bytes");
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    using Raw = typename RawPack<int(sizeof(T)) * V>::type;
+    const Raw raw = *reinterpret_cast<const Raw*>(p);
     memcpy(&out, &raw, sizeof(raw));
   }
   return out;
@@ -143,9 +148,10 @@ template <int V, typename T> __device__ __forceinline__ void store_pack(T* p, co
   if constexpr (V == 1) {
     *p = v.v[0];
   } else {
-    uint4 raw;
+    using Raw = typename RawPack<int(sizeof(T)) * V>::type;
+    Raw raw;
     memcpy(&raw, &v, sizeof(raw));
-    __stwb(reinterpret_cast<uint4*>(p), raw);
+    __stwb(reinterpret_cast<Raw*>(p), raw);
   }
 }
 
@@ -165,37 +171,91 @@ inline bool packs_fit(int C, int V, size_t element, std::initializer_list<Stride
   return true;
 }
 
-// Reducing kernels run blocks of (blockDim.x channels) x (blockDim.y rows of positions), chosen
-// by the layout: channels innermost in memory (channels_last) gives 32 x 8, so a warp reads 32
-// neighbouring channels of one position (whole cache lines); otherwise 1 x 256, so a warp reads
-// 32 neighbouring positions of one channel. The grid's y axis walks the channel groups.
+// Reducing kernels run blocks of kReduceThreads threads: blockDim.x channel lanes x blockDim.y
+// rows of positions, each lane taking V channels (a Pack, or one). In channels_last a warp
+// reads whole cache lines: with packs, up to kLineBytes / pack bytes lanes (8 of 16 bytes, 16 of
+// 8) cover 128 bytes of neighbouring channels of a position, and a warp holds 32 / lanes
+// positions; one element per lane takes kLastChannels = 32 lanes (a position per warp). In
+// NCHW a block is 1 x 256, so a warp reads 32 neighbouring positions of one channel. The
+// grid's y axis walks the channel groups (lanes * V channels each).
 constexpr int kReduceThreads = 256;
+constexpr int kReduceWarps = kReduceThreads / 32;
 constexpr int kLastChannels = 32;
-inline dim3 reduce_block(bool channels_last) {
-  return channels_last ? dim3(kLastChannels, kReduceThreads / kLastChannels) : dim3(1, kReduceThreads);
-}
-inline unsigned channel_groups(int C, bool channels_last) {
-  return channels_last ? unsigned((C + kLastChannels - 1) / kLastChannels) : unsigned(C);
+constexpr int kLineBytes = 128;
+
+// The most lanes of a reducing block with V channels of `element` bytes per lane.
+__host__ __device__ constexpr int max_lanes(int V, int element) {
+  return V == 1 ? kLastChannels : kLineBytes / (V * element);
 }
 
-// This thread's channel in a reducing block (it may lie past the last channel: check before use).
-__device__ __forceinline__ int64_t block_channel() { return int64_t(blockIdx.y) * blockDim.x + threadIdx.x; }
+struct ReduceShape {
+  int lanes, rows;
+  unsigned groups;
+  dim3 block() const { return dim3(lanes, rows); }
+};
+// With packs: fewer lanes when C is small, so that no lane idles for want of channels while a
+// warp still spans as many channels as C has (lanes is a power of two).
+inline ReduceShape reduce_shape(int C, int V, int element, bool channels_last) {
+  if (!channels_last) return {1, kReduceThreads, unsigned(C)};
+  int lanes = kLastChannels;
+  if (V > 1) {
+    lanes = 1;
+    while (lanes < max_lanes(V, element) && lanes * V < C) lanes *= 2;
+  }
+  return {lanes, kReduceThreads / lanes, unsigned((C + lanes * V - 1) / (lanes * V))};
+}
+
+// The first channel of this thread's lane in a reducing block (it may lie past the last
+// channel: check before use; with V > 1, C is a multiple of V, so a pack is whole or absent).
+template <int V> __device__ __forceinline__ int64_t lane_channel() {
+  return (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * V;
+}
 __device__ __forceinline__ int block_thread() { return threadIdx.y * blockDim.x + threadIdx.x; }
 
-// Sum over the rows of a reducing block (threadIdx.y), per column, in a fixed tree order:
-// deterministic for a given block shape, unlike atomics. Every thread gets its column's sum.
-// `buf` holds blockDim.x * blockDim.y values; blockDim.y is a power of two.
-template <typename A> __device__ __forceinline__ A column_sum(A v, A* buf) {
-  const int t = block_thread();
-  buf[t] = v;
-  __syncthreads();
-  for (int s = blockDim.y / 2; s > 0; s >>= 1) {
-    if (threadIdx.y < s) buf[t] += buf[t + s * blockDim.x];
-    __syncthreads();
+// Warp exchange: v of the lane whose id differs from this one's by xor `mask`. Every thread of
+// the block calls it (the CPU emulation exchanges through the block).
+template <typename A> __device__ __forceinline__ A warp_xor(A v, int mask) {
+  return __shfl_xor_sync(0xffffffffu, v, mask);
+}
+
+// Shared memory for reduce_rows of Q values per thread with V channels of T per lane: all of them
+// at once where that fits kReduceSharedBytes, else reduce_rows goes through them in slabs.
+constexpr int kReduceSharedBytes = 24 * 1024;
+template <typename T, typename A, int Q, int V> __host__ __device__ constexpr int reduce_slots() {
+  constexpr int all = Q * kReduceWarps * max_lanes(V, int(sizeof(T))), most = kReduceSharedBytes / int(sizeof(A));
+  return all < most ? all : most;
+}
+
+// Sums of Q values per thread over the rows of a reducing block, per (value, lane), in a fixed
+// order (deterministic for a given block shape, unlike atomics): first across the rows a warp
+// holds, by xor shuffles (both partners add the same two numbers, so every lane of a column
+// gets the same bits), then across the warps in warp order, through `shared` (`slots` values)
+// with one barrier per slab of values that fits it. emit(q, lane, sum) is called once per value
+// and lane, by some thread of the block. Every thread must call it (inactive lanes with zeros).
+template <int Q, typename A, typename Emit>
+__device__ __forceinline__ void reduce_rows(A (&v)[Q], A* shared, int slots, Emit emit) {
+  const int lanes = blockDim.x, t = block_thread(), warp = t / 32, lane_id = t % 32;
+  for (int offset = lanes; offset < 32; offset <<= 1) {
+#pragma unroll
+    for (int q = 0; q < Q; ++q) v[q] += warp_xor(v[q], offset);
   }
-  A out = buf[threadIdx.x];
-  __syncthreads();
-  return out;
+  const int slab = slots / (kReduceWarps * lanes);
+  for (int first = 0; first < Q; first += slab) {
+    const int count = min(slab, Q - first);
+    if (first > 0) __syncthreads();  // every thread has read the previous slab
+    if (lane_id < lanes) {
+#pragma unroll
+      for (int q = 0; q < Q; ++q) {
+        if (q >= first && q < first + count) shared[(warp * count + q - first) * lanes + lane_id] = v[q];
+      }
+    }
+    __syncthreads();
+    for (int e = t; e < count * lanes; e += kReduceThreads) {
+      A total = shared[e];
+      for (int w = 1; w < kReduceWarps; ++w) total += shared[w * count * lanes + e];
+      emit(first + e / lanes, e % lanes, total);
+    }
+  }
 }
 
 // Merge of (count, mean, M2) Welford triples (Chan et al.): no sum-of-squares cancellation.
@@ -207,6 +267,51 @@ template <typename A> __device__ __forceinline__ void welford_merge(A& n, A& mea
   mean += delta * frac;
   m2 += m2b + delta * delta * n * frac;
   n = total;
+}
+
+// reduce_rows for Welford triples: per thread a count n (the same for its V channels) and a
+// mean and M2 per channel, merged over the rows of the block. Merges are not symmetric in their
+// operands, so each pair is merged lower row first, in both partners alike. emit(j, lane, n,
+// mean, m2) once per channel j < V and lane. `shared` holds kReduceWarps * (2 V + 1) *
+// blockDim.x values.
+template <int V, typename A, typename Emit>
+__device__ __forceinline__ void reduce_rows_welford(A n, A (&mean)[V], A (&m2)[V], A* shared, Emit emit) {
+  const int lanes = blockDim.x, t = block_thread(), warp = t / 32, lane_id = t % 32;
+  for (int offset = lanes; offset < 32; offset <<= 1) {
+    const bool upper = lane_id & offset;
+    const A other_n = warp_xor(n, offset);
+    const A low_n = upper ? other_n : n, high_n = upper ? n : other_n;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A other_mean = warp_xor(mean[j], offset), other_m2 = warp_xor(m2[j], offset);
+      A count = low_n, m = upper ? other_mean : mean[j], q = upper ? other_m2 : m2[j];
+      welford_merge(count, m, q, high_n, upper ? mean[j] : other_mean, upper ? m2[j] : other_m2);
+      mean[j] = m;
+      m2[j] = q;
+    }
+    n = low_n + high_n;
+  }
+  A* shared_n = shared;
+  A* shared_mean = shared + kReduceWarps * lanes;
+  A* shared_m2 = shared_mean + kReduceWarps * V * lanes;
+  if (lane_id < lanes) {
+    shared_n[warp * lanes + lane_id] = n;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      shared_mean[(warp * V + j) * lanes + lane_id] = mean[j];
+      shared_m2[(warp * V + j) * lanes + lane_id] = m2[j];
+    }
+  }
+  __syncthreads();
+  for (int e = t; e < V * lanes; e += kReduceThreads) {
+    const int lane = e % lanes;
+    A count = shared_n[lane], m = shared_mean[e], q = shared_m2[e];
+    for (int w = 1; w < kReduceWarps; ++w) {
+      welford_merge(count, m, q, shared_n[w * lanes + lane], shared_mean[w * V * lanes + e],
+                    shared_m2[w * V * lanes + e]);
+    }
+    emit(e / lanes, lane, count, m, q);
+  }
 }
 
 inline void check_launch(const char* op) {

@@ -18,35 +18,45 @@ struct Grad {
   int act, norm;
 };
 
-template <typename T, int K>
+template <typename T, int K, int V>
 __global__ void __launch_bounds__(kReduceThreads)
 grad_sums_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x, Strides4 sx,
                  const T* __restrict__ w, const typename Acc<T>::type* gamma, const typename Acc<T>::type* beta,
                  const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd, DwShape s, int64_t chunk,
                  int act, typename Acc<T>::type* part_du, typename Acc<T>::type* part_dux) {
   using A = typename Acc<T>::type;
-  __shared__ A buf[kReduceThreads];
-  const int64_t c = block_channel();
-  const bool active = c < s.C;
-  const int64_t cs = active ? c : 0;  // a channel that exists, for the per-channel reads
-  const ChannelParams<A> p(gamma, beta, mean, rstd, kNormBatch, A(0), cs);
+  constexpr int SLOTS = reduce_slots<T, A, 2 * V, V>();
+  __shared__ A shared[SLOTS];
+  const int64_t c0 = lane_channel<V>();
+  const bool active = c0 < s.C;
   const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
-  A sdu = A(0), sdux = A(0);
-  for (int64_t q = begin + threadIdx.y; active && q < end; q += blockDim.y) {
-    int64_t r, ow;
-    const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
-    const A xhat = (conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow) - p.mean) * p.rstd;
-    const A du = load_as<A>(dy + sdy.at(n, c, oh, ow)) * activate_grad_rt(act, xhat * p.gamma + p.beta);
-    sdu += du;
-    sdux += du * xhat;
+  A sums[2 * V];  // sum du per channel, then sum du * xhat
+#pragma unroll
+  for (int q = 0; q < 2 * V; ++q) sums[q] = A(0);
+  if (active) {
+    ChannelParams<A> p[V] = {};
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j] = ChannelParams<A>(gamma, beta, mean, rstd, kNormBatch, A(0), c0 + j);
+    for (int64_t q = begin + threadIdx.y; q < end; q += blockDim.y) {
+      int64_t r, ow;
+      const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
+      A z[V];
+      conv_pack<T, A, K, V>(x, w, s, sx, n, c0, oh, ow, z);
+      const Pack<T, V> d = load_pack<V>(dy + sdy.at(n, c0, oh, ow));
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A xhat = (z[j] - p[j].mean) * p[j].rstd;
+        const A du = load_as<A>(&d.v[j]) * activate_grad_rt(act, xhat * p[j].gamma + p[j].beta);
+        sums[j] += du;
+        sums[V + j] += du * xhat;
+      }
+    }
   }
-  sdu = column_sum(sdu, buf);
-  sdux = column_sum(sdux, buf);
-  if (threadIdx.y == 0 && active) {
-    part_du[blockIdx.x * int64_t(s.C) + c] = sdu;
-    part_dux[blockIdx.x * int64_t(s.C) + c] = sdux;
-  }
+  reduce_rows<2 * V>(sums, shared, SLOTS, [&](int q, int lane, A total) {
+    const int64_t c = (int64_t(blockIdx.y) * blockDim.x + lane) * V + q % V;
+    if (c < s.C) (q < V ? part_du : part_dux)[blockIdx.x * int64_t(s.C) + c] = total;
+  });
 }
 
 // rows x cols partials -> cols sums, adding rows in order.
@@ -59,7 +69,15 @@ __global__ void sum_rows_kernel(const A* part, int rows, int64_t cols, A* out) {
   out[j] = acc;
 }
 
-template <typename T, int K>
+// Channels per lane of grad_input_kernel: with a conv it keeps TAPS * V weight-gradient sums
+// and the TAPS loaded packs of x in registers, so it takes half a pack at 3x3 and a quarter
+// at 5x5 and 7x7 (16 bytes per lane made 254-255 registers at 3x3 in fp16, spilling in bf16).
+template <typename T, int K> constexpr int grad_input_vec() {
+  constexpr int full = VecWidth<T>::value, divisor = K == 0 ? 1 : (K == 3 ? 2 : 4);
+  return full >= divisor ? full / divisor : 1;
+}
+
+template <typename T, int K, int V>
 __global__ void __launch_bounds__(kReduceThreads)
 grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x, Strides4 sx,
                   const T* __restrict__ w, const typename Acc<T>::type* gamma, const typename Acc<T>::type* beta,
@@ -69,62 +87,76 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
                   typename Acc<T>::type* part_dw, typename Acc<T>::type* part_du, typename Acc<T>::type* part_dux) {
   using A = typename Acc<T>::type;
   constexpr int TAPS = K > 0 ? K * K : 1;
-  __shared__ A buf[kReduceThreads];
-  const int64_t c = block_channel();
-  const bool active = c < s.C;
-  const int64_t cs = active ? c : 0;  // a channel that exists, for the per-channel reads
-  const ChannelParams<A> p(gamma, beta, mean, var, g.norm, eps, cs);
+  constexpr int DW = K > 0 ? TAPS * V : 0;  // sums[0, DW): dw per (tap, channel); then du, du * xhat
+  constexpr int Q = DW + 2 * V;
+  constexpr int SLOTS = reduce_slots<T, A, Q, V>();
+  __shared__ A shared[SLOTS];
+  const int64_t c0 = lane_channel<V>();
+  const bool active = c0 < s.C;
   const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
   const A inv_count = A(1) / A(positions);
-  const A mean_du = g.norm == kNormBatch ? sum_du[cs] * inv_count : A(0);
-  const A mean_dux = g.norm == kNormBatch ? sum_dux[cs] * inv_count : A(0);
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
-  A dw[TAPS];
+  A sums[Q];
 #pragma unroll
-  for (int t = 0; t < TAPS; ++t) dw[t] = A(0);
-  A sdu = A(0), sdux = A(0);
-  for (int64_t q = begin + threadIdx.y; active && q < end; q += blockDim.y) {
-    int64_t r, ow;
-    const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
-    const A xhat = (conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow) - p.mean) * p.rstd;
-    const A du = load_as<A>(dy + sdy.at(n, c, oh, ow)) * activate_grad_rt(g.act, xhat * p.gamma + p.beta);
-    sdu += du;
-    sdux += du * xhat;
-    A d;  // dL/dz
-    if (g.norm == kNormBatch) d = p.gamma * p.rstd * (du - mean_du - xhat * mean_dux);
-    else d = du * p.gamma * p.rstd;
-    if constexpr (K == 0) {
-      dx_direct[sdx.at(n, c, oh, ow)] = store_as<T>(d);
-    } else {
-      dz[sdz.at(n, c, oh, ow)] = store_as<T>(d);
-      if (part_dw != nullptr) {
-        const T* xb = x + n * sx.n + c * sx.c;
-        const int64_t ih0 = oh * s.stride - s.pad, iw0 = ow * s.stride - s.pad;
+  for (int q = 0; q < Q; ++q) sums[q] = A(0);
+  if (active) {
+    ChannelParams<A> p[V] = {};
+    A mean_du[V], mean_dux[V];
 #pragma unroll
-        for (int kh = 0; kh < K; ++kh) {
+    for (int j = 0; j < V; ++j) {
+      p[j] = ChannelParams<A>(gamma, beta, mean, var, g.norm, eps, c0 + j);
+      mean_du[j] = g.norm == kNormBatch ? sum_du[c0 + j] * inv_count : A(0);
+      mean_dux[j] = g.norm == kNormBatch ? sum_dux[c0 + j] * inv_count : A(0);
+    }
+    const bool want_dw = part_dw != nullptr;
+    for (int64_t q = begin + threadIdx.y; q < end; q += blockDim.y) {
+      int64_t r, ow;
+      const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
+      // The conv recompute's loads of x stay in registers for the weight gradient.
+      Pack<T, V> taps[TAPS];
+      unsigned valid = 0;
+      A z[V];
+      conv_pack<T, A, K, V>(x, w, s, sx, n, c0, oh, ow, z, taps, &valid);
+      const Pack<T, V> d = load_pack<V>(dy + sdy.at(n, c0, oh, ow));
+      Pack<T, V> out;
+      A dzv[V];
 #pragma unroll
-          for (int kw = 0; kw < K; ++kw) {
-            const int64_t ih = ih0 + kh, iw = iw0 + kw;
-            if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) dw[kh * K + kw] += d * load_as<A>(xb + ih * sx.h + iw * sx.w);
+      for (int j = 0; j < V; ++j) {
+        const A xhat = (z[j] - p[j].mean) * p[j].rstd;
+        const A du = load_as<A>(&d.v[j]) * activate_grad_rt(g.act, xhat * p[j].gamma + p[j].beta);
+        sums[DW + j] += du;
+        sums[DW + V + j] += du * xhat;
+        if (g.norm == kNormBatch) dzv[j] = p[j].gamma * p[j].rstd * (du - mean_du[j] - xhat * mean_dux[j]);
+        else dzv[j] = du * p[j].gamma * p[j].rstd;
+        out.v[j] = store_as<T>(dzv[j]);
+      }
+      if constexpr (K == 0) {
+        store_pack<V>(dx_direct + sdx.at(n, c0, oh, ow), out);
+      } else {
+        store_pack<V>(dz + sdz.at(n, c0, oh, ow), out);
+        if (want_dw) {
+#pragma unroll
+          for (int t = 0; t < TAPS; ++t) {
+            if (valid & (1u << t)) {
+#pragma unroll
+              for (int j = 0; j < V; ++j) sums[t * V + j] += dzv[j] * load_as<A>(&taps[t].v[j]);
+            }
           }
         }
       }
     }
   }
-  if (part_dw != nullptr && K > 0) {
-    for (int t = 0; t < TAPS; ++t) {
-      const A total = column_sum(dw[t], buf);
-      if (threadIdx.y == 0 && active) part_dw[(blockIdx.x * int64_t(s.C) + c) * TAPS + t] = total;
+  // Uniform per launch: the weight-gradient partials, and the du sums unless pass 1 made them.
+  if ((part_dw == nullptr || K == 0) && g.norm == kNormBatch) return;
+  reduce_rows<Q>(sums, shared, SLOTS, [&](int q, int lane, A total) {
+    const int64_t c = (int64_t(blockIdx.y) * blockDim.x + lane) * V + q % V;
+    if (c >= s.C) return;
+    if (q < DW) {
+      if (part_dw != nullptr) part_dw[(blockIdx.x * int64_t(s.C) + c) * TAPS + q / V] = total;
+    } else if (g.norm != kNormBatch) {
+      (q < DW + V ? part_du : part_dux)[blockIdx.x * int64_t(s.C) + c] = total;
     }
-  }
-  if (g.norm != kNormBatch) {  // with batch statistics pass 1 already produced these sums
-    sdu = column_sum(sdu, buf);
-    sdux = column_sum(sdux, buf);
-    if (threadIdx.y == 0 && active) {
-      part_du[blockIdx.x * int64_t(s.C) + c] = sdu;
-      part_dux[blockIdx.x * int64_t(s.C) + c] = sdux;
-    }
-  }
+  });
 }
 
 // dx as a gather of dz over the taps that reach (h, w), for V channels per thread (see
@@ -196,24 +228,46 @@ void dwconv_bn_act_backward(int dtype, int k, int act, int norm, uintptr_t dy, S
                             uintptr_t stream) {
   const DwShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6], shape[7]};
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  const dim3 grid(chunks, channel_groups(s.C, channels_last)), block = reduce_block(channels_last);
   const int taps = k > 0 ? k * k : 1;
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
     MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
+      // Channels per lane where packs fit every activation tensor a pass reads or writes.
+      constexpr int V = VecWidth<T>::value, VI = grad_input_vec<T, K>();
+      const bool packs_sums = channels_last && packs_fit(s.C, V, sizeof(T), {{dy, sdy}, {x, sx}});
+      const uintptr_t written = K > 0 ? dz : dx;
+      const Strides& s_written = K > 0 ? sdz : sdx;
+      const bool packs_input =
+          channels_last && packs_fit(s.C, VI, sizeof(T), {{dy, sdy}, {x, sx}, {written, s_written}});
+      const ReduceShape rs = reduce_shape(s.C, packs_sums ? V : 1, sizeof(T), channels_last);
+      const ReduceShape ri = reduce_shape(s.C, packs_input ? VI : 1, sizeof(T), channels_last);
       if (norm == kNormBatch) {
-        grad_sums_kernel<T, K><<<grid, block, 0, st>>>(
-            cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
-            cptr<A>(mean), cptr<A>(var), s, chunk, act, mptr<A>(part_du), mptr<A>(part_dux));
+        if (packs_sums) {
+          grad_sums_kernel<T, K, V><<<dim3(chunks, rs.groups), rs.block(), 0, st>>>(
+              cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
+              cptr<A>(mean), cptr<A>(var), s, chunk, act, mptr<A>(part_du), mptr<A>(part_dux));
+        } else {
+          grad_sums_kernel<T, K, 1><<<dim3(chunks, rs.groups), rs.block(), 0, st>>>(
+              cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
+              cptr<A>(mean), cptr<A>(var), s, chunk, act, mptr<A>(part_du), mptr<A>(part_dux));
+        }
         check_launch("dwconv_bn_act backward (gradient sums)");
         sum_rows_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_du), chunks, s.C, mptr<A>(sum_du));
         sum_rows_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_dux), chunks, s.C, mptr<A>(sum_dux));
       }
-      grad_input_kernel<T, K><<<grid, block, 0, st>>>(
-          cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
-          cptr<A>(mean), cptr<A>(var), A(eps), cptr<A>(sum_du), cptr<A>(sum_dux), s, chunk, Grad{act, norm},
-          mptr<T>(dz), Strides4(sdz), mptr<T>(dx), Strides4(sdx), mptr<A>(part_dw), mptr<A>(part_du),
-          mptr<A>(part_dux));
+      if (packs_input) {
+        grad_input_kernel<T, K, VI><<<dim3(chunks, ri.groups), ri.block(), 0, st>>>(
+            cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
+            cptr<A>(mean), cptr<A>(var), A(eps), cptr<A>(sum_du), cptr<A>(sum_dux), s, chunk, Grad{act, norm},
+            mptr<T>(dz), Strides4(sdz), mptr<T>(dx), Strides4(sdx), mptr<A>(part_dw), mptr<A>(part_du),
+            mptr<A>(part_dux));
+      } else {
+        grad_input_kernel<T, K, 1><<<dim3(chunks, ri.groups), ri.block(), 0, st>>>(
+            cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta),
+            cptr<A>(mean), cptr<A>(var), A(eps), cptr<A>(sum_du), cptr<A>(sum_dux), s, chunk, Grad{act, norm},
+            mptr<T>(dz), Strides4(sdz), mptr<T>(dx), Strides4(sdx), mptr<A>(part_dw), mptr<A>(part_du),
+            mptr<A>(part_dux));
+      }
       check_launch("dwconv_bn_act backward (input gradient)");
       if (norm != kNormBatch) {
         sum_rows_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_du), chunks, s.C, mptr<A>(sum_du));

@@ -36,50 +36,44 @@ apply_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, cons
   }
 }
 
-// One block per (chunk, channel group): each thread folds its positions into a Welford triple,
-// then the rows of the block merge theirs in a fixed tree order (see reduce_block).
-template <typename T, int K>
+// One block per (chunk, channel group): each thread folds its positions into Welford triples
+// of its V channels, then the block merges them over its rows (reduce_rows_welford).
+template <typename T, int K, int V>
 __global__ void __launch_bounds__(kReduceThreads)
 stats_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, DwShape s, int64_t chunk,
              typename Acc<T>::type* part_count, typename Acc<T>::type* part_mean, typename Acc<T>::type* part_m2) {
   using A = typename Acc<T>::type;
-  __shared__ A sh_n[kReduceThreads], sh_mean[kReduceThreads], sh_m2[kReduceThreads];
-  const int64_t c = block_channel();
-  const bool active = c < s.C;
+  __shared__ A shared[kReduceWarps * (2 * V + 1) * max_lanes(V, int(sizeof(T)))];
+  const int64_t c0 = lane_channel<V>();
+  const bool active = c0 < s.C;
   const int64_t hw = int64_t(s.HO) * s.WO, positions = s.N * hw;
   const int64_t begin = blockIdx.x * chunk, end = min(begin + chunk, positions);
-  A n_ = A(0), mean_ = A(0), m2_ = A(0);
+  A count = A(0), mean[V], m2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) mean[j] = m2[j] = A(0);
   for (int64_t p = begin + threadIdx.y; active && p < end; p += blockDim.y) {
     int64_t r, ow;
     const int64_t n = divmod(p, hw, r), oh = divmod(r, s.WO, ow);
-    const A z = conv_at<T, A, K>(x, w, s, sx, n, c, oh, ow);
-    n_ += A(1);
-    const A delta = z - mean_;
-    mean_ += delta / n_;
-    m2_ += delta * (z - mean_);
-  }
-  const int t = block_thread();
-  sh_n[t] = n_;
-  sh_mean[t] = mean_;
-  sh_m2[t] = m2_;
-  __syncthreads();
-  for (int stride = blockDim.y / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.y < stride) {
-      const int o = t + stride * blockDim.x;
-      A a = sh_n[t], m = sh_mean[t], q = sh_m2[t];
-      welford_merge(a, m, q, sh_n[o], sh_mean[o], sh_m2[o]);
-      sh_n[t] = a;
-      sh_mean[t] = m;
-      sh_m2[t] = q;
+    A z[V];
+    conv_pack<T, A, K, V>(x, w, s, sx, n, c0, oh, ow, z);
+    count += A(1);
+    const A inv = A(1) / count;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const A delta = z[j] - mean[j];
+      mean[j] += delta * inv;
+      m2[j] += delta * (z[j] - mean[j]);
     }
-    __syncthreads();
   }
-  if (threadIdx.y == 0 && active) {
-    const int64_t slot = blockIdx.x * int64_t(s.C) + c;
-    part_count[slot] = sh_n[t];
-    part_mean[slot] = sh_mean[t];
-    part_m2[slot] = sh_m2[t];
-  }
+  reduce_rows_welford<V>(count, mean, m2, shared, [&](int j, int lane, A n_, A mean_, A m2_) {
+    const int64_t c = (int64_t(blockIdx.y) * blockDim.x + lane) * V + j;
+    if (c < s.C) {
+      const int64_t slot = blockIdx.x * int64_t(s.C) + c;
+      part_count[slot] = n_;
+      part_mean[slot] = mean_;
+      part_m2[slot] = m2_;
+    }
+  });
 }
 
 template <typename A>
@@ -105,6 +99,11 @@ __global__ void finalize_kernel(const A* part_count, const A* part_mean, const A
 DwShape to_shape(const std::array<int, 8>& v) { return DwShape{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]}; }
 
 }  // namespace
+
+std::array<int, 3> reduce_shape_of(int channels, int vec, int element, bool channels_last) {
+  const ReduceShape r = reduce_shape(channels, vec, element, channels_last);
+  return {r.lanes, r.rows, int(r.groups)};
+}
 
 void dwconv_bn_act_forward(int dtype, int k, int act, int norm, uintptr_t x, Strides sx, uintptr_t w,
                            uintptr_t gamma, uintptr_t beta, uintptr_t mean, uintptr_t var, double eps, uintptr_t y,
@@ -143,8 +142,18 @@ void dwconv_bn_stats(int dtype, int k, uintptr_t x, Strides sx, uintptr_t w, std
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
     MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
-      stats_kernel<T, K><<<dim3(chunks, channel_groups(s.C, channels_last)), reduce_block(channels_last), 0, st>>>(
-          cptr<T>(x), Strides4(sx), cptr<T>(w), s, chunk, mptr<A>(part_count), mptr<A>(part_mean), mptr<A>(part_m2));
+      constexpr int V = VecWidth<T>::value;
+      if (channels_last && packs_fit(s.C, V, sizeof(T), {{x, sx}})) {
+        const ReduceShape r = reduce_shape(s.C, V, sizeof(T), true);
+        stats_kernel<T, K, V><<<dim3(chunks, r.groups), r.block(), 0, st>>>(
+            cptr<T>(x), Strides4(sx), cptr<T>(w), s, chunk, mptr<A>(part_count), mptr<A>(part_mean),
+            mptr<A>(part_m2));
+      } else {
+        const ReduceShape r = reduce_shape(s.C, 1, sizeof(T), channels_last);
+        stats_kernel<T, K, 1><<<dim3(chunks, r.groups), r.block(), 0, st>>>(
+            cptr<T>(x), Strides4(sx), cptr<T>(w), s, chunk, mptr<A>(part_count), mptr<A>(part_mean),
+            mptr<A>(part_m2));
+      }
     });
     check_launch("dwconv_bn_act batch statistics");
     finalize_kernel<A><<<(s.C + 127) / 128, 128, 0, st>>>(cptr<A>(part_count), cptr<A>(part_mean), cptr<A>(part_m2),

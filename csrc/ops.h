@@ -20,6 +20,11 @@ enum Norm : int { kNormNone = 0, kNormRunning = 1, kNormBatch = 2 };
 // Element strides of a 4-D tensor (N, C, H, W), any memory format or slice.
 using Strides = std::array<int64_t, 4>;
 
+// (lanes, rows, channel groups) of the reducing kernels' blocks with `vec` channels of `element`
+// bytes per lane (common.cuh reduce_shape), exported so that the Python launchers' copy can be
+// checked.
+std::array<int, 3> reduce_shape_of(int channels, int vec, int element, bool channels_last);
+
 // shape: N, C, H, W, H_out, W_out, stride, padding. k = 0: no convolution (BN + activation).
 void dwconv_bn_act_forward(int dtype, int k, int act, int norm, uintptr_t x, Strides sx, uintptr_t w,
                            uintptr_t gamma, uintptr_t beta, uintptr_t mean, uintptr_t var, double eps, uintptr_t y,

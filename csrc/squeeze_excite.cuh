@@ -11,30 +11,45 @@ namespace mobileops {
 constexpr int kSeThreads = 256;
 
 // Used by the backward too: sum over (h, w) of x[n, c] (or of dy * post'(x * g) * x when dy is
-// given), divided by `scale_div`. Grid (N, channel groups), reducing blocks (see reduce_block).
-template <typename T>
+// given), divided by `scale_div`, for V channels per lane (see packs_fit) or one. Grid
+// (N, channel groups), reducing blocks (see reduce_shape).
+template <typename T, int V>
 __global__ void __launch_bounds__(kReduceThreads)
 se_channel_sum_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ dy, Strides4 sdy,
                       const typename Acc<T>::type* gates, int post_act, int C, int H, int W,
                       typename Acc<T>::type scale_div, typename Acc<T>::type* out) {
   using A = typename Acc<T>::type;
-  __shared__ A buf[kReduceThreads];
-  const int64_t n = blockIdx.x, c = block_channel();
-  const bool active = c < C;
+  constexpr int SLOTS = reduce_slots<T, A, V, V>();
+  __shared__ A shared[SLOTS];
+  const int64_t n = blockIdx.x, c0 = lane_channel<V>();
   const int64_t hw = int64_t(H) * W;
-  const A g = dy != nullptr && active ? gates[n * C + c] : A(0);
-  A acc = A(0);
-  for (int64_t i = threadIdx.y; active && i < hw; i += blockDim.y) {
-    const int64_t h = i / W, w = i % W;
-    const A xv = load_as<A>(x + sx.at(n, c, h, w));
-    if (dy == nullptr) {
-      acc += xv;
-    } else {
-      acc += load_as<A>(dy + sdy.at(n, c, h, w)) * activate_grad_rt(post_act, xv * g) * xv;
+  A acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = A(0);
+  if (c0 < C) {
+    A g[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) g[j] = dy != nullptr ? gates[n * C + c0 + j] : A(0);
+    for (int64_t i = threadIdx.y; i < hw; i += blockDim.y) {
+      const int64_t h = i / W, w = i % W;
+      const Pack<T, V> xv = load_pack<V>(x + sx.at(n, c0, h, w));
+      if (dy == nullptr) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += load_as<A>(&xv.v[j]);
+      } else {
+        const Pack<T, V> d = load_pack<V>(dy + sdy.at(n, c0, h, w));
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A xj = load_as<A>(&xv.v[j]);
+          acc[j] += load_as<A>(&d.v[j]) * activate_grad_rt(post_act, xj * g[j]) * xj;
+        }
+      }
     }
   }
-  acc = column_sum(acc, buf);
-  if (threadIdx.y == 0 && active) out[n * C + c] = acc / scale_div;
+  reduce_rows<V>(acc, shared, SLOTS, [&](int j, int lane, A total) {
+    const int64_t c = (int64_t(blockIdx.y) * blockDim.x + lane) * V + j;
+    if (c < C) out[n * C + c] = total / scale_div;
+  });
 }
 
 // The SE MLP of sample n, in one block: s[C] <- pooled[n], hidden[R] <- fc1(s) before the ReLU,

@@ -101,8 +101,18 @@ void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, St
   auto st = reinterpret_cast<cudaStream_t>(stream);
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
-    se_channel_sum_kernel<T><<<dim3(N, channel_groups(C, channels_last)), reduce_block(channels_last), 0, st>>>(
-        cptr<T>(x), Strides4(sx), cptr<T>(dy), Strides4(sdy), cptr<A>(gates), post_act, C, H, W, A(1), mptr<A>(d_gate));
+    constexpr int V = VecWidth<T>::value;
+    if (channels_last && packs_fit(C, V, sizeof(T), {{x, sx}, {dy, sdy}})) {
+      const ReduceShape r = reduce_shape(C, V, sizeof(T), true);
+      se_channel_sum_kernel<T, V><<<dim3(N, r.groups), r.block(), 0, st>>>(
+          cptr<T>(x), Strides4(sx), cptr<T>(dy), Strides4(sdy), cptr<A>(gates), post_act, C, H, W, A(1),
+          mptr<A>(d_gate));
+    } else {
+      const ReduceShape r = reduce_shape(C, 1, sizeof(T), channels_last);
+      se_channel_sum_kernel<T, 1><<<dim3(N, r.groups), r.block(), 0, st>>>(
+          cptr<T>(x), Strides4(sx), cptr<T>(dy), Strides4(sdy), cptr<A>(gates), post_act, C, H, W, A(1),
+          mptr<A>(d_gate));
+    }
     check_launch("squeeze_excite backward (gate gradient)");
     const size_t smem = sizeof(A) * (2 * size_t(C) + 2 * size_t(R));
     MOBILEOPS_DISPATCH_GATE(gate, GATE, {
@@ -119,7 +129,6 @@ void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, St
     if (db2 != 0) column_sum_kernel<A><<<(C + 127) / 128, 128, 0, st>>>(cptr<A>(d_pre_gate), N, C, mptr<A>(db2));
     if (db1 != 0) column_sum_kernel<A><<<(R + 127) / 128, 128, 0, st>>>(cptr<A>(d_pre_hidden), N, R, mptr<A>(db1));
     check_launch("squeeze_excite backward (weight gradients)");
-    constexpr int V = VecWidth<T>::value;
     if (channels_last && packs_fit(C, V, sizeof(T), {{dy, sdy}, {x, sx}, {dx, sdx}})) {
       dx_kernel<T, V><<<blocks_for(total / V, kSeThreads), kSeThreads, 0, st>>>(
           cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<A>(gates), cptr<A>(d_pooled), post_act,

@@ -52,8 +52,18 @@ void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Stri
   auto st = reinterpret_cast<cudaStream_t>(stream);
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
-    se_channel_sum_kernel<T><<<dim3(N, channel_groups(C, channels_last)), reduce_block(channels_last), 0, st>>>(
-        cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr, kNone, C, H, W, A(int64_t(H) * W), mptr<A>(pooled));
+    constexpr int V = VecWidth<T>::value;
+    if (channels_last && packs_fit(C, V, sizeof(T), {{x, sx}})) {
+      const ReduceShape r = reduce_shape(C, V, sizeof(T), true);
+      se_channel_sum_kernel<T, V><<<dim3(N, r.groups), r.block(), 0, st>>>(
+          cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr, kNone, C, H, W, A(int64_t(H) * W),
+          mptr<A>(pooled));
+    } else {
+      const ReduceShape r = reduce_shape(C, 1, sizeof(T), channels_last);
+      se_channel_sum_kernel<T, 1><<<dim3(N, r.groups), r.block(), 0, st>>>(
+          cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr, kNone, C, H, W, A(int64_t(H) * W),
+          mptr<A>(pooled));
+    }
     check_launch("squeeze_excite forward (pool)");
     const size_t smem = sizeof(A) * (size_t(C) + hidden);
     MOBILEOPS_DISPATCH_GATE(gate, GATE, {
@@ -61,7 +71,6 @@ void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Stri
                                                        cptr<A>(b2), C, hidden, mptr<A>(gates));
     });
     check_launch("squeeze_excite forward (MLP)");
-    constexpr int V = VecWidth<T>::value;
     const bool packed = channels_last && packs_fit(C, V, sizeof(T), {{x, sx}, {y, sy}});
     MOBILEOPS_DISPATCH_ACT(post_act, POST, {
       if (packed) {

@@ -67,7 +67,8 @@ def test_low_precision_parameters_reach_the_kernels_intact(cuda_on_cpu, dtype):
 def _force_chunks_of_7(monkeypatch):
     from mobileops.cuda import dwconv_bn_act as launcher
 
-    monkeypatch.setattr(launcher, "_chunking", lambda positions, channels, channels_last: (7, -(-positions // 7)))
+    monkeypatch.setattr(launcher, "_chunking",
+                        lambda positions, channels, element, channels_last: (7, -(-positions // 7)))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -84,10 +85,10 @@ def test_many_position_chunks_merge_like_the_reference(cuda_on_cpu, monkeypatch,
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_channel_groups_with_a_partial_last_group(cuda_on_cpu, monkeypatch, layout):
-    """In channels_last the reducing kernels take 32 channels per block (a warp reads one
-    position's neighbouring channels), so 37 channels make one full group and one of 5 whose
-    other 27 lanes must neither read nor write; NCHW takes one channel per block. Several
-    position chunks per group, as above."""
+    """37 channels are no multiple of a pack, so in channels_last the reducing kernels take one
+    channel per lane, 32 per block (a warp reads one position's neighbouring channels): one full
+    group and one of 5 whose other 27 lanes must neither read nor write; NCHW takes one channel
+    per block. Several position chunks per group, as above."""
     _force_chunks_of_7(monkeypatch)
     args = inputs("dwconv_bn_act", (2, 37, 5, 4), layout=layout, seed=23)
     _check("dwconv_bn_act", args, stride=2, activation="silu", training=True)
@@ -180,7 +181,7 @@ def test_offsets_past_2_31_elements_read_the_same_values(cuda_on_cpu, monkeypatc
 
 # ---- 16-byte packs of channels -----------------------------------------------------------
 
-PACKED = (", V>",)  # how the launch log spells a kernel launched with V channels per thread
+PACKED = (", V>", ", VI>")  # how the launch log spells a kernel launched with channel packs
 BN_STATS = ("running_mean", "running_var")  # updated in place, not differentiated
 
 
@@ -203,14 +204,18 @@ def _run_both_ways(op, args, **options):
 
 
 def _packed(log):
-    """The elementwise kernels of a launch log that ran with V channels per thread, by name."""
-    return {k.split("<")[0] for k in log if k.startswith(("apply_kernel", "scale_kernel", "dx_kernel"))
-            and k.endswith(PACKED)}
+    """The kernels of a launch log that ran with channel packs, by name."""
+    return {k.split("<")[0] for k in log if k.endswith(PACKED)}
 
 
-#: The elementwise kernels of each op's forward + backward (bn_act's backward writes dx itself).
-ELEMENTWISE = {"dwconv_bn_act": {"apply_kernel", "dx_kernel"}, "bn_act": {"apply_kernel"},
-               "squeeze_excite": {"scale_kernel", "dx_kernel"}}
+#: The kernels of each op's forward + backward that move activations (bn_act's grad_input
+#: writes dx itself), with and without batch statistics.
+PACKED_KERNELS = {("dwconv_bn_act", False): {"apply_kernel", "grad_input_kernel", "dx_kernel"},
+                  ("dwconv_bn_act", True): {"stats_kernel", "apply_kernel", "grad_sums_kernel", "grad_input_kernel",
+                                            "dx_kernel"},
+                  ("bn_act", False): {"apply_kernel", "grad_input_kernel"},
+                  ("bn_act", True): {"stats_kernel", "apply_kernel", "grad_sums_kernel", "grad_input_kernel"},
+                  ("squeeze_excite", False): {"se_channel_sum_kernel", "scale_kernel", "dx_kernel"}}
 
 
 # bf16 packs differ from fp16 ones only in the conversions: one case of it
@@ -232,12 +237,13 @@ def test_bfloat16_packs_agree_with_one_element_per_thread(cuda_on_cpu):
 
 
 def _check_packs(op, options, dtype):
-    """In channels_last with C a multiple of the 16-byte width the elementwise kernels (apply,
-    dx, SE scale and dx) take 4 (float32) or 8 (fp16/bf16) channels per thread with one vector
-    access; NCHW takes one element. Each channel adds its terms in the same order either way,
-    so with running statistics (no reduction feeds y or dx) the output and the input gradient
-    agree to the last bit; the reductions sum in a layout-dependent order, so the rest agrees
-    to rounding. The launch log shows which kernels ran."""
+    """In channels_last with C a multiple of the pack the kernels take several channels per
+    thread with one vector access (elementwise kernels 16 bytes: 4 float32 or 8 fp16/bf16
+    channels; reductions 16 bytes or, for the input gradient with its per-tap weight sums, 8 or
+    4); NCHW takes one element. Each channel adds its terms in the same order either way, so
+    with running statistics (no reduction feeds y or dx) the output and the input gradient agree
+    to the last bit; the reductions sum in a layout-dependent order, so the rest agrees to
+    rounding. The launch log shows which kernels ran."""
     (packed, single), (packed_log, single_log) = _run_both_ways(op, inputs(op, (2, 16, 5, 6), dtype=dtype, seed=41),
                                                                 **options)
     exact = 2 if op != "squeeze_excite" and not options.get("training") else 0
@@ -246,10 +252,48 @@ def _check_packs(op, options, dtype):
             assert torch.equal(a, b), f"result {i} differs between the packed and the one-element kernels"
         else:
             torch.testing.assert_close(a, b, msg=f"result {i}")
-    assert _packed(packed_log) == ELEMENTWISE[op] and not _packed(single_log), (packed_log, single_log)
-    # 12 channels: no multiple of fp16's 8, so one element per thread (float32's 4 divides it)
+    expected = PACKED_KERNELS[op, bool(options.get("training"))]
+    assert _packed(packed_log) == expected and not _packed(single_log), (packed_log, single_log)
+    # 12 channels: no multiple of fp16's 8, so one element per thread, except in the 3x3 input
+    # gradient's half packs of 4 (float32's 4 divides it, and its input gradient takes 2)
     _, (odd_log, _) = _run_both_ways(op, inputs(op, (2, 12, 5, 6), dtype=dtype, seed=42), **options)
-    assert _packed(odd_log) == (ELEMENTWISE[op] if dtype == torch.float32 else set()), odd_log
+    half_packs = {"grad_input_kernel"} if op == "dwconv_bn_act" else set()
+    assert _packed(odd_log) == (expected if dtype == torch.float32 else half_packs), odd_log
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_packed_reductions_over_partial_groups_and_many_chunks(cuda_on_cpu, monkeypatch, dtype):
+    """Packed reducing blocks cover up to a 128-byte line of channels: 40 channels in fp16 are
+    5 packs in a block of 8 lanes (3 idle), in float32 10 packs over two blocks (the second
+    half empty); forced chunks of 7 positions make several partials per channel, merged in
+    order. Against the torch backend under the low-precision bound."""
+    _force_chunks_of_7(monkeypatch)
+    args = inputs("dwconv_bn_act", (2, 40, 5, 6), dtype=dtype, layout="nhwc", seed=44)
+    emulation_build.launches(_extension.extension())
+    _check("dwconv_bn_act", args, stride=2, activation="hswish", training=True)
+    _check("bn_act", {name: t for name, t in args.items() if name != "weight"}, activation="relu6",
+           training=True)
+    _check("dwconv_bn_act", args, activation="silu")  # running statistics: du sums from grad_input
+    se = {name: t.to(dtype) for name, t in inputs("squeeze_excite", (2, 40, 5, 6), hidden=4, layout="nhwc",
+                                                  seed=45).items()}
+    _check("squeeze_excite", se, gate="sigmoid", post_act="none")
+    assert {"stats_kernel", "grad_sums_kernel", "grad_input_kernel", "se_channel_sum_kernel"} <= _packed(
+        emulation_build.launches(_extension.extension()))
+
+
+@pytest.mark.parametrize("element", [2, 4, 8])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_launchers_reducing_block_is_the_kernels(emulated_extension, element, channels_last):
+    # mobileops/cuda/dwconv_bn_act.py sizes the position chunks from its copy of csrc's
+    # reduce_shape; the binding exports the original
+    from mobileops.cuda.dwconv_bn_act import pack_width, reduce_shape
+
+    for channels in (1, 3, 8, 16, 24, 40, 64, 72, 96, 128, 200, 576):
+        for vec in {1, pack_width(element), max(1, pack_width(element) // 2)}:
+            if channels_last or vec == 1:
+                expected = tuple(emulated_extension.reduce_shape(channels=channels, vec=vec, element=element,
+                                                                 channels_last=channels_last))
+                assert reduce_shape(channels, vec, element, channels_last) == expected, (channels, vec)
 
 
 def test_a_misaligned_input_takes_one_element_per_thread(cuda_on_cpu):

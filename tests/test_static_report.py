@@ -208,7 +208,7 @@ def test_no_triton_reduction_synchronises_inside_its_tile_loop(quick_report):
 
 def test_the_cuda_launch_table_names_kernels_that_csrc_defines():
     constants = report.cuda_constants()
-    assert {"kThreads", "kReduceThreads", "kLastChannels", "kSeThreads"} <= set(constants)
+    assert {"kThreads", "kReduceThreads", "kLastChannels", "kLineBytes", "kSeThreads"} <= set(constants)
     sources = "".join(p.read_text() for p in (ROOT / "csrc").glob("*.cu*"))
     calls = [dict(op="dwconv_bn_act", shape=(32, 72, 160, 160), options=dict(kernel=5, stride=2, activation="relu6"),
                   detector="d"),
@@ -247,6 +247,14 @@ def test_the_cuda_elementwise_kernels_take_channel_packs_where_they_fit():
                 if kernel in ("apply_kernel", "dx_kernel", "scale_kernel")}
 
     assert templates(72, True) == {("apply_kernel", "8"), ("dx_kernel", "8"), ("scale_kernel", "8")}
+    reducing = {(kernel, targs[-1], grid) for _, kernel, targs, grid, *_ in report.cuda_launches(
+        dict(op="dwconv_bn_act", shape=(32, 72, 40, 40), options=dict(kernel=3, stride=1, activation="relu"),
+             detector="d"), "float16", True, constants) if kernel.endswith(("stats_kernel", "_sums_kernel",
+                                                                           "input_kernel"))}
+    # 72 fp16 channels: 9 packs of 8 on 8 lanes (a 128-byte line) -> 2 groups; the 3x3 input
+    # gradient's packs of 4 on 16 lanes -> 2 groups too
+    assert {(k, v, grid[1]) for k, v, grid in reducing} == {("stats_kernel", "8", 2), ("grad_sums_kernel", "8", 2),
+                                                           ("grad_input_kernel", "4", 2)}
     assert templates(20, True) == templates(72, False) == {("apply_kernel", "1"), ("dx_kernel", "1"),
                                                            ("scale_kernel", "1")}
 

@@ -31,14 +31,40 @@ def _out_hw(x_shape: torch.Size, k: int, stride: int, padding: int) -> tuple[int
     return ((h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1) if k else (h, w)
 
 
+#: csrc/common.cuh's reducing-block constants (kReduceThreads, kLastChannels, kLineBytes) and
+#: pack size; tests/test_cuda_emulated.py checks reduce_shape against the binding's.
+REDUCE_THREADS, LAST_CHANNELS, LINE_BYTES, PACK_BYTES = 256, 32, 128, 16
+
+
+def pack_width(element: int) -> int:
+    """Channels in one 16-byte pack of ``element``-byte values (csrc VecWidth: float64 stays one)."""
+    return 1 if element >= 8 else PACK_BYTES // element
+
+
+def reduce_shape(channels: int, vec: int, element: int, channels_last: bool) -> tuple[int, int, int]:
+    """(lanes, rows, channel groups) of a reducing block with ``vec`` channels of ``element``
+    bytes per lane, as csrc/common.cuh reduce_shape: NCHW 1 x 256; channels_last with packs as
+    many lanes as cover a 128-byte line of a position's channels, fewer when C is small; one
+    channel per lane 32."""
+    if not channels_last:
+        return 1, REDUCE_THREADS, channels
+    lanes = LAST_CHANNELS
+    if vec > 1:
+        lanes = 1
+        while lanes < LINE_BYTES // (vec * element) and lanes * vec < channels:
+            lanes *= 2
+    return lanes, REDUCE_THREADS // lanes, -(-channels // (lanes * vec))
+
+
 @functools.lru_cache(maxsize=1024)
-def _chunking(positions: int, channels: int, channels_last: bool) -> tuple[int, int]:
+def _chunking(positions: int, channels: int, element: int, channels_last: bool) -> tuple[int, int]:
     """(chunk, chunks): enough (chunk, channel group) blocks to fill a GPU, at least 4 positions
-    per thread; a fixed function of the shape and layout, so the reduction order, and the
-    result, never change between runs. The reducing kernels' blocks are 32 channels x 8
-    position rows in channels_last and 1 channel x 256 rows otherwise (csrc/common.cuh,
-    reduce_block). Cached: it depends on the call's signature only."""
-    rows, groups = (8, math.ceil(channels / 32)) if channels_last else (256, channels)
+    per thread; a fixed function of the shape, element size and layout, so the reduction order,
+    and the result, never change between runs. Sized for the statistics' 16-byte packs where C
+    is a multiple of the pack (the other passes and a misaligned input's fallback keep the same
+    chunks). Cached: it depends on the call's signature only."""
+    vec = pack_width(element) if channels_last and channels % pack_width(element) == 0 else 1
+    _, rows, groups = reduce_shape(channels, vec, element, channels_last)
     chunks = max(1, min(math.ceil(positions / (4 * rows)), math.ceil(2048 / max(1, groups))))
     chunk = math.ceil(positions / chunks)
     return chunk, math.ceil(positions / chunk)
@@ -85,7 +111,7 @@ def batch_stats(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torc
     acc = ext.acc_dtype(x)
     c = x.shape[1]
     layout = ext.channels_last(x)
-    chunk, chunks = _chunking(x.shape[0] * ho * wo, c, layout)
+    chunk, chunks = _chunking(x.shape[0] * ho * wo, c, x.element_size(), layout)
     parts = torch.empty((3, chunks, c), device=x.device, dtype=acc)
     mean = torch.empty(c, device=x.device, dtype=acc)
     rstd = torch.empty_like(mean)
@@ -122,7 +148,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gam
         zeros = torch.zeros(c, device=x.device, dtype=acc)
         return dx.zero_(), torch.zeros_like(weight) if weight_grad else None, zeros, zeros.clone()
     layout = ext.channels_last(dx)
-    chunk, chunks = _chunking(positions, c, layout)
+    chunk, chunks = _chunking(positions, c, x.element_size(), layout)
     parts = torch.empty((2, chunks, c), device=x.device, dtype=acc)
     # separate tensors: the custom op's outputs must not share storage
     sum_du, sum_dux = torch.empty(c, device=x.device, dtype=acc), torch.empty(c, device=x.device, dtype=acc)

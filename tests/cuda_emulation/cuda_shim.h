@@ -26,6 +26,23 @@ inline std::barrier<>* emu_barrier = nullptr;
 inline std::vector<unsigned char> emu_dynamic_smem(1 << 16);
 inline void __syncthreads() { emu_barrier->arrive_and_wait(); }
 
+// Warp shuffles: every thread of the block must call them together (the mobileops reductions
+// do); the value is exchanged through the block with two barriers.
+inline uint64_t emu_exchange[1024];
+template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "a shuffled value fits 8 bytes");
+  const unsigned t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+  uint64_t raw = 0;
+  std::memcpy(&raw, &v, sizeof(T));
+  emu_exchange[t] = raw;
+  __syncthreads();
+  raw = emu_exchange[(t & ~31u) | ((t & 31u) ^ unsigned(mask))];
+  __syncthreads();
+  T out;
+  std::memcpy(&out, &raw, sizeof(T));
+  return out;
+}
+
 #define __global__
 #define __device__
 #define __host__
@@ -59,6 +76,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 }
 
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 template <typename T> inline void __stwb(T* p, T v) { *p = v; }
 
 typedef int cudaError_t;
