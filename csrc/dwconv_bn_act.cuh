@@ -19,7 +19,7 @@ struct DwShape {
 template <typename T, typename A, int K, int V>
 __device__ __forceinline__ void conv_pack(const T* __restrict__ x, const T* __restrict__ w, const DwShape& s,
                                           const Strides4& sx, int64_t n, int64_t c0, int64_t oh, int64_t ow,
-                                          A (&acc)[V], Pack<T, V>* taps = nullptr, unsigned* valid = nullptr) {
+                                          A (&acc)[V], Pack<T, V>* taps = nullptr, uint64_t* valid = nullptr) {
   if constexpr (K == 0) {
     const Pack<T, V> v = load_pack<V>(x + sx.at(n, c0, oh, ow));
 #pragma unroll
@@ -42,7 +42,7 @@ __device__ __forceinline__ void conv_pack(const T* __restrict__ x, const T* __re
         const Pack<T, V> v = load_pack<V>(xb + ih * sx.h + iw * sx.w);
         if (taps != nullptr) {
           taps[kh * K + kw] = v;
-          *valid |= 1u << (kh * K + kw);
+          *valid |= uint64_t(1) << (kh * K + kw);
         }
 #pragma unroll
         for (int j = 0; j < V; ++j) acc[j] += load_as<A>(&v.v[j]) * load_as<A>(wc + j * K * K + kh * K + kw);

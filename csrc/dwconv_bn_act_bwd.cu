@@ -114,7 +114,7 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
       const int64_t n = divmod(q, hw, r), oh = divmod(r, s.WO, ow);
       // The conv recompute's loads of x stay in registers for the weight gradient.
       Pack<T, V> taps[TAPS];
-      unsigned valid = 0;
+      uint64_t valid = 0;  // bit t: tap t inside x (7x7 has 49 taps)
       A z[V];
       conv_pack<T, A, K, V>(x, w, s, sx, n, c0, oh, ow, z, taps, &valid);
       const Pack<T, V> d = load_pack<V>(dy + sdy.at(n, c0, oh, ow));
@@ -137,7 +137,7 @@ grad_input_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ 
         if (want_dw) {
 #pragma unroll
           for (int t = 0; t < TAPS; ++t) {
-            if (valid & (1u << t)) {
+            if (valid & (uint64_t(1) << t)) {
 #pragma unroll
               for (int j = 0; j < V; ++j) sums[t * V + j] += dzv[j] * load_as<A>(&taps[t].v[j]);
             }
