@@ -451,17 +451,20 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     elem = 2
     t = CUDA_TYPES[dtype_name]
     threads, reduce_threads = k["kThreads"], k["kReduceThreads"]
-    # the elementwise kernels' channels per thread (csrc/common.cuh packs_fit: the report's
-    # tensors are contiguous, so channels_last and C a multiple of the 16-byte width decide)
-    width = 16 // elem if channels_last and c % (16 // elem) == 0 else 1
-    vec = str(width)
+    full = pack_width(elem)
+
+    def fitting(per_thread: int) -> int:
+        """A kernel's channels per thread (csrc/common.cuh packs_fit: the report's tensors are
+        contiguous, so channels_last and C a multiple of the pack decide), else one."""
+        return per_thread if channels_last and per_thread > 1 and c % per_thread == 0 else 1
 
     def reducing(per_lane: int) -> tuple[str, int]:
         """(template V, channel groups) of a reducing kernel with per_lane channels where they fit."""
-        v = per_lane if channels_last and per_lane > 1 and c % per_lane == 0 else 1
+        v = fitting(per_lane)
         return str(v), reduce_shape(c, v, elem, channels_last)[2]
 
-    full = pack_width(elem)
+    width = fitting(full)  # the elementwise kernels'
+    vec = str(width)
     sum_vec, groups = reducing(full)
     x_bytes = n * c * h * w * elem
     if call["op"] == "squeeze_excite":
