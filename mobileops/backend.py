@@ -102,7 +102,9 @@ def _check_choice(name, source: str) -> str:
 
 
 def register_impl(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator registering ``fn`` as ``backend``'s implementation of the fused op ``op``."""
+    """Decorator registering ``fn`` as ``backend``'s implementation of the fused op ``op``.
+    ``fn`` may be a :class:`mobileops.ops._plan.Implementation`, which call plans bind to
+    each call signature they can."""
     _check_choice(backend, "register_impl")
     if backend == "auto":
         raise ValueError("register_impl: 'auto' is not a backend")

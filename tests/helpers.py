@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from mobileops import backend
+import mobileops
+from mobileops import backend, ops
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -166,3 +167,58 @@ def assert_nan_and_inf_land_as_with_torch(device: str, backend_name: str) -> Non
         assert torch.equal(torch.isinf(got), torch.isinf(want)), f"output {index}: Inf positions differ"
         finite = torch.isfinite(want)
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-9, atol=1e-10)
+
+
+def plans_of(op: str) -> dict:
+    """The call-plan cache of the op ``op`` (mobileops.ops._plan)."""
+    import importlib
+
+    module = importlib.import_module({"dwconv_act": "mobileops.ops.dwconv_bn_act"}.get(op, f"mobileops.ops.{op}"))
+    names = {"dwconv_bn_act": "_DWCONV_BN_ACT_PLANS", "dwconv_act": "_DWCONV_ACT_PLANS"}
+    return getattr(module, names.get(op, "_PLANS"))
+
+
+def bind_cases(op: str, layout: str, dtype=torch.float32):
+    """(op, a call of ``op`` needing no gradient, its input x in ``layout``: "nchw",
+    "channels_last" or "sliced", a non-dense view of a channels_last tensor)."""
+    g = torch.Generator().manual_seed(0)
+    c = 8
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    x, w, gamma, beta = rand(2, c, 7, 6), rand(c, 1, 3, 3), 1 + rand(c) / 10, rand(c)
+    rm, rv, fc1, fc2 = rand(c) / 10, 1 + rand(c).abs(), rand(2, c), rand(c, 2)
+    calls = {
+        "dwconv_bn_act": lambda x: ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, stride=2, activation="hswish"),
+        "dwconv_act": lambda x: ops.dwconv_act(x, w, beta, activation="relu6"),
+        "bn_act": lambda x: ops.bn_act(x, gamma, beta, rm, rv, activation="silu"),
+        "squeeze_excite": lambda x: ops.squeeze_excite(x, fc1, None, fc2, beta, post_act="hswish"),
+    }
+    last = x.contiguous(memory_format=torch.channels_last)
+    return op, calls[op], {"nchw": x, "channels_last": last, "sliced": last[:, :, 1:, :-1]}[layout]
+
+
+def assert_bound_inference_is_general(monkeypatch, backend_name: str, op: str, call, x) -> None:
+    """On ``backend_name``, ``call(x)`` (an inference call) is bound to its plan
+    (mobileops.ops._plan.bind) and gives the general implementation's values bit for bit, in the
+    same strides: the bound call allocates what the general one does and launches the same."""
+    from mobileops.ops import _plan
+
+    with mobileops.use_backend(backend_name):
+        backend.forget_choices()
+        bound = call(x)
+        plans = list(plans_of(op).values())
+        assert len(plans) == 1 and plans[0].options == {}, f"{backend_name}: the inference plan was not bound"
+        again = call(x)  # through the stored plan
+        with monkeypatch.context() as m:  # the general implementation for the same call
+            m.setattr(_plan, "bind", lambda impl, args, options, in_place=None:
+                      _plan.Plan(impl.call, options, in_place))
+            backend.forget_choices()
+            general = call(x)
+            assert list(plans_of(op).values())[0].options != {}
+        backend.forget_choices()
+    for out in (bound, again):
+        assert out.stride() == general.stride() and out.dtype == general.dtype
+        assert torch.equal(out, general), f"{backend_name}: the bound call's values differ from the general call's"
+

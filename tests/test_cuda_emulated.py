@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from harness import ARGUMENTS, LAYOUTS, check, inputs
-from helpers import assert_nan_and_inf_land_as_with_torch, cuda_backend_on_cpu
+from helpers import (
+    assert_bound_inference_is_general,
+    assert_nan_and_inf_land_as_with_torch,
+    bind_cases,
+    cuda_backend_on_cpu,
+)
 
 import mobileops
 from mobileops import codes, ops
@@ -314,3 +319,9 @@ def test_a_misaligned_input_takes_one_element_per_thread(cuda_on_cpu):
     aligned, aligned_packed, misaligned, misaligned_packed = results
     assert aligned_packed == {"apply_kernel"} and misaligned_packed == set()
     assert torch.equal(aligned, misaligned)
+
+
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "dwconv_act", "bn_act", "squeeze_excite"])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_an_inference_call_bound_to_its_plan_gives_the_general_calls_bits(cuda_on_cpu, monkeypatch, op, layout):
+    assert_bound_inference_is_general(monkeypatch, "cuda", *bind_cases(op, layout))

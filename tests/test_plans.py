@@ -148,3 +148,50 @@ def test_a_full_cache_starts_again(monkeypatch):
     for n in range(1, 6):
         ops.bn_act(torch.randn(n, 4, 3, 3, dtype=torch.float64), gamma, beta, rm, rv)
         assert len(cache) <= 3
+
+
+def _kernel_backends(op):
+    from helpers import runnable_backends
+
+    return [b for b in runnable_backends(op, "cpu") if b != "torch"]
+
+
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "dwconv_act", "bn_act", "squeeze_excite"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_an_inference_call_is_bound_to_its_plan_and_gives_the_general_calls_bits(op, layout, monkeypatch):
+    from helpers import assert_bound_inference_is_general, bind_cases
+
+    backends = _kernel_backends(op)
+    if not backends:
+        pytest.skip("no kernel backend runs on this CPU (set TRITON_INTERPRET=1)")
+    for name in backends:
+        assert_bound_inference_is_general(monkeypatch, name, *bind_cases(op, layout))
+
+
+def test_calls_that_need_more_than_the_forward_kernel_are_not_bound():
+    """Training, batch statistics, a gradient and autocast keep the general implementation
+    (the kernel ops' dispatch, autograd and casts)."""
+    import contextlib
+
+    from helpers import plans_of
+
+    backends = _kernel_backends("dwconv_bn_act")
+    if not backends:
+        pytest.skip("no kernel backend runs on this CPU (set TRITON_INTERPRET=1)")
+    x, w, gamma, beta, rm, rv = _dw_args(dtype=torch.float32)
+    none = contextlib.nullcontext
+    calls = {
+        "training": (none, lambda: ops.bn_act(x, gamma, beta, rm, rv, training=True)),
+        "batch statistics": (none, lambda: ops.bn_act(x, gamma, beta, None, None)),
+        "a gradient": (none, lambda: ops.bn_act(x, gamma.clone().requires_grad_(True), beta, rm, rv)),
+        "autocast": (lambda: torch.autocast("cpu", torch.bfloat16),
+                     lambda: ops.dwconv_bn_act(x, w, gamma, beta, rm, rv)),
+    }
+    for name in backends:
+        with mobileops.use_backend(name):
+            for what, (context, call) in calls.items():
+                backend.forget_choices()
+                with context():
+                    call()
+                plans = list(plans_of("bn_act").values()) + list(plans_of("dwconv_bn_act").values())
+                assert len(plans) == 1 and plans[0].options != {}, f"{name}: a call with {what} was bound"

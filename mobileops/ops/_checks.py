@@ -204,3 +204,10 @@ def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) < x.stride(3):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def output_strides(x: torch.Tensor, size) -> tuple[int, ...]:
+    """The strides of ``torch.empty(size, memory_format=suggest_memory_format(x))``: an op's
+    output, for allocating it with ``torch.empty_strided`` (cheaper per call)."""
+    return torch.empty(size, device="meta", dtype=x.dtype, memory_format=suggest_memory_format(x)).stride()
+

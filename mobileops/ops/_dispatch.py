@@ -18,9 +18,10 @@ from torch import Tensor
 from mobileops.ops._checks import needs_grad
 
 
-def _eager(x: Tensor) -> bool:
-    # Fake, functional and other tensor subclasses, the meta device and dynamo tracing all go
-    # through the custom op, which knows how to be traced.
+def eager(x: Tensor) -> bool:
+    """Whether a call on ``x`` runs a kernel op's body directly. Fake, functional and other
+    tensor subclasses, the meta device and dynamo tracing all go through the custom op, which
+    knows how to be traced."""
     return type(x) is Tensor and not x.is_meta and not torch.compiler.is_compiling()
 
 
@@ -61,7 +62,7 @@ class KernelOp:
             self._apply = _c_apply(self.function)
 
     def __call__(self, *args):
-        if not _eager(args[0]):
+        if not eager(args[0]):
             return self.custom_op(*args)
         if self.function is not None and needs_grad(*args):
             if self._apply is not None and not torch._C._are_functorch_transforms_active():
@@ -79,4 +80,4 @@ def _c_apply(function: type):
     return None if apply is None else apply.__get__(None, function)
 
 
-__all__ = ["KernelOp"]
+__all__ = ["KernelOp", "eager"]

@@ -7,6 +7,11 @@ all of it and stores a :class:`Plan`; a repeated call builds the signature key, 
 with one dictionary lookup and runs it, checking per call only what depends on values
 (momentum, eps, and whether in-place outputs share memory with the inputs).
 
+A plan may hold more than a choice: an :class:`Implementation` can *bind* itself to a
+signature (:func:`bind`), deciding then what the general call would decide again each time (an
+inference call's output size and strides, its kernel op's eager dispatch), so that a repeated
+call is the key, the lookup, an allocation and the launch.
+
 Calls that must not be cached take the full path every time: tensor subclasses (fake and
 functional tensors while tracing), ``torch.compile`` tracing, TorchScript tracing and ONNX
 export, and :func:`mobileops.backend.record_calls`. :func:`mobileops.backend.forget_choices`
@@ -44,6 +49,39 @@ class Plan(NamedTuple):
     impl: Callable
     options: dict
     in_place: InPlaceCheck | None = None
+
+
+class Implementation:
+    """A fused backend's implementation of an op, callable as registered with
+    :func:`mobileops.backend.register_impl`, that can bind itself to one call signature.
+
+    Args:
+        call: the general implementation, for any signature.
+        prepare: called with a signature's first call (its arguments, then the plan's options as
+            keywords), returns a callable taking the op's per-call arguments without those options
+            (they are bound), or None where the general call is all there is (training, tracing,
+            autocast...). What it returns must do exactly what ``call`` does for every call of that
+            signature: same launches, same arguments, bit-identical results.
+    """
+
+    __slots__ = ("call", "prepare")
+
+    def __init__(self, call: Callable, prepare: Callable):
+        self.call = call
+        self.prepare = prepare
+
+    def __call__(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+
+def bind(impl: Callable, args: tuple, options: dict, in_place: InPlaceCheck | None = None) -> Plan:
+    """The plan of a signature whose first call passed ``args`` and whose implementation
+    ``impl`` takes ``options`` as keywords: ``impl`` bound to the signature where it is an
+    :class:`Implementation` that can be, else ``impl`` itself."""
+    if not isinstance(impl, Implementation):
+        return Plan(impl, options, in_place)
+    bound = impl.prepare(*args, **options)
+    return Plan(impl.call, options, in_place) if bound is None else Plan(bound, {}, in_place)
 
 
 def call_key(x, tensors: tuple, options: tuple):
@@ -90,4 +128,4 @@ def remember(cache: dict, key, plan: Plan) -> Plan:
     return plan
 
 
-__all__ = ["MAX_PLANS", "Plan", "call_key", "lookup", "remember"]
+__all__ = ["MAX_PLANS", "Implementation", "Plan", "bind", "call_key", "lookup", "remember"]

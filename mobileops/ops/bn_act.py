@@ -49,7 +49,8 @@ def _bn_act_plan(x, bn_weight, bn_bias, running_mean, running_var, activation, t
     if training and running_mean is not None:
         in_place = _checks.InPlaceCheck(op, {"running_mean": running_mean, "running_var": running_var},
                                         {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias})
-    return _plan.Plan(impl, dict(activation=activation, training=training), in_place)
+    return _plan.bind(impl, (x, bn_weight, bn_bias, running_mean, running_var),
+                      dict(activation=activation, training=training), in_place)
 
 
 @backend.register_impl("bn_act", "torch")

@@ -77,7 +77,8 @@ def _dwconv_bn_act_plan(x, weight, bn_weight, bn_bias, running_mean, running_var
     if training and running_mean is not None:
         in_place = _checks.InPlaceCheck(op, {"running_mean": running_mean, "running_var": running_var},
                                         {"x": x, "bn_weight": bn_weight, "bn_bias": bn_bias, "weight": weight})
-    return _plan.Plan(impl, dict(stride=stride, padding=padding, activation=activation, training=training), in_place)
+    return _plan.bind(impl, (x, weight, bn_weight, bn_bias, running_mean, running_var),
+                      dict(stride=stride, padding=padding, activation=activation, training=training), in_place)
 
 
 def dwconv_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -109,7 +110,7 @@ def _dwconv_act_plan(x, weight, bias, stride, padding, activation) -> _plan.Plan
     check_activation(activation, op=op)
     _checks.check_conv_output(op, x, k, stride, padding)
     impl = backend.resolve(op, x.device, inference=not _checks.needs_grad(x, weight, bias), numel=x.numel())
-    return _plan.Plan(impl, dict(stride=stride, padding=padding, activation=activation))
+    return _plan.bind(impl, (x, weight, bias), dict(stride=stride, padding=padding, activation=activation))
 
 
 @backend.register_impl("dwconv_bn_act", "torch")

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from mobileops import backend
-from mobileops.ops import _checks
-from mobileops.ops._dispatch import KernelOp
+from mobileops.ops import _checks, _plan
+from mobileops.ops._dispatch import KernelOp, eager
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -146,6 +146,7 @@ class DwconvBnActKernels:
 
     def __init__(self, backend_name: str, launchers: Callable[[], Any]):
         self.backend = backend_name
+        self._launchers = launchers
         self.batch_stats = KernelOp(f"mobileops::dwconv_bn_stats_{backend_name}",
                                     functools.partial(_batch_stats_body, launchers), schema=_BATCH_STATS_SCHEMA,
                                     mutates_args=("running_mean", "running_var"), fake=_batch_stats_fake)
@@ -155,9 +156,10 @@ class DwconvBnActKernels:
         self.forward = KernelOp(f"mobileops::dwconv_bn_act_{backend_name}", functools.partial(_forward_body, launchers),
                                 schema=_FORWARD_SCHEMA, fake=_forward_fake, setup_context=_setup_context,
                                 backward=functools.partial(_autograd_backward, self.backward))
-        backend.register_impl("dwconv_bn_act", backend_name)(self.dwconv_bn_act)
-        backend.register_impl("dwconv_act", backend_name)(self.dwconv_act)
-        backend.register_impl("bn_act", backend_name)(self.bn_act)
+        backend.register_impl("dwconv_bn_act", backend_name)(_plan.Implementation(self.dwconv_bn_act,
+                                                                                  self._bind_dwconv_bn_act))
+        backend.register_impl("dwconv_act", backend_name)(_plan.Implementation(self.dwconv_act, self._bind_dwconv_act))
+        backend.register_impl("bn_act", backend_name)(_plan.Implementation(self.bn_act, self._bind_bn_act))
 
     def _conv_bn_act(self, x, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, activation,
                      training, momentum, eps):
@@ -188,6 +190,53 @@ class DwconvBnActKernels:
         # Under autocast BatchNorm runs in its input's dtype, so nothing is cast here.
         return self._conv_bn_act(x, None, bn_weight, bn_bias, running_mean, running_var, 1, 0, activation, training,
                                  momentum, eps)
+
+    # Binding (mobileops.ops._plan.bind): a call that only runs the forward kernel (running or no
+    # statistics, nothing to differentiate, eager, outside autocast for the ops that cast) gets
+    # the forward op's eager no-grad body with the output's size and strides decided once.
+
+    def _bound_forward(self, x, weight, stride, padding, activation, norm):
+        size = _out_shape(x, weight, stride, padding)
+        strides, device, dtype, forward = _checks.output_strides(x, size), x.device, x.dtype, self._launchers().forward
+
+        def run(x, weight, bn_weight, bn_bias, mean, var, eps):
+            out = torch.empty_strided(size, strides, device=device, dtype=dtype)
+            return forward(x, weight, bn_weight, bn_bias, mean, var, out=out, stride=stride, padding=padding,
+                           activation=activation, norm=norm, eps=eps)
+
+        return run
+
+    def _bind_dwconv_bn_act(self, x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, padding,
+                            activation, training):
+        if (training or running_mean is None or not eager(x) or _checks.autocast_on_for(x)
+                or _checks.needs_grad(x, weight, bn_weight, bn_bias)):
+            return None
+        run = self._bound_forward(x, weight, stride, padding, activation, "running")
+
+        def dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps):
+            return run(x, weight, bn_weight, bn_bias, running_mean, running_var, eps)
+
+        return dwconv_bn_act
+
+    def _bind_dwconv_act(self, x, weight, bias, *, stride, padding, activation):
+        if not eager(x) or _checks.autocast_on_for(x) or _checks.needs_grad(x, weight, bias):
+            return None
+        run = self._bound_forward(x, weight, stride, padding, activation, "none")
+
+        def dwconv_act(x, weight, bias):
+            return run(x, weight, None, bias, None, None, 0.0)
+
+        return dwconv_act
+
+    def _bind_bn_act(self, x, bn_weight, bn_bias, running_mean, running_var, *, activation, training):
+        if training or running_mean is None or not eager(x) or _checks.needs_grad(x, bn_weight, bn_bias):
+            return None
+        run = self._bound_forward(x, None, 1, 0, activation, "running")
+
+        def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps):
+            return run(x, None, bn_weight, bn_bias, running_mean, running_var, eps)
+
+        return bn_act
 
 
 #: The Triton backend's kernels (:mod:`mobileops.kernels.dwconv_bn_act`).

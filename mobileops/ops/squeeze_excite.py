@@ -54,7 +54,7 @@ def _squeeze_excite_plan(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, po
     check_activation(post_act, "post_act", op=op)
     inference = not _checks.needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     impl = backend.resolve(op, x.device, inference=inference, numel=x.numel())
-    return _plan.Plan(impl, dict(gate=gate, post_act=post_act))
+    return _plan.bind(impl, (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias), dict(gate=gate, post_act=post_act))
 
 
 @backend.register_impl("squeeze_excite", "torch")

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from mobileops import backend
-from mobileops.ops import _checks
-from mobileops.ops._dispatch import KernelOp
+from mobileops.ops import _checks, _plan
+from mobileops.ops._dispatch import KernelOp, eager
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -102,6 +102,7 @@ class SqueezeExciteKernels:
 
     def __init__(self, backend_name: str, launchers: Callable[[], Any]):
         self.backend = backend_name
+        self._launchers = launchers
         self.backward = KernelOp(f"mobileops::squeeze_excite_{backend_name}_backward",
                                  functools.partial(_backward_body, launchers), schema=_BACKWARD_SCHEMA,
                                  fake=_backward_fake)
@@ -109,11 +110,26 @@ class SqueezeExciteKernels:
                                 functools.partial(_forward_body, launchers), schema=_FORWARD_SCHEMA,
                                 fake=_forward_fake, setup_context=_setup_context,
                                 backward=functools.partial(_autograd_backward, self.backward))
-        backend.register_impl("squeeze_excite", backend_name)(self.squeeze_excite)
+        backend.register_impl("squeeze_excite", backend_name)(_plan.Implementation(self.squeeze_excite,
+                                                                                   self._bind_squeeze_excite))
 
     def squeeze_excite(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate, post_act):
         """This backend's :func:`mobileops.ops.squeeze_excite` (arguments already validated)."""
         return self.forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act)[0]
+
+    def _bind_squeeze_excite(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate, post_act):
+        """An eager call with nothing to differentiate (:func:`mobileops.ops._plan.bind`): the
+        forward op's body with the output's strides decided once."""
+        if not eager(x) or _checks.needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+            return None
+        size, device, dtype, forward = x.shape, x.device, x.dtype, self._launchers().forward
+        strides = _checks.output_strides(x, size)
+
+        def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+            out = torch.empty_strided(size, strides, device=device, dtype=dtype)
+            return forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=out, gate=gate, post_act=post_act)[0]
+
+        return squeeze_excite
 
 
 #: The Triton backend's kernels (:mod:`mobileops.kernels.squeeze_excite`).
