@@ -463,21 +463,27 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
         v = fitting(per_lane)
         return str(v), reduce_shape(c, v, elem, channels_last)[2]
 
-    width = fitting(full)  # the elementwise kernels'
-    vec = str(width)
+    def elementwise(spatial_w: int, conv: bool) -> tuple[int, str]:
+        """(columns or channels per thread, pack axis) of an elementwise kernel: channel packs in
+        channels_last, else packs along W without a conv (csrc/common.cuh w_packs_fit, W a
+        multiple of the pack), else one element (axis kPackChannels = 0, kPackW = 1)."""
+        if channels_last:
+            return fitting(full), "0"
+        return (full, "1") if not conv and full > 1 and spatial_w % full == 0 else (1, "0")
+
     sum_vec, groups = reducing(full)
     x_bytes = n * c * h * w * elem
     if call["op"] == "squeeze_excite":
         gate, post = ACTIVATION_CODES[call["options"]["gate"]], ACTIVATION_CODES[call["options"]["post_act"]]
         se = k["kSeThreads"]
+        width, axis = elementwise(w, conv=False)
+        grid = (_blocks_for(n * c * h * w // width, se),)
         return [("train forward", "se_channel_sum_kernel", (t, sum_vec), (n, groups), reduce_threads, x_bytes),
                 ("train forward", "mlp_kernel", ("float", str(gate)), (n,), se, 0),
-                ("train forward", "scale_kernel", (t, str(post), vec), (_blocks_for(n * c * h * w // width, se),), se,
-                 2 * x_bytes),
+                ("train forward", "scale_kernel", (t, str(post), str(width), axis), grid, se, 2 * x_bytes),
                 ("train backward", "se_channel_sum_kernel", (t, sum_vec), (n, groups), reduce_threads, x_bytes),
                 ("train backward", "mlp_backward_kernel", ("float", str(gate)), (n,), se, 0),
-                ("train backward", "dx_kernel", (t, vec), (_blocks_for(n * c * h * w // width, se),), se,
-                 3 * x_bytes)]
+                ("train backward", "dx_kernel", (t, str(width), axis), grid, se, 3 * x_bytes)]
     act = str(ACTIVATION_CODES[call["options"]["activation"]])
     if call["op"] == "bn_act":
         kk, ho, wo = 0, h, w
@@ -491,17 +497,20 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     reduce_grid = (chunks, groups)
     # csrc/dwconv_bn_act_bwd.cu grad_input_vec: half a pack at 3x3, a quarter at 5x5 and 7x7
     input_vec, input_groups = reducing(max(1, full // (1 if kk == 0 else 2 if kk == 3 else 4)))
+    width, axis = elementwise(wo, conv=kk > 0)
     apply_grid = (_blocks_for(out_total // width, threads),)
-    rows = [("inference", "apply_kernel", (t, str(kk), act, vec), apply_grid, threads, x_bytes + y_bytes),
+    apply = (t, str(kk), act, str(width), axis)
+    rows = [("inference", "apply_kernel", apply, apply_grid, threads, x_bytes + y_bytes),
             ("train forward", "stats_kernel", (t, str(kk), sum_vec), reduce_grid, reduce_threads, x_bytes),
-            ("train forward", "apply_kernel", (t, str(kk), act, vec), apply_grid, threads, x_bytes + y_bytes),
+            ("train forward", "apply_kernel", apply, apply_grid, threads, x_bytes + y_bytes),
             ("train backward", "grad_sums_kernel", (t, str(kk), sum_vec), reduce_grid, reduce_threads,
              x_bytes + y_bytes),
             ("train backward", "grad_input_kernel", (t, str(kk), input_vec), (chunks, input_groups), reduce_threads,
              x_bytes + 2 * y_bytes)]
     if kk:
-        rows.append(("train backward", "dx_kernel", (t, str(kk), vec), (_blocks_for(n * c * h * w // width, threads),),
-                     threads, y_bytes + x_bytes))
+        width = fitting(full)  # the transposed conv: channel packs only
+        rows.append(("train backward", "dx_kernel", (t, str(kk), str(width)),
+                     (_blocks_for(n * c * h * w // width, threads),), threads, y_bytes + x_bytes))
     return rows
 
 

@@ -171,6 +171,40 @@ inline bool packs_fit(int C, int V, size_t element, std::initializer_list<Stride
   return true;
 }
 
+// Elementwise kernels without a convolution may instead take V consecutive positions along W of
+// one channel (kPackW), for NCHW, where W is innermost: the same 16-byte accesses. Each output is
+// computed as with one element per thread, so the bits are the same.
+constexpr int kPackChannels = 0, kPackW = 1;
+
+// Whether V positions along W per thread fit every tensor of a launch: W innermost and contiguous
+// (stride 1), W and every other stride multiples of V, addresses aligned to a pack.
+inline bool w_packs_fit(int W, int V, size_t element, std::initializer_list<Strided> tensors) {
+  if (V <= 1 || W % V) return false;
+  for (const Strided& t : tensors) {
+    if (t.strides[3] != 1 || t.address % (size_t(V) * element)) return false;
+    if (t.strides[0] % V || t.strides[1] % V || t.strides[2] % V) return false;
+  }
+  return true;
+}
+
+// Pack i of an elementwise launch over (N, C, H, W) in packs of V along AXIS: its sample, first
+// channel, row and first column. Element j of the pack is channel c0 + j (kPackChannels) or
+// column w0 + j of channel c0 (kPackW); pack_channel says which channel.
+template <int V, int AXIS>
+__device__ __forceinline__ void split_pack(int64_t i, int C, int H, int W, bool channels_last, int64_t& n,
+                                           int64_t& c0, int64_t& h, int64_t& w0) {
+  if constexpr (AXIS == kPackW) {
+    split_index(i, C, H, W / V, false, n, c0, h, w0);
+    w0 *= V;
+  } else {
+    split_index(i, C / V, H, W, channels_last, n, c0, h, w0);
+    c0 *= V;
+  }
+}
+template <int AXIS> __device__ __forceinline__ int64_t pack_channel(int64_t c0, int j) {
+  return AXIS == kPackW ? c0 : c0 + j;
+}
+
 // Reducing kernels run blocks of kReduceThreads threads: blockDim.x channel lanes x blockDim.y
 // rows of positions, each lane taking V channels (a Pack, or one). In channels_last a warp
 // reads whole cache lines: with packs, up to kLineBytes / pack bytes lanes (8 of 16 bytes, 16 of

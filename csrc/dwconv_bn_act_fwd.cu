@@ -10,26 +10,26 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// V channels per thread (see packs_fit), or one.
-template <typename T, int K, int ACT, int V>
+// V channels per thread (see packs_fit), V columns of one channel without a conv in NCHW
+// (AXIS kPackW, see w_packs_fit), or one element.
+template <typename T, int K, int ACT, int V, int AXIS = kPackChannels>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ w, const typename Acc<T>::type* gamma,
              const typename Acc<T>::type* beta, const typename Acc<T>::type* mean,
              const typename Acc<T>::type* var, int norm, typename Acc<T>::type eps, T* __restrict__ y, Strides4 sy,
              DwShape s, bool channels_last) {
+  static_assert(AXIS == kPackChannels || K == 0, "packs along W only without a convolution");
   using A = typename Acc<T>::type;
-  const int groups = s.C / V;
-  const int64_t total = int64_t(s.N) * groups * s.HO * s.WO;
+  const int64_t total = int64_t(s.N) * s.C * s.HO * s.WO / V;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, g, oh, ow;
-    split_index(i, groups, s.HO, s.WO, channels_last, n, g, oh, ow);
-    const int64_t c0 = g * V;
+    int64_t n, c0, oh, ow;
+    split_pack<V, AXIS>(i, s.C, s.HO, s.WO, channels_last, n, c0, oh, ow);
     A z[V];
-    conv_pack<T, A, K, V>(x, w, s, sx, n, c0, oh, ow, z);
+    conv_pack<T, A, K, V>(x, w, s, sx, n, c0, oh, ow, z);  // (K = 0: the pack at (n, c0, oh, ow) either way)
     Pack<T, V> out;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const ChannelParams<A> p(gamma, beta, mean, var, norm, eps, c0 + j);
+      const ChannelParams<A> p(gamma, beta, mean, var, norm, eps, pack_channel<AXIS>(c0, j));
       out.v[j] = store_as<T>(activate<ACT>((z[j] - p.mean) * p.rstd * p.gamma + p.beta));
     }
     store_pack<V>(y + sy.at(n, c0, oh, ow), out);
@@ -114,8 +114,17 @@ void dwconv_bn_act_forward(int dtype, int k, int act, int norm, uintptr_t x, Str
   auto st = reinterpret_cast<cudaStream_t>(stream);
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
+    constexpr int V = VecWidth<T>::value;
+    if (k == 0 && !channels_last && w_packs_fit(s.WO, V, sizeof(T), {{x, sx}, {y, sy}})) {
+      MOBILEOPS_DISPATCH_ACT(act, ACT, {
+        apply_kernel<T, 0, ACT, V, kPackW><<<blocks_for(total / V, kThreads), kThreads, 0, st>>>(
+            cptr<T>(x), Strides4(sx), cptr<T>(w), cptr<A>(gamma), cptr<A>(beta), cptr<A>(mean), cptr<A>(var),
+            norm, A(eps), mptr<T>(y), Strides4(sy), s, channels_last);
+      });
+      check_launch("dwconv_bn_act forward");
+      return;
+    }
     MOBILEOPS_DISPATCH_KERNEL_SIZE(k, K, {
-      constexpr int V = VecWidth<T>::value;
       const bool packed = channels_last && packs_fit(s.C, V, sizeof(T), {{x, sx}, {y, sy}});
       MOBILEOPS_DISPATCH_ACT(act, ACT, {
         if (packed) {

@@ -62,26 +62,27 @@ __global__ void column_sum_kernel(const A* a, int N, int I, A* out) {
   out[i] = acc;
 }
 
-template <typename T, int V>
+// V channels per thread (see packs_fit), V columns of one channel (AXIS kPackW, see
+// w_packs_fit), or one element.
+template <typename T, int V, int AXIS = kPackChannels>
 __global__ void __launch_bounds__(kSeThreads)
 dx_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x, Strides4 sx,
           const typename Acc<T>::type* gates, const typename Acc<T>::type* d_pooled, int post_act,
           T* __restrict__ dx, Strides4 sdx, int N, int C, int H, int W, bool channels_last) {
   using A = typename Acc<T>::type;
-  const int groups = C / V;
-  const int64_t total = int64_t(N) * groups * H * W;
+  const int64_t total = int64_t(N) * C * H * W / V;
   const A inv_hw = A(1) / A(int64_t(H) * W);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, g, h, w;
-    split_index(i, groups, H, W, channels_last, n, g, h, w);
-    const int64_t c0 = g * V;
+    int64_t n, c0, h, w;
+    split_pack<V, AXIS>(i, C, H, W, channels_last, n, c0, h, w);
     const Pack<T, V> xv = load_pack<V>(x + sx.at(n, c0, h, w)), dyv = load_pack<V>(dy + sdy.at(n, c0, h, w));
     Pack<T, V> out;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const A gate = gates[n * C + c0 + j], xj = load_as<A>(&xv.v[j]);
+      const int64_t c = n * C + pack_channel<AXIS>(c0, j);
+      const A gate = gates[c], xj = load_as<A>(&xv.v[j]);
       const A dv = load_as<A>(&dyv.v[j]) * activate_grad_rt(post_act, xj * gate);
-      out.v[j] = store_as<T>(dv * gate + d_pooled[n * C + c0 + j] * inv_hw);
+      out.v[j] = store_as<T>(dv * gate + d_pooled[c] * inv_hw);
     }
     store_pack<V>(dx + sdx.at(n, c0, h, w), out);
   }
@@ -129,7 +130,11 @@ void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, St
     if (db2 != 0) column_sum_kernel<A><<<(C + 127) / 128, 128, 0, st>>>(cptr<A>(d_pre_gate), N, C, mptr<A>(db2));
     if (db1 != 0) column_sum_kernel<A><<<(R + 127) / 128, 128, 0, st>>>(cptr<A>(d_pre_hidden), N, R, mptr<A>(db1));
     check_launch("squeeze_excite backward (weight gradients)");
-    if (channels_last && packs_fit(C, V, sizeof(T), {{dy, sdy}, {x, sx}, {dx, sdx}})) {
+    if (!channels_last && w_packs_fit(W, V, sizeof(T), {{dy, sdy}, {x, sx}, {dx, sdx}})) {
+      dx_kernel<T, V, kPackW><<<blocks_for(total / V, kSeThreads), kSeThreads, 0, st>>>(
+          cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<A>(gates), cptr<A>(d_pooled), post_act,
+          mptr<T>(dx), Strides4(sdx), N, C, H, W, channels_last);
+    } else if (channels_last && packs_fit(C, V, sizeof(T), {{dy, sdy}, {x, sx}, {dx, sdx}})) {
       dx_kernel<T, V><<<blocks_for(total / V, kSeThreads), kSeThreads, 0, st>>>(
           cptr<T>(dy), Strides4(sdy), cptr<T>(x), Strides4(sx), cptr<A>(gates), cptr<A>(d_pooled), post_act,
           mptr<T>(dx), Strides4(sdx), N, C, H, W, channels_last);

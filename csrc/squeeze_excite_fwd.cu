@@ -21,22 +21,23 @@ mlp_kernel(const A* pooled, const A* w1, const A* b1, const A* w2, const A* b2, 
   }
 }
 
-// V channels per thread (see packs_fit), or one.
-template <typename T, int POST, int V>
+// V channels per thread (see packs_fit), V columns of one channel (AXIS kPackW, see
+// w_packs_fit), or one element.
+template <typename T, int POST, int V, int AXIS = kPackChannels>
 __global__ void __launch_bounds__(kSeThreads)
 scale_kernel(const T* __restrict__ x, Strides4 sx, const typename Acc<T>::type* gates, T* __restrict__ y,
              Strides4 sy, int N, int C, int H, int W, bool channels_last) {
   using A = typename Acc<T>::type;
-  const int groups = C / V;
-  const int64_t total = int64_t(N) * groups * H * W;
+  const int64_t total = int64_t(N) * C * H * W / V;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    int64_t n, g, h, w;
-    split_index(i, groups, H, W, channels_last, n, g, h, w);
-    const int64_t c0 = g * V;
+    int64_t n, c0, h, w;
+    split_pack<V, AXIS>(i, C, H, W, channels_last, n, c0, h, w);
     const Pack<T, V> xv = load_pack<V>(x + sx.at(n, c0, h, w));
     Pack<T, V> out;
 #pragma unroll
-    for (int j = 0; j < V; ++j) out.v[j] = store_as<T>(activate<POST>(load_as<A>(&xv.v[j]) * gates[n * C + c0 + j]));
+    for (int j = 0; j < V; ++j) {
+      out.v[j] = store_as<T>(activate<POST>(load_as<A>(&xv.v[j]) * gates[n * C + pack_channel<AXIS>(c0, j)]));
+    }
     store_pack<V>(y + sy.at(n, c0, h, w), out);
   }
 }
@@ -72,8 +73,12 @@ void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Stri
     });
     check_launch("squeeze_excite forward (MLP)");
     const bool packed = channels_last && packs_fit(C, V, sizeof(T), {{x, sx}, {y, sy}});
+    const bool w_packed = !channels_last && w_packs_fit(W, V, sizeof(T), {{x, sx}, {y, sy}});
     MOBILEOPS_DISPATCH_ACT(post_act, POST, {
-      if (packed) {
+      if (w_packed) {
+        scale_kernel<T, POST, V, kPackW><<<blocks_for(total / V, kSeThreads), kSeThreads, 0, st>>>(
+            cptr<T>(x), Strides4(sx), cptr<A>(gates), mptr<T>(y), Strides4(sy), N, C, H, W, channels_last);
+      } else if (packed) {
         scale_kernel<T, POST, V><<<blocks_for(total / V, kSeThreads), kSeThreads, 0, st>>>(
             cptr<T>(x), Strides4(sx), cptr<A>(gates), mptr<T>(y), Strides4(sy), N, C, H, W, channels_last);
       } else {

@@ -325,3 +325,44 @@ def test_a_misaligned_input_takes_one_element_per_thread(cuda_on_cpu):
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_an_inference_call_bound_to_its_plan_gives_the_general_calls_bits(cuda_on_cpu, monkeypatch, op, layout):
     assert_bound_inference_is_general(monkeypatch, "cuda", *bind_cases(op, layout))
+
+
+W_PACKED = ", kPackW>"  # how the launch log spells an NCHW launch with packs along W
+
+
+def _off_a_pack(t):
+    """The values of ``t`` in the same strides at an address one element past a pack's
+    alignment: the kernels then take one element per thread."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("op, options, expected", [
+    ("bn_act", dict(activation="hswish"), {"apply_kernel"}),
+    ("bn_act", dict(activation="silu", training=True), {"apply_kernel"}),
+    ("squeeze_excite", dict(gate="hsigmoid", post_act="hswish"), {"scale_kernel", "dx_kernel"}),
+], ids=["bn-eval", "bn-train", "se"])
+def test_nchw_packs_along_w_agree_with_one_element_per_thread(cuda_on_cpu, op, options, expected, dtype):
+    """In NCHW with W a multiple of the pack (8 fp16, 4 float32) the elementwise kernels without a
+    conv take that many columns of one channel per thread (one 16-byte access); the same values
+    one element off a pack's alignment take one element per thread. The reductions run in the same
+    order either way, so every result agrees to the last bit."""
+    args = {name: None if t is None else t.to(dtype) for name, t in inputs(op, (2, 5, 3, 8), seed=46).items()}
+    x = args.pop("x")
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(47), dtype=F64).to(dtype)
+    stats = [args.pop(name) for name in BN_STATS if name in args]
+    params = list(args.values())
+
+    def call(x, *tensors):
+        return getattr(ops, op)(x, *tensors, **options)
+
+    results, logs = [], []
+    for shift in (lambda t: t, _off_a_pack):
+        emulation_build.launches(_extension.extension())  # clears the log
+        results.append(_results(call, shift(x), shift(dy), params, stats))
+        logs.append(emulation_build.launches(_extension.extension()))
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"result {i} differs between packs along W and one element per thread"
+    assert {k.split("<")[0] for k in logs[0] if k.endswith(W_PACKED)} == expected, logs[0]
+    assert not any(k.endswith(W_PACKED) for k in logs[1]), logs[1]

@@ -237,16 +237,28 @@ def test_cuda_entry_names_are_demangled_to_their_template():
 def test_the_cuda_elementwise_kernels_take_channel_packs_where_they_fit():
     constants = report.cuda_constants()
 
+    def packing(op, kernel, targs):
+        """(values per thread, axis: 0 channels, 1 along W) of an elementwise launch."""
+        if kernel == "dx_kernel" and op == "dwconv_bn_act":  # the transposed conv: channel packs only
+            return targs[-1], "0"
+        return targs[-2], targs[-1]
+
     def templates(c, channels_last):
         calls = [dict(op="dwconv_bn_act", shape=(32, c, 40, 40), options=dict(kernel=3, stride=1, activation="relu"),
                       detector="d"),
+                 dict(op="bn_act", shape=(32, c, 40, 40), options=dict(activation="silu"), detector="d"),
                  dict(op="squeeze_excite", shape=(32, c, 40, 40), options=dict(hidden=8, gate="hsigmoid",
                                                                                post_act="hswish"), detector="d")]
-        return {(kernel, targs[-1]) for call in calls
+        return {(call["op"], kernel, packing(call["op"], kernel, targs)) for call in calls
                 for _, kernel, targs, *_ in report.cuda_launches(call, "float16", channels_last, constants)
                 if kernel in ("apply_kernel", "dx_kernel", "scale_kernel")}
 
-    assert templates(72, True) == {("apply_kernel", "8"), ("dx_kernel", "8"), ("scale_kernel", "8")}
+    def expect(dw, bn, se):
+        return {("dwconv_bn_act", "apply_kernel", dw), ("dwconv_bn_act", "dx_kernel", dw),
+                ("bn_act", "apply_kernel", bn), ("squeeze_excite", "scale_kernel", se),
+                ("squeeze_excite", "dx_kernel", se)}
+
+    assert templates(72, True) == expect(("8", "0"), ("8", "0"), ("8", "0"))
     reducing = {(kernel, targs[-1], grid) for _, kernel, targs, grid, *_ in report.cuda_launches(
         dict(op="dwconv_bn_act", shape=(32, 72, 40, 40), options=dict(kernel=3, stride=1, activation="relu"),
              detector="d"), "float16", True, constants) if kernel.endswith(("stats_kernel", "_sums_kernel",
@@ -255,8 +267,9 @@ def test_the_cuda_elementwise_kernels_take_channel_packs_where_they_fit():
     # gradient's packs of 4 on 16 lanes -> 2 groups too
     assert {(k, v, grid[1]) for k, v, grid in reducing} == {("stats_kernel", "8", 2), ("grad_sums_kernel", "8", 2),
                                                            ("grad_input_kernel", "4", 2)}
-    assert templates(20, True) == templates(72, False) == {("apply_kernel", "1"), ("dx_kernel", "1"),
-                                                           ("scale_kernel", "1")}
+    assert templates(20, True) == expect(("1", "0"), ("1", "0"), ("1", "0"))
+    # NCHW, W = 40 (a multiple of 8): packs along W where there is no conv
+    assert templates(72, False) == expect(("1", "0"), ("8", "1"), ("8", "1"))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"), reason="needs nvcc")
@@ -273,9 +286,11 @@ def test_cuda_channel_packs_compile_to_16_byte_loads_and_stores(tmp_path):
             name, targs = report._demangled_template(mangled)
             if name in ("scale_kernel", "dx_kernel") and targs[0] == "__half":
                 seen[(name, targs)] = report.access_widths(body)
-    packed = {key: widths for key, widths in seen.items() if key[1][-1] == "8"}
-    single = {key: widths for key, widths in seen.items() if key[1][-1] == "1"}
-    assert len(packed) == 7 and len(single) == 7, sorted(seen)  # scale: 6 post activations; dx: 1
+    # (template arguments end in the values per thread and the axis: channels or along W)
+    packed = {key: widths for key, widths in seen.items() if key[1][-2] == "8"}
+    single = {key: widths for key, widths in seen.items() if key[1][-2] == "1"}
+    # scale: 6 post activations, dx: 1; packs along channels and along W
+    assert len(packed) == 14 and len(single) == 7, sorted(seen)
     for key, (loads, stores) in packed.items():
         assert 16 in loads and set(stores) == {16}, (key, loads, stores)
     for key, (loads, stores) in single.items():
