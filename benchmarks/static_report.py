@@ -322,6 +322,8 @@ class _TritonCompiler:
 #: The Triton kernels that reduce over positions (one program per chunk and channel block).
 REDUCING_KERNELS = ("_stats_kernel", "_grad_sums_kernel", "_grad_input_kernel", "_pool_mlp_kernel",
                     "_pool_mlp_backward_kernel")
+#: The CUDA kernels that reduce over positions (one block per chunk and channel group).
+CUDA_REDUCING_KERNELS = ("stats_kernel", "grad_sums_kernel", "grad_input_kernel", "se_channel_sum_kernel")
 
 
 def triton_launches(calls: list[dict], dtype_name: str, layout_name: str, compiler: _TritonCompiler):
@@ -445,6 +447,7 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     """(pass, kernel, template args, grid, threads per block, roles -> bytes) of each launch of
     this op call that moves activations (the small finalize and row-sum launches are left out)."""
     from mobileops.codes import ACTIVATION_CODES
+    from mobileops.cuda import squeeze_excite as se_launcher
     from mobileops.cuda.dwconv_bn_act import _chunking, pack_width, reduce_shape
 
     n, c, h, w = call["shape"]
@@ -478,10 +481,11 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
         se = k["kSeThreads"]
         width, axis = elementwise(w, conv=False)
         grid = (_blocks_for(n * c * h * w // width, se),)
-        return [("train forward", "se_channel_sum_kernel", (t, sum_vec), (n, groups), reduce_threads, x_bytes),
+        sum_grid = (n * se_launcher._chunking(n, h * w, c, elem, channels_last)[1], groups)
+        return [("train forward", "se_channel_sum_kernel", (t, sum_vec), sum_grid, reduce_threads, x_bytes),
                 ("train forward", "mlp_kernel", ("float", str(gate)), (n,), se, 0),
                 ("train forward", "scale_kernel", (t, str(post), str(width), axis), grid, se, 2 * x_bytes),
-                ("train backward", "se_channel_sum_kernel", (t, sum_vec), (n, groups), reduce_threads, x_bytes),
+                ("train backward", "se_channel_sum_kernel", (t, sum_vec), sum_grid, reduce_threads, x_bytes),
                 ("train backward", "mlp_backward_kernel", ("float", str(gate)), (n,), se, 0),
                 ("train backward", "dx_kernel", (t, str(width), axis), grid, se, 3 * x_bytes)]
     act = str(ACTIVATION_CODES[call["options"]["activation"]])

@@ -284,21 +284,33 @@ std::array<int, 4> check_se(const Checker& check, int dtype, int gate, int post_
   return x;
 }
 
+// The SE channel sums' position chunks: they tile each sample's H * W positions, and several
+// need the partial sums' buffer.
+void check_se_chunks(const Checker& check, const std::array<int, 4>& shape, int64_t chunk, int64_t chunks,
+                     uintptr_t part) {
+  check.chunks(chunk, chunks, int64_t(shape[2]) * shape[3]);
+  check.require(int64_t(shape[0]) * chunks <= 0x7fffffff, "N * chunks must fit a grid (2**31 - 1 blocks)");
+  if (chunks > 1) check.pointers({{"part", part}});
+}
+
 void checked_se_forward(int dtype, int gate, int post_act, uintptr_t x, Strides x_strides, Shape4 x_shape,
-                        int64_t hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t pooled,
-                        uintptr_t gates, uintptr_t y, Strides y_strides, bool channels_last, uintptr_t stream) {
+                        int64_t hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, int64_t chunk,
+                        int64_t chunks, uintptr_t part, uintptr_t pooled, uintptr_t gates, uintptr_t y,
+                        Strides y_strides, bool channels_last, uintptr_t stream) {
   const Checker check("squeeze_excite forward");
   const std::array<int, 4> shape = check_se(check, dtype, gate, post_act, x_shape, hidden);
   check.strides("x_strides", x_strides, shape, false);
   check.strides("y_strides", y_strides, shape, true);
   check.pointers({{"x", x}, {"w1", w1}, {"w2", w2}, {"pooled", pooled}, {"gates", gates}, {"y", y}});
-  squeeze_excite_forward(dtype, gate, post_act, x, x_strides, shape, int(hidden), w1, b1, w2, b2, pooled, gates, y,
-                         y_strides, channels_last, stream);
+  check_se_chunks(check, shape, chunk, chunks, part);
+  squeeze_excite_forward(dtype, gate, post_act, x, x_strides, shape, int(hidden), w1, b1, w2, b2, chunk, int(chunks),
+                         part, pooled, gates, y, y_strides, channels_last, stream);
 }
 
 void checked_se_backward(int dtype, int gate, int post_act, uintptr_t dy, Strides dy_strides, uintptr_t x,
                          Strides x_strides, Shape4 x_shape, int64_t hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2,
-                         uintptr_t b2, uintptr_t pooled, uintptr_t gates, uintptr_t d_gate, uintptr_t d_pre_gate,
+                         uintptr_t b2, int64_t chunk, int64_t chunks, uintptr_t part, uintptr_t pooled,
+                         uintptr_t gates, uintptr_t d_gate, uintptr_t d_pre_gate,
                          uintptr_t hidden_act, uintptr_t d_pre_hidden, uintptr_t d_pooled, uintptr_t dw1,
                          uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t dx, Strides dx_strides,
                          bool channels_last, uintptr_t stream) {
@@ -312,9 +324,10 @@ void checked_se_backward(int dtype, int gate, int post_act, uintptr_t dy, Stride
                   {"d_pre_hidden", d_pre_hidden}, {"d_pooled", d_pooled}, {"dw1", dw1}, {"dw2", dw2}, {"dx", dx}});
   check.together("b1", b1, "db1", db1);
   check.together("b2", b2, "db2", db2);
+  check_se_chunks(check, shape, chunk, chunks, part);
   squeeze_excite_backward(dtype, gate, post_act, dy, dy_strides, x, x_strides, shape, int(hidden), w1, b1, w2, b2,
-                          pooled, gates, d_gate, d_pre_gate, hidden_act, d_pre_hidden, d_pooled, dw1, db1, dw2, db2,
-                          dx, dx_strides, channels_last, stream);
+                          chunk, int(chunks), part, pooled, gates, d_gate, d_pre_gate, hidden_act, d_pre_hidden,
+                          d_pooled, dw1, db1, dw2, db2, dx, dx_strides, channels_last, stream);
 }
 
 }  // namespace
@@ -348,11 +361,12 @@ PYBIND11_MODULE(_C, m) {
         "dx"_a, "dx_strides"_a, "channels_last"_a, "stream"_a,
         "Gradients of dwconv_bn_act_forward: dx, the BN gradient sums and (with part_dw, dw) the weight gradient.");
   m.def("squeeze_excite_forward", &checked_se_forward, launch, py::kw_only(), "dtype"_a, "gate"_a, "post_act"_a,
-        "x"_a, "x_strides"_a, "x_shape"_a, "hidden"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "pooled"_a, "gates"_a, "y"_a,
-        "y_strides"_a, "channels_last"_a, "stream"_a, "Squeeze-and-Excitation into y, saving pooled and gates.");
+        "x"_a, "x_strides"_a, "x_shape"_a, "hidden"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a, "chunk"_a, "chunks"_a,
+        "part"_a, "pooled"_a, "gates"_a, "y"_a, "y_strides"_a, "channels_last"_a, "stream"_a,
+        "Squeeze-and-Excitation into y, saving pooled and gates.");
   m.def("squeeze_excite_backward", &checked_se_backward, launch, py::kw_only(), "dtype"_a, "gate"_a, "post_act"_a,
         "dy"_a, "dy_strides"_a, "x"_a, "x_strides"_a, "x_shape"_a, "hidden"_a, "w1"_a, "b1"_a, "w2"_a, "b2"_a,
-        "pooled"_a, "gates"_a, "d_gate"_a, "d_pre_gate"_a, "hidden_act"_a, "d_pre_hidden"_a, "d_pooled"_a, "dw1"_a,
+        "chunk"_a, "chunks"_a, "part"_a, "pooled"_a, "gates"_a, "d_gate"_a, "d_pre_gate"_a, "hidden_act"_a, "d_pre_hidden"_a, "d_pooled"_a, "dw1"_a,
         "db1"_a, "dw2"_a, "db2"_a, "dx"_a, "dx_strides"_a, "channels_last"_a, "stream"_a,
         "Gradients of squeeze_excite_forward: dx and the FC weight and bias gradients.");
 }

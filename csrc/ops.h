@@ -44,14 +44,15 @@ void dwconv_bn_act_backward(int dtype, int k, int act, int norm, uintptr_t dy, S
 
 // shape: N, C, H, W; `hidden` = R. FC weights and biases contiguous in the accumulation type.
 void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Strides sx, std::array<int, 4> shape,
-                            int hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t pooled,
-                            uintptr_t gates, uintptr_t y, Strides sy, bool channels_last, uintptr_t stream);
+                            int hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, int64_t chunk,
+                            int chunks, uintptr_t part, uintptr_t pooled, uintptr_t gates, uintptr_t y, Strides sy,
+                            bool channels_last, uintptr_t stream);
 
 void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, Strides sdy, uintptr_t x, Strides sx,
                              std::array<int, 4> shape, int hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2,
-                             uintptr_t b2, uintptr_t pooled, uintptr_t gates, uintptr_t d_gate, uintptr_t d_pre_gate,
-                             uintptr_t hidden_act, uintptr_t d_pre_hidden, uintptr_t d_pooled, uintptr_t dw1,
-                             uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t dx, Strides sdx,
-                             bool channels_last, uintptr_t stream);
+                             uintptr_t b2, int64_t chunk, int chunks, uintptr_t part, uintptr_t pooled,
+                             uintptr_t gates, uintptr_t d_gate, uintptr_t d_pre_gate, uintptr_t hidden_act,
+                             uintptr_t d_pre_hidden, uintptr_t d_pooled, uintptr_t dw1, uintptr_t db1, uintptr_t dw2,
+                             uintptr_t db2, uintptr_t dx, Strides sdx, bool channels_last, uintptr_t stream);
 
 }  // namespace mobileops

@@ -11,18 +11,23 @@ namespace mobileops {
 constexpr int kSeThreads = 256;
 
 // Used by the backward too: sum over (h, w) of x[n, c] (or of dy * post'(x * g) * x when dy is
-// given), divided by `scale_div`, for V channels per lane (see packs_fit) or one. Grid
-// (N, channel groups), reducing blocks (see reduce_shape).
+// given), for V channels per lane (see packs_fit) or one. Each sample's H * W positions are split
+// into `chunks` ranges of `chunk` (so that a layer with few samples and channel groups still
+// fills the GPU); grid (N * chunks, channel groups), reducing blocks (see reduce_shape). One
+// chunk: out = sum / scale_div directly; several: the block's sum goes to part[(n * chunks + k),
+// c] and se_merge_kernel adds them in chunk order (deterministic).
 template <typename T, int V>
 __global__ void __launch_bounds__(kReduceThreads)
 se_channel_sum_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict__ dy, Strides4 sdy,
-                      const typename Acc<T>::type* gates, int post_act, int C, int H, int W,
-                      typename Acc<T>::type scale_div, typename Acc<T>::type* out) {
+                      const typename Acc<T>::type* gates, int post_act, int C, int H, int W, int64_t chunk,
+                      int chunks, typename Acc<T>::type scale_div, typename Acc<T>::type* out,
+                      typename Acc<T>::type* part) {
   using A = typename Acc<T>::type;
   constexpr int SLOTS = reduce_slots<T, A, V, V>();
   __shared__ A shared[SLOTS];
-  const int64_t n = blockIdx.x, c0 = lane_channel<V>();
-  const int64_t hw = int64_t(H) * W;
+  const int64_t n = blockIdx.x / chunks, c0 = lane_channel<V>();
+  const int64_t hw = int64_t(H) * W, begin = (blockIdx.x % chunks) * chunk;
+  const int64_t end = begin + chunk < hw ? begin + chunk : hw;
   A acc[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = A(0);
@@ -30,7 +35,7 @@ se_channel_sum_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict_
     A g[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) g[j] = dy != nullptr ? gates[n * C + c0 + j] : A(0);
-    for (int64_t i = threadIdx.y; i < hw; i += blockDim.y) {
+    for (int64_t i = begin + threadIdx.y; i < end; i += blockDim.y) {
       const int64_t h = i / W, w = i % W;
       const Pack<T, V> xv = load_pack<V>(x + sx.at(n, c0, h, w));
       if (dy == nullptr) {
@@ -48,8 +53,51 @@ se_channel_sum_kernel(const T* __restrict__ x, Strides4 sx, const T* __restrict_
   }
   reduce_rows<V>(acc, shared, SLOTS, [&](int j, int lane, A total) {
     const int64_t c = (int64_t(blockIdx.y) * blockDim.x + lane) * V + j;
-    if (c < C) out[n * C + c] = total / scale_div;
+    if (c >= C) return;
+    if (chunks == 1) {
+      out[n * C + c] = total / scale_div;
+    } else {
+      part[int64_t(blockIdx.x) * C + c] = total;
+    }
   });
+}
+
+// out[n, c] = (sum over k of part[n * chunks + k, c], k in order) / scale_div.
+template <typename A>
+__global__ void se_merge_kernel(const A* part, int N, int C, int chunks, A scale_div, A* out) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= int64_t(N) * C) return;
+  const int64_t n = i / C, c = i % C;
+  A acc = A(0);
+  for (int k = 0; k < chunks; ++k) acc += part[(n * chunks + k) * C + c];
+  out[i] = acc / scale_div;
+}
+
+// Launches se_channel_sum_kernel (and the merge for several chunks) over x, or over dy with x and
+// the gates when dy is non-null.
+template <typename T>
+void se_channel_sums(const T* x, Strides sx, const T* dy, Strides sdy, const typename Acc<T>::type* gates,
+                     int post_act, int N, int C, int H, int W, int64_t chunk, int chunks,
+                     typename Acc<T>::type* out, typename Acc<T>::type* part, bool channels_last, cudaStream_t st) {
+  using A = typename Acc<T>::type;
+  constexpr int V = VecWidth<T>::value;
+  const uintptr_t dy_address = reinterpret_cast<uintptr_t>(dy);
+  const bool packed = channels_last && (dy == nullptr ? packs_fit(C, V, sizeof(T), {{uintptr_t(x), sx}})
+                                                      : packs_fit(C, V, sizeof(T), {{uintptr_t(x), sx},
+                                                                                    {dy_address, sdy}}));
+  const A scale_div = dy == nullptr ? A(int64_t(H) * W) : A(1);
+  if (packed) {
+    const ReduceShape r = reduce_shape(C, V, sizeof(T), true);
+    se_channel_sum_kernel<T, V><<<dim3(N * chunks, r.groups), r.block(), 0, st>>>(
+        x, Strides4(sx), dy, Strides4(sdy), gates, post_act, C, H, W, chunk, chunks, scale_div, out, part);
+  } else {
+    const ReduceShape r = reduce_shape(C, 1, sizeof(T), channels_last);
+    se_channel_sum_kernel<T, 1><<<dim3(N * chunks, r.groups), r.block(), 0, st>>>(
+        x, Strides4(sx), dy, Strides4(sdy), gates, post_act, C, H, W, chunk, chunks, scale_div, out, part);
+  }
+  if (chunks > 1) {
+    se_merge_kernel<A><<<int((int64_t(N) * C + 255) / 256), 256, 0, st>>>(part, N, C, chunks, scale_div, out);
+  }
 }
 
 // The SE MLP of sample n, in one block: s[C] <- pooled[n], hidden[R] <- fc1(s) before the ReLU,

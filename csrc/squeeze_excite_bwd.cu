@@ -1,5 +1,6 @@
 // SE backward, from x, the saved per-sample pooled means and gates, and dy:
-//   1. d_gate[n, c] = sum_hw dy * post'(x * g) * x, per (sample, channel group) block;
+//   1. d_gate[n, c] = sum_hw dy * post'(x * g) * x, per (sample, position chunk, channel group)
+//      block, merged in chunk order (se_channel_sums);
 //   2. per sample: the MLP's backward (recomputing its hidden layer) -> d(pre-gate),
 //      d(pre-hidden), d(pooled);
 //   3. FC weight and bias gradients as sums over samples in sample order (no atomics);
@@ -92,10 +93,10 @@ dx_kernel(const T* __restrict__ dy, Strides4 sdy, const T* __restrict__ x, Strid
 
 void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, Strides sdy, uintptr_t x, Strides sx,
                              std::array<int, 4> shape, int hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2,
-                             uintptr_t b2, uintptr_t pooled, uintptr_t gates, uintptr_t d_gate, uintptr_t d_pre_gate,
-                             uintptr_t hidden_act, uintptr_t d_pre_hidden, uintptr_t d_pooled, uintptr_t dw1,
-                             uintptr_t db1, uintptr_t dw2, uintptr_t db2, uintptr_t dx, Strides sdx,
-                             bool channels_last, uintptr_t stream) {
+                             uintptr_t b2, int64_t chunk, int chunks, uintptr_t part, uintptr_t pooled,
+                             uintptr_t gates, uintptr_t d_gate, uintptr_t d_pre_gate, uintptr_t hidden_act,
+                             uintptr_t d_pre_hidden, uintptr_t d_pooled, uintptr_t dw1, uintptr_t db1, uintptr_t dw2,
+                             uintptr_t db2, uintptr_t dx, Strides sdx, bool channels_last, uintptr_t stream) {
   const int N = shape[0], C = shape[1], H = shape[2], W = shape[3], R = hidden;
   const int64_t total = int64_t(N) * C * H * W;
   if (total == 0) return;
@@ -103,17 +104,8 @@ void squeeze_excite_backward(int dtype, int gate, int post_act, uintptr_t dy, St
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
     constexpr int V = VecWidth<T>::value;
-    if (channels_last && packs_fit(C, V, sizeof(T), {{x, sx}, {dy, sdy}})) {
-      const ReduceShape r = reduce_shape(C, V, sizeof(T), true);
-      se_channel_sum_kernel<T, V><<<dim3(N, r.groups), r.block(), 0, st>>>(
-          cptr<T>(x), Strides4(sx), cptr<T>(dy), Strides4(sdy), cptr<A>(gates), post_act, C, H, W, A(1),
-          mptr<A>(d_gate));
-    } else {
-      const ReduceShape r = reduce_shape(C, 1, sizeof(T), channels_last);
-      se_channel_sum_kernel<T, 1><<<dim3(N, r.groups), r.block(), 0, st>>>(
-          cptr<T>(x), Strides4(sx), cptr<T>(dy), Strides4(sdy), cptr<A>(gates), post_act, C, H, W, A(1),
-          mptr<A>(d_gate));
-    }
+    se_channel_sums<T>(cptr<T>(x), sx, cptr<T>(dy), sdy, cptr<A>(gates), post_act, N, C, H, W, chunk, chunks,
+                       mptr<A>(d_gate), mptr<A>(part), channels_last, st);
     check_launch("squeeze_excite backward (gate gradient)");
     const size_t smem = sizeof(A) * (2 * size_t(C) + 2 * size_t(R));
     MOBILEOPS_DISPATCH_GATE(gate, GATE, {

@@ -1,5 +1,6 @@
 // SE forward: two passes over x plus one small launch.
-//   1. pool: per (sample, channel group) block, sums of H*W values in a fixed tree order;
+//   1. pool: per (sample, position chunk, channel group) block, sums of its positions, merged in
+//      chunk order when a sample has several (se_channel_sums);
 //   2. MLP: one block per sample, FC1 -> ReLU -> FC2 -> gate, from the pooled means;
 //   3. scale: y = post_act(x * gate), elementwise in x's memory order.
 #include "squeeze_excite.cuh"
@@ -45,8 +46,9 @@ scale_kernel(const T* __restrict__ x, Strides4 sx, const typename Acc<T>::type* 
 }  // namespace
 
 void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Strides sx, std::array<int, 4> shape,
-                            int hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, uintptr_t pooled,
-                            uintptr_t gates, uintptr_t y, Strides sy, bool channels_last, uintptr_t stream) {
+                            int hidden, uintptr_t w1, uintptr_t b1, uintptr_t w2, uintptr_t b2, int64_t chunk,
+                            int chunks, uintptr_t part, uintptr_t pooled, uintptr_t gates, uintptr_t y, Strides sy,
+                            bool channels_last, uintptr_t stream) {
   const int N = shape[0], C = shape[1], H = shape[2], W = shape[3];
   const int64_t total = int64_t(N) * C * H * W;
   if (total == 0) return;
@@ -54,17 +56,8 @@ void squeeze_excite_forward(int dtype, int gate, int post_act, uintptr_t x, Stri
   MOBILEOPS_DISPATCH_DTYPE(dtype, T, {
     using A = typename Acc<T>::type;
     constexpr int V = VecWidth<T>::value;
-    if (channels_last && packs_fit(C, V, sizeof(T), {{x, sx}})) {
-      const ReduceShape r = reduce_shape(C, V, sizeof(T), true);
-      se_channel_sum_kernel<T, V><<<dim3(N, r.groups), r.block(), 0, st>>>(
-          cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr, kNone, C, H, W, A(int64_t(H) * W),
-          mptr<A>(pooled));
-    } else {
-      const ReduceShape r = reduce_shape(C, 1, sizeof(T), channels_last);
-      se_channel_sum_kernel<T, 1><<<dim3(N, r.groups), r.block(), 0, st>>>(
-          cptr<T>(x), Strides4(sx), nullptr, Strides4(sx), nullptr, kNone, C, H, W, A(int64_t(H) * W),
-          mptr<A>(pooled));
-    }
+    se_channel_sums<T>(cptr<T>(x), sx, nullptr, sx, nullptr, kNone, N, C, H, W, chunk, chunks, mptr<A>(pooled),
+                       mptr<A>(part), channels_last, st);
     check_launch("squeeze_excite forward (pool)");
     const size_t smem = sizeof(A) * (size_t(C) + hidden);
     MOBILEOPS_DISPATCH_GATE(gate, GATE, {

@@ -71,9 +71,12 @@ def test_low_precision_parameters_reach_the_kernels_intact(cuda_on_cpu, dtype):
 
 def _force_chunks_of_7(monkeypatch):
     from mobileops.cuda import dwconv_bn_act as launcher
+    from mobileops.cuda import squeeze_excite as se_launcher
 
     monkeypatch.setattr(launcher, "_chunking",
                         lambda positions, channels, element, channels_last: (7, -(-positions // 7)))
+    monkeypatch.setattr(se_launcher, "_chunking",
+                        lambda samples, positions, channels, element, channels_last: (7, -(-positions // 7)))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -86,6 +89,11 @@ def test_many_position_chunks_merge_like_the_reference(cuda_on_cpu, monkeypatch,
     _check("dwconv_bn_act", args, activation="hswish", training=True, momentum=0.3)
     bn = {name: t for name, t in args.items() if name != "weight"}
     _check("bn_act", bn, activation="relu6", training=True, momentum=0.3)
+    # SE: each sample's 60 positions in 9 chunks, the pooled means and the gate gradient merged
+    emulation_build.launches(_extension.extension())
+    _check("squeeze_excite", inputs("squeeze_excite", (2, 6, 6, 10), layout=layout, seed=22), gate="hsigmoid",
+           post_act="hswish")
+    assert emulation_build.launches(_extension.extension()).count("se_merge_kernel<A>") == 2
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -4,6 +4,7 @@ runs a kernel; compiling for sm_90 needs Triton's ptxas (and nvcc for the CUDA p
 
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -117,6 +118,18 @@ def test_every_reduction_grid_at_the_real_shapes_has_at_least_two_programs_per_s
     reducing = [g for g in real_shape_grids if g["kernel"] in report.REDUCING_KERNELS]
     assert {g["kernel"] for g in reducing} == set(report.REDUCING_KERNELS)
     thin = [g for g in reducing if g["programs"] < 2 * report.SM90["sms"]]
+    assert not thin, f"{len(thin)} reducing launches leave SMs idle, e.g. {thin[:3]}"
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_every_cuda_reduction_grid_at_the_real_shapes_has_at_least_two_blocks_per_sm(channels_last):
+    # the launch table follows csrc's grids and the launchers' chunking (no compiler needed)
+    constants = report.cuda_constants()
+    reducing = [(call["op"], call["shape"], kernel, grid) for call in report.layer_calls(False)
+                for _, kernel, _, grid, *_ in report.cuda_launches(call, "float16", channels_last, constants)
+                if kernel in report.CUDA_REDUCING_KERNELS]
+    assert {kernel for _, _, kernel, _ in reducing} == set(report.CUDA_REDUCING_KERNELS)
+    thin = [r for r in reducing if math.prod(r[3]) < 2 * report.SM90["sms"]]
     assert not thin, f"{len(thin)} reducing launches leave SMs idle, e.g. {thin[:3]}"
 
 

@@ -7,9 +7,34 @@ or float64 for float64 x: they are tiny); their gradients come back in the weigh
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from mobileops.cuda import _extension as ext
+from mobileops.cuda.dwconv_bn_act import pack_width, reduce_shape
+
+
+@functools.lru_cache(maxsize=1024)
+def _chunking(samples: int, positions: int, channels: int, element: int, channels_last: bool) -> tuple[int, int]:
+    """(chunk, chunks) of each sample's ``positions`` for the SE channel sums: enough (sample,
+    chunk, channel group) blocks to fill a GPU (the rule of the depthwise statistics' chunks: up
+    to 2048 blocks, at least 2 positions per thread), so that a layer with few samples and
+    channels does not leave most SMs idle. A fixed function of the shape, element size and
+    layout: the summation order, and the result, never change between runs."""
+    vec = pack_width(element) if channels_last and channels % pack_width(element) == 0 else 1
+    _, rows, groups = reduce_shape(channels, vec, element, channels_last)
+    chunks = max(1, min(math.ceil(positions / (2 * rows)), math.ceil(2048 / max(1, samples * groups))))
+    chunk = math.ceil(positions / chunks)
+    return chunk, math.ceil(positions / chunk)
+
+
+def _sum_chunks(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int, torch.Tensor | None]:
+    """(chunk, chunks, the partial sums' buffer or None for one chunk) of x's SE channel sums."""
+    n, c, h, w = x.shape
+    chunk, chunks = _chunking(n, h * w, c, x.element_size(), ext.channels_last(x))
+    return chunk, chunks, torch.empty((n * chunks, c), device=x.device, dtype=acc) if chunks > 1 else None
 
 
 def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
@@ -27,10 +52,12 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     # Converted copies are held until the launch returns: passing only a temporary's address
     # would free it at once, and the next copy could take its memory.
     w1, b1, w2, b2 = (ext.as_acc(t, acc) for t in (w1, b1, w2, b2))
+    chunk, chunks, part = _sum_chunks(x, acc)
     ext.extension().squeeze_excite_forward(
         dtype=ext.DTYPE_CODES[x.dtype], gate=ext.ACTIVATION_CODES[gate], post_act=ext.ACTIVATION_CODES[post_act],
         x=x.data_ptr(), x_strides=ext.strides(x), x_shape=x.shape, hidden=w1.shape[0], w1=w1.data_ptr(),
-        b1=ext.ptr(b1), w2=w2.data_ptr(), b2=ext.ptr(b2), pooled=pooled.data_ptr(), gates=gates.data_ptr(),
+        b1=ext.ptr(b1), w2=w2.data_ptr(), b2=ext.ptr(b2), chunk=chunk, chunks=chunks, part=ext.ptr(part),
+        pooled=pooled.data_ptr(), gates=gates.data_ptr(),
         y=out.data_ptr(), y_strides=ext.strides(out), channels_last=ext.channels_last(out), stream=stream)
     return out, pooled, gates
 
@@ -55,12 +82,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     # Held until the launch returns (see forward).
     fc1, fc1_bias, fc2, fc2_bias = (ext.as_acc(t, acc) for t in (w1, b1, w2, b2))
     pooled, gates = pooled.contiguous(), gates.contiguous()
+    chunk, chunks, part = _sum_chunks(x, acc)
     ext.extension().squeeze_excite_backward(
         dtype=ext.DTYPE_CODES[x.dtype], gate=ext.ACTIVATION_CODES[gate], post_act=ext.ACTIVATION_CODES[post_act],
         dy=dy.data_ptr(), dy_strides=ext.strides(dy), x=x.data_ptr(), x_strides=ext.strides(x), x_shape=x.shape,
-        hidden=r, w1=fc1.data_ptr(), b1=ext.ptr(fc1_bias), w2=fc2.data_ptr(), b2=ext.ptr(fc2_bias),
-        pooled=pooled.data_ptr(), gates=gates.data_ptr(), d_gate=per_channel[0].data_ptr(),
-        d_pre_gate=per_channel[1].data_ptr(), hidden_act=per_hidden[0].data_ptr(),
+        hidden=r, w1=fc1.data_ptr(), b1=ext.ptr(fc1_bias), w2=fc2.data_ptr(), b2=ext.ptr(fc2_bias), chunk=chunk,
+        chunks=chunks, part=ext.ptr(part), pooled=pooled.data_ptr(), gates=gates.data_ptr(),
+        d_gate=per_channel[0].data_ptr(), d_pre_gate=per_channel[1].data_ptr(), hidden_act=per_hidden[0].data_ptr(),
         d_pre_hidden=per_hidden[1].data_ptr(), d_pooled=per_channel[2].data_ptr(), dw1=dw1.data_ptr(),
         db1=ext.ptr(db1), dw2=dw2.data_ptr(), db2=ext.ptr(db2), dx=dx.data_ptr(), dx_strides=ext.strides(dx),
         channels_last=ext.channels_last(dx), stream=stream)
