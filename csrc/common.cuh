@@ -155,20 +155,28 @@ template <int V, typename T> __device__ __forceinline__ void store_pack(T* p, co
   }
 }
 
-// Whether V channels per thread fit every tensor of a launch: channels innermost and
-// contiguous (stride 1), C and every other stride multiples of V, addresses aligned to a
-// pack. Decided on the host per launch; otherwise the kernel takes one element per thread.
+// Whether packs of V elements along dimension `dim` (of N, C, H, W) fit every tensor of a launch:
+// that dimension innermost and contiguous (stride 1), its size `extent` and every other stride
+// multiples of V, addresses aligned to a pack. Decided on the host per launch; otherwise the
+// kernel takes one element per thread.
 struct Strided {
   uintptr_t address;
   Strides strides;
 };
-inline bool packs_fit(int C, int V, size_t element, std::initializer_list<Strided> tensors) {
-  if (V <= 1 || C % V) return false;
+inline bool packs_fit_along(int dim, int extent, int V, size_t element, std::initializer_list<Strided> tensors) {
+  if (V <= 1 || extent % V) return false;
   for (const Strided& t : tensors) {
-    if (t.strides[1] != 1 || t.address % (size_t(V) * element)) return false;
-    if (t.strides[0] % V || t.strides[2] % V || t.strides[3] % V) return false;
+    if (t.strides[dim] != 1 || t.address % (size_t(V) * element)) return false;
+    for (int d = 0; d < 4; ++d) {
+      if (d != dim && t.strides[d] % V) return false;
+    }
   }
   return true;
+}
+
+// V channels per thread: channels_last, C a multiple of V.
+inline bool packs_fit(int C, int V, size_t element, std::initializer_list<Strided> tensors) {
+  return packs_fit_along(1, C, V, element, tensors);
 }
 
 // Elementwise kernels without a convolution may instead take V consecutive positions along W of
@@ -176,15 +184,8 @@ inline bool packs_fit(int C, int V, size_t element, std::initializer_list<Stride
 // computed as with one element per thread, so the bits are the same.
 constexpr int kPackChannels = 0, kPackW = 1;
 
-// Whether V positions along W per thread fit every tensor of a launch: W innermost and contiguous
-// (stride 1), W and every other stride multiples of V, addresses aligned to a pack.
 inline bool w_packs_fit(int W, int V, size_t element, std::initializer_list<Strided> tensors) {
-  if (V <= 1 || W % V) return false;
-  for (const Strided& t : tensors) {
-    if (t.strides[3] != 1 || t.address % (size_t(V) * element)) return false;
-    if (t.strides[0] % V || t.strides[1] % V || t.strides[2] % V) return false;
-  }
-  return true;
+  return packs_fit_along(3, W, V, element, tensors);
 }
 
 // Pack i of an elementwise launch over (N, C, H, W) in packs of V along AXIS: its sample, first
