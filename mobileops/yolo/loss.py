@@ -55,22 +55,75 @@ def bbox_ciou(box1: Tensor, box2: Tensor, eps: float = 1e-7) -> Tensor:
 def centre_size_ciou(centre1: Tensor, size1: Tensor, centre2: Tensor, size2: Tensor, eps: float = 1e-7) -> Tensor:
     """:func:`bbox_ciou` of boxes given as (..., 2) centres and (..., 2) sizes, which broadcast:
     x and y are computed together, so the loss launches half as many kernels."""
-    size1, size2 = size1.clamp(min=eps), size2.clamp(min=eps)
-    half1, half2 = size1 * 0.5, size2 * 0.5
+    return _ciou_terms(centre1, size1, centre2, size2, eps).ciou[..., 0]
+
+
+class _CIoUTerms(NamedTuple):
+    """The intermediate values of one CIoU evaluation (:func:`_ciou_terms`) that its gradient
+    (:func:`_ciou_gradient`) reads; per-box values keep a trailing dimension of 1."""
+
+    ciou: Tensor
+    size1: Tensor      # the raw (unclamped) size of box 1, and clamped
+    size1c: Tensor
+    low1: Tensor
+    high1: Tensor
+    low2: Tensor
+    high2: Tensor
+    overlap_raw: Tensor
+    overlap: Tensor
+    union: Tensor
+    iou: Tensor
+    enclosing: Tensor
+    diagonal2: Tensor
+    distance: Tensor
+    distance2: Tensor
+    ratio1: Tensor     # w1 / h1
+    aspect: Tensor
+    alpha: Tensor
+
+
+def _ciou_terms(centre1: Tensor, size1: Tensor, centre2: Tensor, size2: Tensor, eps: float) -> _CIoUTerms:
+    clamped1, size2 = size1.clamp(min=eps), size2.clamp(min=eps)
+    half1, half2 = clamped1 * 0.5, size2 * 0.5
     low1, high1, low2, high2 = centre1 - half1, centre1 + half1, centre2 - half2, centre2 + half2
-    overlap = (torch.minimum(high1, high2) - torch.maximum(low1, low2)).clamp(min=0)
-    inter = overlap[..., 0] * overlap[..., 1]
-    w1, h1, w2, h2 = size1[..., 0], size1[..., 1], size2[..., 0], size2[..., 1]
-    iou = inter / (w1 * h1 + w2 * h2 - inter + eps)
+    overlap_raw = torch.minimum(high1, high2) - torch.maximum(low1, low2)
+    overlap = overlap_raw.clamp(min=0)
+    inter = overlap.prod(-1, keepdim=True)  # (a product of two: the bits of x * y)
+    union = clamped1.prod(-1, keepdim=True) + size2.prod(-1, keepdim=True) - inter + eps
+    iou = inter / union
     enclosing = torch.maximum(high1, high2) - torch.minimum(low1, low2)
-    diagonal2 = (enclosing * enclosing).sum(-1) + eps
+    diagonal2 = (enclosing * enclosing).sum(-1, keepdim=True) + eps
     distance = centre2 - centre1
-    centre2 = (distance * distance).sum(-1)
-    aspect = torch.atan(w2 / h2) - torch.atan(w1 / h1)
+    distance2 = (distance * distance).sum(-1, keepdim=True)
+    ratio1 = clamped1[..., :1] / clamped1[..., 1:]
+    aspect = torch.atan(size2[..., :1] / size2[..., 1:]) - torch.atan(ratio1)
     v = (4 / math.pi ** 2) * (aspect * aspect)
     with torch.no_grad():
         alpha = v / (v - iou + (1 + eps))
-    return iou - (centre2 / diagonal2 + v * alpha)
+    ciou = iou - (distance2 / diagonal2 + v * alpha)
+    return _CIoUTerms(ciou, size1, clamped1, low1, high1, low2, high2, overlap_raw, overlap, union, iou, enclosing,
+                      diagonal2, distance, distance2, ratio1, aspect, alpha)
+
+
+def _ciou_gradient(t: _CIoUTerms, eps: float) -> tuple[Tensor, Tensor]:
+    """d CIoU / d (centre1, size1) of box 1, (..., 2) each, from the terms of its evaluation, with
+    autograd's subgradients (a clamp passes the gradient where its input is at or past the
+    bound; alpha is a constant) but one: where a minimum or maximum takes two equal values, the
+    whole share goes to one of them instead of half to each (a measure-zero event)."""
+    # iou = inter / union, union = area1 + area2 - inter + eps
+    d_union = -t.iou / t.union
+    d_overlap = ((1 + t.iou) / t.union * t.overlap.flip(-1)) * (t.overlap_raw >= 0)
+    # overlap_raw = min(high1, high2) - max(low1, low2), enclosing = max(high) - min(low), through
+    # -distance2 / diagonal2: each edge of box 1 feeds one of the two
+    d_enclosing = (2 * t.distance2 / (t.diagonal2 * t.diagonal2)) * t.enclosing
+    d_high1 = torch.where(t.high1 < t.high2, d_overlap, d_enclosing)
+    d_low1 = torch.where(t.low1 > t.low2, d_overlap, d_enclosing)  # the negative of d CIoU / d low1
+    d_centre1 = (d_high1 - d_low1) + t.distance * (2 / t.diagonal2)
+    # v = k * aspect^2 with aspect = atan(w2 / h2) - atan(w1 / h1), times -alpha
+    d_ratio = (t.alpha * t.aspect * (8 / math.pi ** 2)) / (1 + t.ratio1 * t.ratio1) / t.size1c[..., 1:]
+    d_w1h1 = torch.cat((d_ratio, -d_ratio * t.ratio1), -1)
+    d_size1 = (d_union * t.size1c.flip(-1) + 0.5 * (d_high1 + d_low1) + d_w1h1) * (t.size1 >= eps)
+    return d_centre1, d_size1
 
 
 class YOLOv5Loss(nn.Module):
@@ -131,39 +184,68 @@ class YOLOv5Loss(nn.Module):
         constants = self._constants(predictions)
         if targets.numel() and targets.device.type != "meta":
             self._check_values(targets, batch, constants)
-        m = self._match(targets, constants)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in predictions):
+            return _LossWithGradient.apply(self, targets, batch, *predictions)
+        total, parts, _ = self._terms(predictions, self._match(targets, constants), constants, batch, False)
+        return total, parts
+
+    def _terms(self, predictions: list[Tensor], m: Matches, constants: _Constants, batch: int,
+               gradient: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(loss, parts, and with ``gradient`` d loss / d predictions in float32 as one
+        (total cells, no) tensor, the levels' cells one after another, else None), all without
+        autograd."""
         # Every candidate is computed; invalid ones gather cell 0 of their level, scatter into a
-        # spare slot past the last cell and are weighted by zero. Shapes are (levels, na, nt, 5).
+        # spare slot past the last cell and are weighted by zero. Shapes are (levels, na, nt, 5)
+        # and a trailing 1 for per-candidate values.
+        no = self.nc + 5
         index = m.cell * m.valid
-        rows = torch.cat([p.reshape(-1, self.nc + 5)[index[level].view(-1)] for level, p in enumerate(predictions)])
-        rows = rows.float().view(*m.valid.shape, self.nc + 5)
-        weight = m.valid / m.valid.sum((1, 2, 3), keepdim=True).clamp(min=1)  # each level's matches: mean
+        rows = torch.cat([p.reshape(-1, no)[index[level].view(-1)] for level, p in enumerate(predictions)])
+        rows = rows.float().view(*m.valid.shape, no)
+        valid = m.valid[..., None]
+        weight = valid / valid.sum((1, 2, 3), keepdim=True).clamp(min=1)  # each level's matches: mean
         xy_wh = rows[..., :4].sigmoid()
         # a rejected row's box may hold anything (inf, NaN): a benign box in its place, so that
         # nothing non-finite meets the zero weights
-        valid = m.valid[..., None]
         box_xy, box_wh = torch.where(valid, m.box_xy, constants.half), torch.where(valid, m.box_wh, constants.one)
         # the decoded box: xy = 2 s - 0.5 cells, wh = (2 s)^2 anchor (= s^2 * 4 anchor, the same bits)
-        iou = centre_size_ciou(xy_wh[..., :2] * 2 - 0.5, xy_wh[..., 2:] ** 2 * (m.anchor_wh * 4), box_xy, box_wh)
-        lbox = ((1.0 - iou) * (weight * self.box_gain)).sum()
-        score = iou.detach().clamp(min=0)
+        anchor4 = m.anchor_wh * 4
+        ciou = _ciou_terms(xy_wh[..., :2] * 2 - 0.5, xy_wh[..., 2:] ** 2 * anchor4, box_xy, box_wh, _CIOU_EPS)
+        box_weight = weight * self.box_gain
+        lbox = ((1.0 - ciou.ciou) * box_weight).sum()
+        score = ciou.ciou.clamp(min=0)
         if self.iou_ratio != 1.0:
             score = (1.0 - self.iou_ratio) + self.iou_ratio * score
         slot = torch.where(m.valid, m.cell + constants.cells_before, constants.spare_slot)
         tobj = torch.zeros(constants.total_cells + 1, device=score.device, dtype=torch.float32)
-        tobj = tobj.scatter_reduce(0, slot.view(-1), score.view(-1), reduce="amax", include_self=True)
+        tobj = tobj.scatter_reduce(0, slot.view(-1), score.view(-1), reduce="amax", include_self=True)[:-1]
         logits = torch.cat([p[..., 4].reshape(-1) for p in predictions]).float()
-        lobj = F.binary_cross_entropy_with_logits(logits, tobj[:-1], weight=constants.obj_weight, reduction="sum")
+        lobj = F.binary_cross_entropy_with_logits(logits, tobj, weight=constants.obj_weight, reduction="sum")
         lobj = lobj * self.obj_gain
         if self.nc > 1:
             target = torch.where(m.cls[:, None] == constants.classes, constants.cls_pos, constants.cls_neg)
-            lcls = F.binary_cross_entropy_with_logits(
-                rows[..., 5:], target.view(-1, 1, self.nc).expand(rows[..., 5:].shape),
-                weight=(weight * (self.cls_gain / self.nc))[..., None], reduction="sum")
+            target = target.view(-1, 1, self.nc).expand(rows[..., 5:].shape)
+            cls_weight = weight * (self.cls_gain / self.nc)
+            lcls = F.binary_cross_entropy_with_logits(rows[..., 5:], target, weight=cls_weight, reduction="sum")
         else:
             lcls = constants.zero
         parts = torch.stack((lbox, lobj, lcls))
-        return parts.sum() * batch, parts.detach()
+        total = parts.sum() * batch
+        if not gradient:
+            return total, parts, None
+        # d total / d (the logits of every row and cell): each part's derivative times the batch
+        # size; through xy = 2 s - 0.5 and wh = s^2 * 4 anchor, then the sigmoid's s (1 - s)
+        d_centre, d_size = _ciou_gradient(ciou, _CIOU_EPS)
+        d_box = torch.cat((d_centre * 2, d_size * (xy_wh[..., 2:] * anchor4 * 2)), -1) * \
+            ((box_weight * -batch) * (xy_wh * (1 - xy_wh)))
+        d_cls = (rows[..., 5:].sigmoid() - target) * (cls_weight * batch) if self.nc > 1 else None
+        # (levels, na, nt, 5, no); the objectness column is zero here and dense below
+        d_rows = torch.cat([d_box, torch.zeros_like(d_box[..., :1] if d_cls is not None else d_box[..., :2])]
+                           + ([d_cls] if d_cls is not None else []), -1)
+        grad = torch.zeros((constants.total_cells, no), device=rows.device, dtype=torch.float32)
+        grad[:, 4] = (logits.sigmoid() - tobj) * (constants.obj_weight * (self.obj_gain * batch))
+        # matches landing in one cell (and every invalid candidate, on cell 0 with zeros) add up
+        grad.index_put_(((index + constants.cells_before).view(-1),), d_rows.view(-1, no), accumulate=True)
+        return total, parts, grad
 
     def build_targets(self, predictions: list[Tensor], targets: Tensor) -> Matches:
         """Every candidate match of every level at once, as :class:`Matches` of static shapes:
@@ -244,6 +326,40 @@ class YOLOv5Loss(nn.Module):
                 raise ValueError(f"YOLOv5Loss: target image indices must be integers in [0, {batch}) "
                                  "(or -1 for a padding row)") from None
             raise ValueError(f"YOLOv5Loss: target classes must be integers in [0, {self.nc})") from None
+
+
+#: The CIoU's epsilon in the loss (its default).
+_CIOU_EPS = 1e-7
+
+
+class _LossWithGradient(torch.autograd.Function):
+    """The loss and, computed with it, its gradient with respect to each prediction. The loss is
+    linear in its upstream gradient (one scalar), so backward scales the stored gradients: a
+    handful of ops instead of replaying the ~150 that autograd records for the loss's forward.
+    The stored gradients are scaled in place, so a graph kept with ``retain_graph=True`` cannot
+    be differentiated a second time (it says so); nor can the gradient itself (no double
+    backward)."""
+
+    @staticmethod
+    def forward(ctx, loss: YOLOv5Loss, targets: Tensor, batch: int, *predictions: Tensor):
+        constants = loss._constants(predictions)
+        total, parts, grad = loss._terms(list(predictions), loss._match(targets, constants), constants, batch, True)
+        ctx.save_for_backward(grad)
+        ctx.levels = [(p.shape, p.dtype) for p in predictions]
+        ctx.used = False
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_total: Tensor, _d_parts: Tensor):
+        if ctx.used:
+            raise RuntimeError("YOLOv5Loss: its gradient was already used by a backward pass; call the loss again")
+        ctx.used = True
+        grad = ctx.saved_tensors[0].mul_(d_total)
+        grads = grad.split([shape[:4].numel() for shape, _ in ctx.levels])
+        return (None, None, None, *[g.view(shape) if g.dtype == dtype else g.view(shape).to(dtype)
+                                    for g, (shape, dtype) in zip(grads, ctx.levels)])
 
 
 class Matches(NamedTuple):
