@@ -73,10 +73,11 @@ _CALLS = {
         dw=12, dx=13, dx_strides=_S, channels_last=False, stream=0),
     "squeeze_excite_forward": dict(
         dtype=0, gate=5, post_act=0, x=1, x_strides=_S, x_shape=(1, 4, 3, 3), hidden=2, w1=2, b1=0, w2=3, b2=0,
-        pooled=4, gates=5, y=6, y_strides=_S, channels_last=False, stream=0),
+        chunk=9, chunks=1, part=0, pooled=4, gates=5, y=6, y_strides=_S, channels_last=False, stream=0),
     "squeeze_excite_backward": dict(
         dtype=0, gate=5, post_act=0, dy=1, dy_strides=_S, x=2, x_strides=_S, x_shape=(1, 4, 3, 3), hidden=2, w1=3,
-        b1=4, w2=5, b2=0, pooled=6, gates=7, d_gate=8, d_pre_gate=9, hidden_act=10, d_pre_hidden=11, d_pooled=12,
+        b1=4, w2=5, b2=0, chunk=9, chunks=1, part=0, pooled=6, gates=7, d_gate=8, d_pre_gate=9, hidden_act=10,
+        d_pre_hidden=11, d_pooled=12,
         dw1=13, db1=14, dw2=15, db2=0, dx=16, dx_strides=_S, channels_last=False, stream=0),
 }
 _OPS = {"dwconv_bn_act_forward": "dwconv_bn_act forward", "dwconv_bn_stats": "dwconv_bn_act batch statistics",
@@ -146,6 +147,10 @@ REFUSED = [
     ("squeeze_excite_backward", dict(db1=0), r"b1 and db1 must both be given or both be null"),
     ("squeeze_excite_backward", dict(db2=17), r"b2 and db2 must both be given or both be null"),
     ("squeeze_excite_backward", dict(d_pooled=0), r"d_pooled is required"),
+    ("squeeze_excite_forward", dict(chunk=4),
+     r"chunks of chunk positions must tile the 9 positions exactly, got 1 x 4"),
+    ("squeeze_excite_forward", dict(chunk=3, chunks=3), r"part is required"),
+    ("squeeze_excite_backward", dict(chunks=0), r"chunk and chunks must be >= 1"),
 ]
 
 
