@@ -196,10 +196,11 @@ def _loss_and_grads(loss, predictions, targets):
     return total, parts, torch.autograd.grad(total, predictions)
 
 
+@pytest.mark.parametrize("analytic", [True, False], ids=["analytic", "autograd"])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"iou_ratio": 0.5}], ids=str)
 @pytest.mark.parametrize("nc", [1, 4])
-def test_static_loss_matches_the_boolean_mask_loss(nc, options):
-    loss = YOLOv5Loss(_detector_head(nc), **options)
+def test_static_loss_matches_the_boolean_mask_loss(nc, options, analytic):
+    loss = YOLOv5Loss(_detector_head(nc), analytic_gradient=analytic, **options)
     reference = BooleanMaskLoss(loss)
     predictions, targets = _random_case(0, nc=nc)
     for rows in (targets, targets[:0], targets[:1]):
@@ -230,7 +231,7 @@ def test_targets_sharing_a_cell_take_the_larger_iou_and_padding_changes_nothing(
         padded = _loss_and_grads(loss, predictions, pack_targets(rows, rows.shape[0] + 7))
         torch.testing.assert_close(padded[1], got[1], rtol=1e-6, atol=0)  # only the summation order differs
         for a, b in zip(padded[2], got[2]):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)  # float32 rounding of terms ~0.06
 
 
 def test_pack_targets_pads_and_never_drops():
@@ -275,10 +276,10 @@ def test_the_loss_launches_a_third_of_the_earlier_ops():
             total, _ = impl(predictions, targets)
             total.backward()
         counts.append(ops.total)
-    # measured (torch 2.13): 248 aten ops forward + backward, views included (10 of them in the
+    # measured (torch 2.13): 255 aten ops forward + backward, views included (10 of them in the
     # backward: the gradient is computed with the loss); 320 with autograd's backward; the earlier
     # loss 960
-    assert counts[0] <= 255 and counts[0] * 3 <= counts[1], counts
+    assert counts[0] <= 260 and counts[0] * 3 <= counts[1], counts
 
 
 def test_the_ciou_gradient_is_autograds():
@@ -304,6 +305,36 @@ def test_the_ciou_gradient_is_autograds():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert (got[1][:50] == 0).all()
+
+
+def test_a_prediction_on_its_target_has_autograds_gradient():
+    """Predicted edges equal to the target's (min/max ties): autograd gives each side half, the
+    one-sided derivatives cancel, and the analytic gradient must do the same."""
+    target = torch.tensor([[0, 1, 5.5 / 16, 7.5 / 16, 1 / 16, 1 / 16]], dtype=torch.float64)
+    grads = []
+    for analytic in (True, False):
+        loss = YOLOv5Loss(_head(2), analytic_gradient=analytic)
+        predictions = [p.requires_grad_(True) for p in _predictions(1, fill=0.0)]
+        grads.append(torch.autograd.grad(loss(predictions, target)[0], predictions))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)  # float32 rounding of terms ~0.06
+
+
+def test_double_backward_needs_the_autograd_loss_and_torch_func_gets_it():
+    loss, predictions, targets = _real_shapes_case()
+    total, _ = loss(predictions, targets)
+    with pytest.raises(RuntimeError, match="analytic_gradient=False"):
+        torch.autograd.grad(total, predictions, create_graph=True)
+    recorded = YOLOv5Loss.for_model(yolo.build("yolov5n-c3uib", nc=80), img_size=128, analytic_gradient=False)
+    first = torch.autograd.grad(recorded(predictions, targets)[0], predictions[2], create_graph=True)[0]
+    assert first.requires_grad  # a second-order term can be built on it
+    # torch.func transforms record the loss with autograd too
+    def level2(p):
+        return loss(predictions[:2] + [p], targets)[0]
+
+    torch.testing.assert_close(torch.func.grad(level2)(predictions[2].detach()),
+                               torch.autograd.grad(loss(predictions, targets)[0], predictions[2])[0],
+                               rtol=1e-5, atol=1e-8)
 
 
 def test_the_loss_gradient_scales_with_its_upstream_gradient_and_serves_once():

@@ -107,17 +107,19 @@ def _ciou_terms(centre1: Tensor, size1: Tensor, centre2: Tensor, size2: Tensor, 
 
 def _ciou_gradient(t: _CIoUTerms, eps: float) -> tuple[Tensor, Tensor]:
     """d CIoU / d (centre1, size1) of box 1, (..., 2) each, from the terms of its evaluation, with
-    autograd's subgradients (a clamp passes the gradient where its input is at or past the
-    bound; alpha is a constant) but one: where a minimum or maximum takes two equal values, the
-    whole share goes to one of them instead of half to each (a measure-zero event)."""
+    autograd's subgradients: a lower clamp passes the gradient where its input is at or above
+    the bound, a minimum or maximum of two equal values gives each half (a predicted edge on the
+    target's: at the optimum the two one-sided derivatives cancel), alpha is a constant."""
     # iou = inter / union, union = area1 + area2 - inter + eps
     d_union = -t.iou / t.union
     d_overlap = ((1 + t.iou) / t.union * t.overlap.flip(-1)) * (t.overlap_raw >= 0)
     # overlap_raw = min(high1, high2) - max(low1, low2), enclosing = max(high) - min(low), through
     # -distance2 / diagonal2: each edge of box 1 feeds one of the two
     d_enclosing = (2 * t.distance2 / (t.diagonal2 * t.diagonal2)) * t.enclosing
-    d_high1 = torch.where(t.high1 < t.high2, d_overlap, d_enclosing)
-    d_low1 = torch.where(t.low1 > t.low2, d_overlap, d_enclosing)  # the negative of d CIoU / d low1
+    tied = (d_overlap + d_enclosing) * 0.5
+    d_high1 = torch.where(t.high1 == t.high2, tied, torch.where(t.high1 < t.high2, d_overlap, d_enclosing))
+    # the negative of d CIoU / d low1
+    d_low1 = torch.where(t.low1 == t.low2, tied, torch.where(t.low1 > t.low2, d_overlap, d_enclosing))
     d_centre1 = (d_high1 - d_low1) + t.distance * (2 / t.diagonal2)
     # v = k * aspect^2 with aspect = atan(w2 / h2) - atan(w1 / h1), times -alpha
     d_ratio = (t.alpha * t.aspect * (8 / math.pi ** 2)) / (1 + t.ratio1 * t.ratio1) / t.size1c[..., 1:]
@@ -136,6 +138,10 @@ class YOLOv5Loss(nn.Module):
         balance: objectness weight per level; default :data:`BALANCE` for 3 or 5 levels.
         label_smoothing: class-target smoothing ``eps`` (targets 1 - eps/2 and eps/2).
         iou_ratio: objectness target ``(1 - r) + r * IoU`` (YOLOv5's ``gr``, 1.0).
+        analytic_gradient: compute the gradient with the loss's value, without autograd (one
+            backward pass per call; 255 instead of 320 aten ops at 3 levels). False records the
+            loss with autograd instead, for double backward (``create_graph=True``); under
+            ``torch.func`` transforms it is recorded with autograd either way.
 
     Call with the head's training-mode output (one (bs, na, ny, nx, nc + 5) tensor per level)
     and the targets (nt, 6); returns ``(loss, parts)``: the scalar to backpropagate (already
@@ -144,7 +150,7 @@ class YOLOv5Loss(nn.Module):
 
     def __init__(self, head: Detect, *, box_gain: float = 0.05, obj_gain: float = 1.0, cls_gain: float = 0.5,
                  anchor_t: float = 4.0, balance: Sequence[float] | None = None, label_smoothing: float = 0.0,
-                 iou_ratio: float = 1.0):
+                 iou_ratio: float = 1.0, analytic_gradient: bool = True):
         super().__init__()
         if not isinstance(head, Detect):
             raise TypeError(f"YOLOv5Loss: head must be a Detect module, got {type(head).__name__}")
@@ -164,6 +170,7 @@ class YOLOv5Loss(nn.Module):
         self.anchor_t, self.balance = anchor_t, tuple(balance)
         self.cls_pos, self.cls_neg = 1.0 - 0.5 * label_smoothing, 0.5 * label_smoothing
         self.iou_ratio = iou_ratio
+        self.analytic_gradient = analytic_gradient
         self._cache: dict[tuple, _Constants] = {}
 
     @classmethod
@@ -184,7 +191,8 @@ class YOLOv5Loss(nn.Module):
         constants = self._constants(predictions)
         if targets.numel() and targets.device.type != "meta":
             self._check_values(targets, batch, constants)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in predictions):
+        if (self.analytic_gradient and torch.is_grad_enabled() and any(p.requires_grad for p in predictions)
+                and not torch._C._are_functorch_transforms_active()):
             return _LossWithGradient.apply(self, targets, batch, *predictions)
         total, parts, _ = self._terms(predictions, self._match(targets, constants), constants, batch, False)
         return total, parts
@@ -212,7 +220,7 @@ class YOLOv5Loss(nn.Module):
         ciou = _ciou_terms(xy_wh[..., :2] * 2 - 0.5, xy_wh[..., 2:] ** 2 * anchor4, box_xy, box_wh, _CIOU_EPS)
         box_weight = weight * self.box_gain
         lbox = ((1.0 - ciou.ciou) * box_weight).sum()
-        score = ciou.ciou.clamp(min=0)
+        score = ciou.ciou.detach().clamp(min=0)  # (a target: no gradient when autograd records the loss)
         if self.iou_ratio != 1.0:
             score = (1.0 - self.iou_ratio) + self.iou_ratio * score
         slot = torch.where(m.valid, m.cell + constants.cells_before, constants.spare_slot)
@@ -336,9 +344,10 @@ class _LossWithGradient(torch.autograd.Function):
     """The loss and, computed with it, its gradient with respect to each prediction. The loss is
     linear in its upstream gradient (one scalar), so backward scales the stored gradients: a
     handful of ops instead of replaying the ~150 that autograd records for the loss's forward.
-    The stored gradients are scaled in place, so a graph kept with ``retain_graph=True`` cannot
-    be differentiated a second time (it says so); nor can the gradient itself (no double
-    backward)."""
+    The stored gradient is scaled in place, so in eager mode a graph kept with
+    ``retain_graph=True`` cannot be differentiated a second time, and the gradient itself cannot
+    be (``create_graph=True``): both raise (``analytic_gradient=False`` records the loss with
+    autograd instead)."""
 
     @staticmethod
     def forward(ctx, loss: YOLOv5Loss, targets: Tensor, batch: int, *predictions: Tensor):
@@ -351,8 +360,10 @@ class _LossWithGradient(torch.autograd.Function):
         return total, parts
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_total: Tensor, _d_parts: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient here is no function autograd knows
+            raise RuntimeError("YOLOv5Loss: its gradient is computed without autograd, so it has no gradient "
+                               "itself (create_graph=True); build the loss with analytic_gradient=False")
         if ctx.used:
             raise RuntimeError("YOLOv5Loss: its gradient was already used by a backward pass; call the loss again")
         ctx.used = True
