@@ -447,7 +447,6 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
     """(pass, kernel, template args, grid, threads per block, roles -> bytes) of each launch of
     this op call that moves activations (the small finalize and row-sum launches are left out)."""
     from mobileops.codes import ACTIVATION_CODES
-    from mobileops.cuda import squeeze_excite as se_launcher
     from mobileops.cuda.dwconv_bn_act import _chunking, pack_width, reduce_shape
 
     n, c, h, w = call["shape"]
@@ -481,7 +480,7 @@ def cuda_launches(call: dict, dtype_name: str, channels_last: bool, k: dict) -> 
         se = k["kSeThreads"]
         width, axis = elementwise(w, conv=False)
         grid = (_blocks_for(n * c * h * w // width, se),)
-        sum_grid = (n * se_launcher._chunking(n, h * w, c, elem, channels_last)[1], groups)
+        sum_grid = (n * _chunking(h * w, c, elem, channels_last, samples=n)[1], groups)
         return [("train forward", "se_channel_sum_kernel", (t, sum_vec), sum_grid, reduce_threads, x_bytes),
                 ("train forward", "mlp_kernel", ("float", str(gate)), (n,), se, 0),
                 ("train forward", "scale_kernel", (t, str(post), str(width), axis), grid, se, 2 * x_bytes),

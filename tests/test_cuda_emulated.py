@@ -73,10 +73,11 @@ def _force_chunks_of_7(monkeypatch):
     from mobileops.cuda import dwconv_bn_act as launcher
     from mobileops.cuda import squeeze_excite as se_launcher
 
-    monkeypatch.setattr(launcher, "_chunking",
-                        lambda positions, channels, element, channels_last: (7, -(-positions // 7)))
-    monkeypatch.setattr(se_launcher, "_chunking",
-                        lambda samples, positions, channels, element, channels_last: (7, -(-positions // 7)))
+    def chunks_of_7(positions, channels, element, channels_last, samples=1):
+        return 7, -(-positions // 7)
+
+    monkeypatch.setattr(launcher, "_chunking", chunks_of_7)
+    monkeypatch.setattr(se_launcher, "_chunking", chunks_of_7)  # the SE launcher's reference to it
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

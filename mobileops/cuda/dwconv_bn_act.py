@@ -57,16 +57,19 @@ def reduce_shape(channels: int, vec: int, element: int, channels_last: bool) -> 
 
 
 @functools.lru_cache(maxsize=1024)
-def _chunking(positions: int, channels: int, element: int, channels_last: bool) -> tuple[int, int]:
-    """(chunk, chunks): enough (chunk, channel group) blocks to fill a GPU (up to 2048, at least
-    two per SM at the detectors' shapes: tests/test_static_report.py), at least 2 positions per
-    thread; a fixed function of the shape, element size and layout, so the reduction order,
-    and the result, never change between runs. Sized for the statistics' 16-byte packs where C
-    is a multiple of the pack (the other passes and a misaligned input's fallback keep the same
-    chunks). Cached: it depends on the call's signature only."""
+def _chunking(positions: int, channels: int, element: int, channels_last: bool,
+              samples: int = 1) -> tuple[int, int]:
+    """(chunk, chunks) of ``positions``: enough (sample, chunk, channel group) blocks to fill a
+    GPU (up to 2048, at least two per SM at the detectors' shapes: tests/test_static_report.py),
+    at least 2 positions per thread. ``samples`` reductions of ``positions`` each run side by
+    side (the SE channel sums: one per sample; the depthwise statistics: one over the batch). A
+    fixed function of the shape, element size and layout, so the reduction order, and the
+    result, never change between runs. Sized for the 16-byte packs where C is a multiple of the
+    pack (the other passes and a misaligned input's fallback keep the same chunks). Cached: it
+    depends on the call's signature only."""
     vec = pack_width(element) if channels_last and channels % pack_width(element) == 0 else 1
     _, rows, groups = reduce_shape(channels, vec, element, channels_last)
-    chunks = max(1, min(math.ceil(positions / (2 * rows)), math.ceil(2048 / max(1, groups))))
+    chunks = max(1, min(math.ceil(positions / (2 * rows)), math.ceil(2048 / max(1, samples * groups))))
     chunk = math.ceil(positions / chunks)
     return chunk, math.ceil(positions / chunk)
 

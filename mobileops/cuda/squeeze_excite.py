@@ -7,33 +7,16 @@ or float64 for float64 x: they are tiny); their gradients come back in the weigh
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
 from mobileops.cuda import _extension as ext
-from mobileops.cuda.dwconv_bn_act import pack_width, reduce_shape
-
-
-@functools.lru_cache(maxsize=1024)
-def _chunking(samples: int, positions: int, channels: int, element: int, channels_last: bool) -> tuple[int, int]:
-    """(chunk, chunks) of each sample's ``positions`` for the SE channel sums: enough (sample,
-    chunk, channel group) blocks to fill a GPU (the rule of the depthwise statistics' chunks: up
-    to 2048 blocks, at least 2 positions per thread), so that a layer with few samples and
-    channels does not leave most SMs idle. A fixed function of the shape, element size and
-    layout: the summation order, and the result, never change between runs."""
-    vec = pack_width(element) if channels_last and channels % pack_width(element) == 0 else 1
-    _, rows, groups = reduce_shape(channels, vec, element, channels_last)
-    chunks = max(1, min(math.ceil(positions / (2 * rows)), math.ceil(2048 / max(1, samples * groups))))
-    chunk = math.ceil(positions / chunks)
-    return chunk, math.ceil(positions / chunk)
+from mobileops.cuda.dwconv_bn_act import _chunking
 
 
 def _sum_chunks(x: torch.Tensor, acc: torch.dtype) -> tuple[int, int, torch.Tensor | None]:
     """(chunk, chunks, the partial sums' buffer or None for one chunk) of x's SE channel sums."""
     n, c, h, w = x.shape
-    chunk, chunks = _chunking(n, h * w, c, x.element_size(), ext.channels_last(x))
+    chunk, chunks = _chunking(h * w, c, x.element_size(), ext.channels_last(x), samples=n)
     return chunk, chunks, torch.empty((n * chunks, c), device=x.device, dtype=acc) if chunks > 1 else None
 
 

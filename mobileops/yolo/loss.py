@@ -246,10 +246,11 @@ class YOLOv5Loss(nn.Module):
         d_centre, d_size = _ciou_gradient(ciou, _CIOU_EPS)
         d_box = torch.cat((d_centre * 2, d_size * (xy_wh[..., 2:] * anchor4 * 2)), -1) * \
             ((box_weight * -batch) * (xy_wh * (1 - xy_wh)))
-        d_cls = (rows[..., 5:].sigmoid() - target) * (cls_weight * batch) if self.nc > 1 else None
-        # (levels, na, nt, 5, no); the objectness column is zero here and dense below
-        d_rows = torch.cat([d_box, torch.zeros_like(d_box[..., :1] if d_cls is not None else d_box[..., :2])]
-                           + ([d_cls] if d_cls is not None else []), -1)
+        # (levels, na, nt, 5, no): the objectness column is zero here and dense below, and so is a
+        # one-class model's class column
+        zero = torch.zeros_like(d_box[..., :1])
+        d_cls = (rows[..., 5:].sigmoid() - target) * (cls_weight * batch) if self.nc > 1 else zero
+        d_rows = torch.cat((d_box, zero, d_cls), -1)
         grad = torch.zeros((constants.total_cells, no), device=rows.device, dtype=torch.float32)
         grad[:, 4] = (logits.sigmoid() - tobj) * (constants.obj_weight * (self.obj_gain * batch))
         # matches landing in one cell (and every invalid candidate, on cell 0 with zeros) add up
