@@ -171,16 +171,19 @@ def _with_backward(calls: dict, forwards: dict, t: dict) -> dict:
 
 @contextlib.contextmanager
 def launches_stubbed(counter: list):
-    """Every Triton launch of mobileops goes through kernels._common.launch: count, do not run."""
+    """Every Triton launch of mobileops goes through a prepared launch (``kernels._common.Prepared``,
+    whose direct relaunch builds no argument dict) or ``kernels._common.launch``: count, do not
+    run."""
     from mobileops.kernels import _common
 
-    real_launch, real_check = _common.launch, _common.check_device
+    real_launch, real_prepared, real_check = _common.launch, _common.Prepared.__call__, _common.check_device
     _common.launch = lambda *args, **kwargs: counter.append(1)
+    _common.Prepared.__call__ = lambda self, *values: counter.append(1)
     _common.check_device = lambda x: None
     try:
         yield
     finally:
-        _common.launch, _common.check_device = real_launch, real_check
+        _common.launch, _common.Prepared.__call__, _common.check_device = real_launch, real_prepared, real_check
 
 
 def time_us(fn, grad: bool, iterations: int, repeats: int, sync) -> list[float]:

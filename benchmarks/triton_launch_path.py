@@ -13,8 +13,10 @@ reports it fastest (real timing needs the GPU), so tuning a shape compiles one c
 
 Each case is one launch captured from mobileops' own launch helper (``dwconv_bn_act.forward``,
 ``squeeze_excite.forward``, ``_common.sum_rows``) on CPU tensors, then replayed through
-``_common.launch`` with the fast path off (Triton's path) and on. Both paths must hand the
-launcher the same grid, stream, function, metadata, hooks and arguments; the row says so.
+``_common.launch`` with the fast path off (Triton's path) and on, then as the launchers make
+it, a ``_common.Prepared`` launch given its tensors and floats (path ``prepared``: the direct
+relaunch, no argument dict). Every path must hand the launcher the same grid, stream, function,
+metadata, hooks and arguments; the row says so.
 Prints one JSON object per (call, path): microseconds per launch (median / min / max over the
 repeats, wall clock; ``cpu_us_median`` from this thread's CPU time, which a busy machine
 inflates less), the launches per repeat, triton, python and the device.
@@ -198,6 +200,16 @@ def cases(common, dwconv, se):
     return found
 
 
+def prepared_launch(common, captured) -> tuple:
+    """A captured launch as the launchers make it (``_common.Prepared``, its tensors and floats
+    passed per call), and those values."""
+    kernel, tuned, grid_of, args, meta = captured
+    varying = tuple(k for k, v in args.items() if isinstance(v, (torch.Tensor, float)))
+    prepared = common.Prepared(kernel, tuned, grid_of, {k: v for k, v in args.items() if k not in varying}, meta,
+                               varying)
+    return prepared, tuple(args[k] for k in varying)
+
+
 def time_launch(launch, captured, launches: int, repeats: int) -> tuple[list[float], list[float]]:
     """Wall and thread-CPU microseconds per launch, one value per repeat."""
     wall, cpu = [], []
@@ -244,6 +256,15 @@ def main() -> None:
             if fast:
                 row["same_launch_as_normal"] = recorded["fast"] == recorded["normal"]
             print(json.dumps(row), flush=True)
+        prepared, values = prepared_launch(common, captured)
+        for _ in range(3):
+            prepared(*values)
+        wall, cpu = time_launch(prepared, values, options.launches, options.repeats)
+        print(json.dumps(dict(meta, call=name, path="prepared", us_median=round(statistics.median(wall), 2),
+                              us_min=round(min(wall), 2), us_max=round(max(wall), 2),
+                              cpu_us_median=round(statistics.median(cpu), 2), n=options.launches,
+                              repeats=options.repeats, direct=prepared.direct is not None,
+                              same_launch_as_normal=comparable(stand_in.last) == recorded["normal"])), flush=True)
     _launch.enabled = True
 
 

@@ -290,6 +290,42 @@ def launch(kernel, tuned, grid_of, args: dict, meta: dict | None) -> None:
     _launch.launch(kernel, tuned, grid_of, args, meta)
 
 
+class Prepared:
+    """One launch site's launch with every argument but ``varying`` fixed (a launch plan's
+    shapes, strides and constexprs): called with the varying values (tensors, runtime floats) in
+    that order, per call.
+
+    The first call, and any call the compiled kernel no longer fits, goes through :func:`launch`
+    with the whole argument dict; after a launch that compiled (or found) a kernel, later calls
+    hand the compiled kernel's launcher its argument tuple directly
+    (:class:`mobileops.kernels._launch.Direct`): no dict, no cache key over every argument.
+    Under the interpreter every call takes :func:`launch`.
+
+    Args:
+        kernel, tuned, grid_of, meta: as for :func:`launch`; ``grid_of`` must depend on the
+            meta-parameters only.
+        fixed: every argument but the varying ones.
+        varying: the names of the arguments passed per call.
+    """
+
+    __slots__ = ("kernel", "tuned", "grid_of", "fixed", "meta", "varying", "direct")
+
+    def __init__(self, kernel, tuned, grid_of, fixed: dict, meta: dict | None, varying: tuple[str, ...]):
+        self.kernel, self.tuned, self.grid_of, self.meta = kernel, tuned, grid_of, meta
+        self.fixed = fixed
+        self.varying = varying
+        self.direct = None
+
+    def __call__(self, *values) -> None:
+        direct = self.direct
+        if direct is not None and direct(values):
+            return
+        args = dict(self.fixed)
+        args.update(zip(self.varying, values))
+        launch(self.kernel, self.tuned, self.grid_of, args, self.meta)
+        self.direct = _launch.direct(self.kernel, self.tuned, self.grid_of, args, self.meta, self.varying)
+
+
 def autotune_enabled() -> bool:
     """False when the environment variable ``MOBILEOPS_AUTOTUNE=0`` turns autotuning off. Read
     once per process (each launch asks, and reading the environment costs microseconds);

@@ -191,12 +191,17 @@ class _Site:
 _SITES: dict = {}
 
 
+def _knob_state(fn) -> tuple:
+    """The options JITFunction.run reads on every call and compiles into the kernel."""
+    return (fn.debug or _RUNTIME.debug, _COMPILATION.instrumentation_mode,
+            _COMPILATION.fpsan_homomorphic_casts if _FPSAN else None)
+
+
 def _extra_key(fn, drv, device, warps) -> tuple:
     """Everything besides the arguments that selects the compiled kernel: the driver and
     device (Triton's kernel cache is per device), ``num_warps`` (fixed configurations) and the
-    options JITFunction.run reads on every call."""
-    return (drv, device, warps, fn.debug or _RUNTIME.debug, _COMPILATION.instrumentation_mode,
-            _COMPILATION.fpsan_homomorphic_casts if _FPSAN else None)
+    knobs of :func:`_knob_state`."""
+    return (drv, device, warps, *_knob_state(fn))
 
 
 def _hooks_block(fn) -> bool:
@@ -210,11 +215,16 @@ def _run(fn, target, drv, device, grid, vals) -> None:
     launcher, function, packed, launch_metadata = target
     stream = drv.get_current_stream(device)
     size = len(grid)
-    # CompiledKernel.launch_metadata reads the arguments only for the kernel's own
-    # launch_metadata function: without one, skip unpacking them a second time.
-    metadata = launch_metadata(grid, stream) if fn.launch_metadata is None else launch_metadata(grid, stream, *vals)
+    enter_hook = _RUNTIME.launch_enter_hook
+    # CompiledKernel.launch_metadata is None without an enter hook (it checks first), and reads
+    # the arguments only for the kernel's own launch_metadata function: skip what it would skip.
+    if enter_hook is None:
+        metadata = None
+    else:
+        metadata = launch_metadata(grid, stream) if fn.launch_metadata is None else launch_metadata(grid, stream,
+                                                                                                   *vals)
     launcher(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream, function, packed, metadata,
-             _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *vals)
+             enter_hook, _RUNTIME.launch_exit_hook, *vals)
 
 
 # What a cache lookup may raise for arguments unlike the ones the layout was built from
@@ -402,3 +412,116 @@ def launch(kernel, tuned, grid_of, args: dict, meta: dict | None) -> None:
         return
     compiled = tuned[grid_of](**args)
     _remember_tuned(tuned, compiled, args)
+
+
+class Direct:
+    """A relaunch of one launch site with every argument fixed but a few ``varying`` ones,
+    taken per call in a fixed order: :func:`direct` makes it from a launch that has just gone
+    through :func:`launch`, and it reuses that launch's compiled kernel, grid and (autotuned)
+    config. Calling it with the varying values launches and returns True when the kernel still
+    fits them, else launches nothing and returns False (the caller then takes :func:`launch`).
+
+    It checks, per call, what the cache key of :func:`launch` would: each varying value's type,
+    and a tensor's dtype and 16-byte alignment; the driver, current device, option knobs,
+    pre-run hooks, globals the kernel read and the autotuner's cached choice. What it does not
+    check is what the caller fixed: the other arguments, and a grid that depends only on them
+    and the meta-parameters.
+    """
+
+    __slots__ = ("fn", "site", "target", "drv", "device", "knobs", "grid", "types", "tensors", "dtypes",
+                 "aligned", "all_aligned", "build", "tuning")
+
+    def __init__(self, fn, site, target, drv, device, grid, vals: tuple, varying: list[int], tuning):
+        self.fn, self.site, self.target, self.drv, self.device, self.grid = fn, site, target, drv, device, grid
+        self.knobs = _knob_state(fn)
+        values = tuple(vals[i] for i in varying)
+        self.types = tuple(map(type, values))
+        self.tensors = _getter([i for i, v in enumerate(values) if isinstance(v, torch.Tensor)])
+        tensors = self.tensors(values)
+        self.dtypes = tuple(map(_DTYPE, tensors))
+        self.aligned = tuple(p % 16 == 0 for p in map(_DATA_PTR, tensors))
+        self.all_aligned = all(self.aligned)
+        self.build = _builder(vals, varying)
+        self.tuning = tuning  # (autotuner, its cache key, the chosen config) or None
+
+    def __call__(self, values: tuple) -> bool:
+        if tuple(map(type, values)) != self.types:
+            return False
+        drv = driver.active
+        fn = self.fn
+        if drv is not self.drv or _hooks_block(fn):
+            return False
+        device = drv.get_current_device()
+        if device != self.device or _knob_state(fn) != self.knobs:
+            return False
+        tensors = self.tensors(values)
+        pointers = tuple(map(_DATA_PTR, tensors))
+        if tuple(map(_DTYPE, tensors)) != self.dtypes:
+            return False
+        if self.all_aligned:
+            if functools.reduce(operator.or_, pointers, 0) & 15:
+                return False
+        elif tuple(p % 16 == 0 for p in pointers) != self.aligned:
+            return False
+        if self.tuning is not None:
+            tuned, tune_key, config = self.tuning
+            if tuned.cache.get(tune_key) is not config:
+                return False
+            tuned.best_config = config
+        if not self.site.globals_unchanged():
+            return False
+        _run(fn, self.target, drv, device, self.grid, self.build(*values))
+        return True
+
+
+def _builder(vals: tuple, varying: list[int]):
+    """A function of the varying values returning the whole argument tuple, in the kernel's
+    order, with the other values of ``vals`` in place: generated, as Triton generates its own
+    binder, because a loop filling a list costs several times more per launch."""
+    slots = {position: f"v{i}" for i, position in enumerate(varying)}
+    namespace = {f"c{i}": v for i, v in enumerate(vals) if i not in slots}
+    body = ", ".join(slots.get(i, f"c{i}") for i in range(len(vals)))
+    params = ", ".join(slots[position] for position in varying)
+    exec(f"def build({params}):\n    return ({body},)", namespace)  # the source holds names and indices only
+    return namespace["build"]
+
+
+def direct(kernel, tuned, grid_of, args: dict, meta: dict | None, varying: tuple[str, ...]) -> Direct | None:
+    """The :class:`Direct` relaunch of the launch :func:`launch` has just made with these
+    arguments, with ``varying`` (names in ``args``) taken per call; None where that launch did
+    not leave a kernel the fast path may reuse (interpreter, fast path off, hooks, a
+    specialization the key cannot capture...)."""
+    if not (enabled and DISABLED_REASON is None):
+        return None
+    try:
+        drv = driver.active
+        device = drv.get_current_device()
+        if meta is not None:
+            if not isinstance(kernel, JITFunction):
+                return None
+            meta = dict(meta)
+            warps = meta.pop("num_warps", 4)
+            site = _SITES.get(id(kernel))
+            if site is None or site.owner is not kernel or not site.usable:
+                return None
+            vals = site.getter(args | meta)
+            target = site.lookup(vals, _extra_key(kernel, drv, device, warps))
+            fn, grid, tuning = kernel, grid_of(meta), None
+        else:
+            if not isinstance(tuned, Autotuner) or not isinstance(tuned.fn, JITFunction):
+                return None
+            site = _SITES.get(id(tuned))
+            if site is None or site.owner is not tuned or not site.usable:
+                return None
+            entry = site.lookup(site.arg_getter(args), _extra_key(site.fn, drv, device, None))
+            if entry is None:
+                return None
+            tune_key, config, config_kwargs, target = entry
+            bound = args | config_kwargs
+            fn, grid, vals, tuning = site.fn, grid_of(bound), site.getter(bound), (tuned, tune_key, config)
+    except _LOOKUP_ERRORS:
+        return None
+    if target is None or _hooks_block(fn):
+        return None
+    position = {name: i for i, name in enumerate(site.names)}
+    return Direct(fn, site, target, drv, device, grid, vals, [position[name] for name in varying], tuning)

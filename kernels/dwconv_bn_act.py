@@ -59,7 +59,6 @@ outputs and one scratch buffer, and fills in tensors and float scalars.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -573,16 +572,12 @@ def _padded(elements: int) -> int:
 
 
 class _ForwardPlan(NamedTuple):
-    args: dict  # every argument but the tensors and eps
-    grid_of: Callable
-    meta: dict | None
+    launch: common.Prepared  # takes the tensors and eps
     identity: torch.Tensor | None  # the ones weight of bn_act
 
 
 class _StatsPlan(NamedTuple):
-    args: dict  # every argument but the tensors, eps and momentum
-    grid_of: Callable
-    meta: dict | None
+    launch: common.Prepared  # takes the tensors, eps and momentum
     identity: torch.Tensor | None
     acc_t: torch.dtype
     scratch: int  # elements of the partial (mean, M2) rows
@@ -597,16 +592,19 @@ class _BackwardPlan(NamedTuple):
     scratch: int  # elements of the partial rows: du, du * xhat, weight gradient
     counters: int
     weight_grad: bool
-    sums_args: dict | None  # _grad_sums_kernel's arguments but the tensors (batch statistics only)
-    sums_meta: dict | None
-    input_args: dict  # _grad_input_kernel's arguments but the tensors and eps
-    input_meta: dict | None
-    input_tuned: object
-    chunk_grid: Callable
-    dx_args: dict
-    dx_meta: dict | None
-    dx_grid: Callable
+    sums: common.Prepared | None  # _grad_sums_kernel (batch statistics only), takes the tensors
+    grad_input: common.Prepared | None  # _grad_input_kernel, takes the tensors and eps
+    dx: common.Prepared | None  # _dx_kernel (with a conv only), takes the tensors
 
+
+# The arguments each launch takes per call (Prepared's varying ones), in the order passed.
+_FORWARD_PER_CALL = ("x_ptr", "w_ptr", "gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr", "y_ptr", "eps_hi", "eps_lo")
+_STATS_PER_CALL = ("x_ptr", "w_ptr", "part_ptr", "mean_ptr", "rstd_ptr", "run_mean_ptr", "run_var_ptr", "counter_ptr",
+                  "eps_hi", "eps_lo", "mom_hi", "mom_lo")
+_BACKWARD_PER_CALL = ("x_ptr", "w_ptr", "dy_ptr", "gamma_ptr", "beta_ptr", "part_ptr", "sum_du_ptr", "sum_dux_ptr",
+                     "counter_ptr")
+_GRAD_SUMS_PER_CALL = _BACKWARD_PER_CALL + ("mean_ptr", "rstd_ptr")
+_GRAD_INPUT_PER_CALL = _BACKWARD_PER_CALL + ("mean_ptr", "var_ptr", "dz_ptr", "dw_ptr", "eps_hi", "eps_lo")
 
 _FORWARD_PLANS: dict = {}
 _STATS_PLANS: dict = {}
@@ -626,7 +624,8 @@ def _forward_plan(x, weight, y, stride, padding, activation, norm, has_gamma, ha
                 K=k, STRIDE=stride, PAD=padding, ACT=ACTIVATION_CODES[activation], NORM=NORM_CODES[norm],
                 HAS_GAMMA=has_gamma, HAS_BETA=has_beta, INDEX64=common.index64(x, y), ACC=common.acc_dtype(x)[0],
                 ALIGN=common.alignment(c, x, y))
-    return _ForwardPlan(args, _tile_grid(n, ho * wo, c), common.fixed_meta(x, reduction=False, kernel_size=k),
+    return _ForwardPlan(common.Prepared(_forward_kernel, _forward_tuned, _tile_grid(n, ho * wo, c), args,
+                                        common.fixed_meta(x, reduction=False, kernel_size=k), _FORWARD_PER_CALL),
                         identity)
 
 
@@ -643,8 +642,8 @@ def _stats_plan(x, weight, stride, padding, update_running) -> _StatsPlan:
     args = dict(C=c, H=h, W=w, HO=ho, WO=wo, chunks_per_sample=per_sample, CHUNK=chunk, m2_offset=m2_offset,
                 **common.strides("sx", x), K=k, STRIDE=stride, PAD=padding, UPDATE_RUNNING=update_running,
                 INDEX64=common.index64(x), ACC=acc, ALIGN=common.alignment(c, x))
-    return _StatsPlan(args, _chunk_grid(rows, c), meta, identity, acc_t, m2_offset + rows * c,
-                      _counters_needed(c, _stats_tuned, meta))
+    return _StatsPlan(common.Prepared(_stats_kernel, _stats_tuned, _chunk_grid(rows, c), args, meta, _STATS_PER_CALL),
+                      identity, acc_t, m2_offset + rows * c, _counters_needed(c, _stats_tuned, meta))
 
 
 def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad, fmt, has_gamma,
@@ -657,8 +656,7 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
     positions, taps = ho * wo, k * k
     dz_shape = (n, c, ho, wo)
     if x.numel() == 0 or positions == 0:
-        return _BackwardPlan(True, identity, acc_t, dz_shape, 0, 0, weight_grad, None, None, {}, None, None,
-                             None, {}, None, None)
+        return _BackwardPlan(True, identity, acc_t, dz_shape, 0, 0, weight_grad, None, None, None)
     # dx and dz as backward allocates them (without a conv dz is dx): only their strides matter here
     dx_like = torch.empty(x.shape, device="meta", dtype=x.dtype, memory_format=fmt)
     dz_like = dx_like if identity is not None else torch.empty(dz_shape, device="meta", dtype=x.dtype,
@@ -676,11 +674,13 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
     chunk_args = dict(chunks_per_sample=per_sample, CHUNK=chunk, dux_offset=dux_offset,
                       **common.strides("sx", x), **common.strides("sd", dy), ACT=ACTIVATION_CODES[activation],
                       HAS_GAMMA=has_gamma, HAS_BETA=has_beta, **shape_args)
+    chunk_grid = _chunk_grid(rows, c)
     counters = 0
-    sums_args = sums_meta = None
+    sums = None
     if norm == NORM_CODES["batch"]:
-        sums_args = chunk_args
         sums_meta = common.fixed_meta(x, reduction=True, kernel_size=k)
+        sums = common.Prepared(_grad_sums_kernel, _grad_sums_tuned, chunk_grid, chunk_args, sums_meta,
+                               _GRAD_SUMS_PER_CALL)
         counters = _counters_needed(c, _grad_sums_tuned, sums_meta)
     # The weight gradient's [BLOCK_P, TAPS, BLOCK_C] gather bounds the tile; without it the
     # pass is a plain tile like the forward's.
@@ -692,12 +692,15 @@ def _backward_plan(dy, x, weight, stride, padding, activation, norm, weight_grad
                       NORM=norm, WEIGHT_GRAD=weight_grad, TAPS=padded_taps)
     if weight_grad or norm != NORM_CODES["batch"]:
         counters = max(counters, _counters_needed(c, input_tuned, input_meta))
-    dx_args = dict(**dz_strides, **dx_strides, **shape_args)
-    return _BackwardPlan(False, identity, acc_t, dz_shape, scratch, counters, weight_grad, sums_args, sums_meta,
-                         input_args, input_meta, input_tuned, _chunk_grid(rows, c), dx_args,
-                         common.fixed_meta(x, reduction=False, kernel_size=k),
-                         # at stride > 1 each of the stride**2 output phases is a sample's tiles
-                         _tile_grid(n * stride * stride, common.cdiv(h, stride) * common.cdiv(w, stride), c))
+    grad_input = common.Prepared(_grad_input_kernel, input_tuned, chunk_grid, input_args, input_meta,
+                                 _GRAD_INPUT_PER_CALL)
+    dx = None
+    if identity is None:
+        # at stride > 1 each of the stride**2 output phases is a sample's tiles
+        dx_grid = _tile_grid(n * stride * stride, common.cdiv(h, stride) * common.cdiv(w, stride), c)
+        dx = common.Prepared(_dx_kernel, _dx_tuned, dx_grid, dict(**dz_strides, **dx_strides, **shape_args),
+                             common.fixed_meta(x, reduction=False, kernel_size=k), ("dz_ptr", "w_ptr", "dx_ptr"))
+    return _BackwardPlan(False, identity, acc_t, dz_shape, scratch, counters, weight_grad, sums, grad_input, dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -728,11 +731,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, gamma: torch.Tensor | 
         plan = common.remember(_FORWARD_PLANS, key, _forward_plan(
             x, weight, out, stride, padding, activation, norm, gamma is not None, beta is not None))
     weight = plan.identity if weight is None else weight.contiguous()
-    eps_hi, eps_lo = common.split_float(eps)
-    args = dict(plan.args, x_ptr=x, w_ptr=weight, gamma_ptr=weight if gamma is None else gamma,
-                beta_ptr=weight if beta is None else beta, mean_ptr=weight if mean is None else mean,
-                var_ptr=weight if var is None else var, y_ptr=out, eps_hi=eps_hi, eps_lo=eps_lo)
-    common.launch(_forward_kernel, _forward_tuned, plan.grid_of, args, plan.meta)
+    plan.launch(x, weight, weight if gamma is None else gamma, weight if beta is None else beta,
+                weight if mean is None else mean, weight if var is None else var, out, *common.split_float(eps))
     return out
 
 
@@ -753,14 +753,9 @@ def batch_stats(x: torch.Tensor, weight: torch.Tensor | None, running_mean: torc
     mean = torch.empty(c, device=device, dtype=plan.acc_t)
     rstd = torch.empty(c, device=device, dtype=plan.acc_t)
     weight = plan.identity if weight is None else weight.contiguous()
-    eps_hi, eps_lo = common.split_float(eps)
-    mom_hi, mom_lo = common.split_float(momentum)
-    args = dict(plan.args, x_ptr=x, w_ptr=weight, part_ptr=part, mean_ptr=mean, rstd_ptr=rstd,
-                run_mean_ptr=mean if running_mean is None else running_mean,
-                run_var_ptr=rstd if running_var is None else running_var,
-                counter_ptr=common.ticket_counters(device, plan.counters),
-                eps_hi=eps_hi, eps_lo=eps_lo, mom_hi=mom_hi, mom_lo=mom_lo)
-    common.launch(_stats_kernel, _stats_tuned, plan.grid_of, args, plan.meta)
+    plan.launch(x, weight, part, mean, rstd, mean if running_mean is None else running_mean,
+                rstd if running_var is None else running_var, common.ticket_counters(device, plan.counters),
+                *common.split_float(eps), *common.split_float(momentum))
     return mean, rstd
 
 
@@ -798,22 +793,16 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, gam
     sum_du = torch.empty(c, device=device, dtype=acc_t)
     sum_dux = torch.empty(c, device=device, dtype=acc_t)
     counters = common.ticket_counters(device, plan.counters)
-    tensors = dict(x_ptr=x, w_ptr=weight, dy_ptr=dy, gamma_ptr=weight if gamma is None else gamma,
-                   beta_ptr=weight if beta is None else beta, part_ptr=part, sum_du_ptr=sum_du, sum_dux_ptr=sum_dux,
-                   counter_ptr=counters)
-    if plan.sums_args is not None:
-        common.launch(_grad_sums_kernel, _grad_sums_tuned, plan.chunk_grid,
-                      dict(plan.sums_args, **tensors, mean_ptr=mean, rstd_ptr=var), plan.sums_meta)
+    gamma = weight if gamma is None else gamma
+    beta = weight if beta is None else beta
+    if plan.sums is not None:
+        plan.sums(x, weight, dy, gamma, beta, part, sum_du, sum_dux, counters, mean, var)
     dz = dx if plan.identity is not None else torch.empty(plan.dz_shape, device=device, dtype=x.dtype,
                                                            memory_format=memory_format)
     dw = torch.empty(weight.shape, device=device, dtype=weight.dtype) if weight_grad else None
-    eps_hi, eps_lo = common.split_float(eps)
-    common.launch(_grad_input_kernel, plan.input_tuned, plan.chunk_grid,
-                  dict(plan.input_args, **tensors, mean_ptr=weight if mean is None else mean,
-                       var_ptr=weight if var is None else var, dz_ptr=dz, dw_ptr=sum_du if dw is None else dw,
-                       eps_hi=eps_hi, eps_lo=eps_lo), plan.input_meta)
-    if plan.identity is not None:
+    plan.grad_input(x, weight, dy, gamma, beta, part, sum_du, sum_dux, counters, weight if mean is None else mean,
+                    weight if var is None else var, dz, sum_du if dw is None else dw, *common.split_float(eps))
+    if plan.dx is None:
         return dx, None, sum_du, sum_dux
-    common.launch(_dx_kernel, _dx_tuned, plan.dx_grid, dict(plan.dx_args, dz_ptr=dz, w_ptr=weight, dx_ptr=dx),
-                  plan.dx_meta)
+    plan.dx(dz, weight, dx)
     return dx, dw, sum_du, sum_dux

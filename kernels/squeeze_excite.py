@@ -378,6 +378,12 @@ def _elementwise_plan(x: torch.Tensor) -> tuple:
     return meta, grid_of
 
 
+# The arguments the pool + MLP launches take per call (Prepared's varying ones), in the order passed.
+_POOL_MLP_PER_CALL = ("x_ptr", "part_ptr", "w1_ptr", "count_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "pooled_ptr",
+                      "gate_ptr")
+_POOL_MLP_BACKWARD_PER_CALL = ("x_ptr", "dy_ptr", "gate_ptr", "scratch_ptr", "count_ptr", "w1_ptr", "b1_ptr",
+                               "w2_ptr", "b2_ptr", "pooled_ptr")
+
 _forward_plans: dict[tuple, dict] = {}
 _backward_plans: dict[tuple, dict] = {}
 
@@ -387,10 +393,14 @@ def _forward_plan(x, r, b1, b2, out, gate, post_act) -> dict:
     plan = _pool_plan(x, r, b1, b2, gate, common.index64(x))
     n, c, h, w = x.shape
     acc, _ = common.acc_dtype(x)
-    plan["scale_meta"], plan["scale_grid_of"] = _elementwise_plan(x)
-    plan["scale_consts"] = dict(C=c, HW=h * w, W=w, **common.strides("sx", x), **common.strides("sy", out),
-                                POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, out), ACC=acc,
-                                ALIGN=common.alignment(c, x, out))
+    plan["pool_mlp"] = common.Prepared(_pool_mlp_kernel, _pool_mlp_tuned, plan.pop("grid_of"), plan.pop("consts"),
+                                       plan.pop("meta"), _POOL_MLP_PER_CALL)
+    scale_meta, scale_grid_of = _elementwise_plan(x)
+    plan["scale"] = common.Prepared(
+        _scale_kernel, _scale_tuned, scale_grid_of,
+        dict(C=c, HW=h * w, W=w, **common.strides("sx", x), **common.strides("sy", out),
+             POST=ACTIVATION_CODES[post_act], INDEX64=common.index64(x, out), ACC=acc,
+             ALIGN=common.alignment(c, x, out)), scale_meta, ("x_ptr", "gate_ptr", "y_ptr"))
     return plan
 
 
@@ -412,13 +422,9 @@ def forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     gates = torch.empty_like(pooled)
     w1, w2 = w1.contiguous(), w2.contiguous()
     parts = torch.empty(plan["parts_shape"], device=x.device, dtype=plan["acc_t"])
-    args = dict(plan["consts"], x_ptr=x, part_ptr=parts, w1_ptr=w1,
-                count_ptr=common.ticket_counters(x.device, plan["counters"]),
-                b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled,
-                gate_ptr=gates)
-    common.launch(_pool_mlp_kernel, _pool_mlp_tuned, plan["grid_of"], args, plan["meta"])
-    args = dict(plan["scale_consts"], x_ptr=x, gate_ptr=gates, y_ptr=out)
-    common.launch(_scale_kernel, _scale_tuned, plan["scale_grid_of"], args, plan["scale_meta"])
+    plan["pool_mlp"](x, parts, w1, common.ticket_counters(x.device, plan["counters"]), common.absent(b1, w1), w2,
+                     common.absent(b2, w2), pooled, gates)
+    plan["scale"](x, gates, out)
     return out, pooled, gates
 
 
@@ -446,21 +452,26 @@ def _backward_plan(dy, x, r, b1, b2, gate, post_act, memory_format) -> dict:
     scratch = _scratch_layout(plan.pop("parts_shape"), n, c, r)
     plan["scratch_size"] = scratch.pop("size")
     plan["consts"].update(**common.strides("sd", dy), POST=post, **scratch, ALIGN=common.alignment(c, x, dy))
+    plan["pool_mlp"] = common.Prepared(_pool_mlp_backward_kernel, _pool_mlp_backward_tuned, plan.pop("grid_of"),
+                                       plan.pop("consts"), plan.pop("meta"), _POOL_MLP_BACKWARD_PER_CALL)
     tiles = 2 * common.cdiv(c, _OUTER_BLOCK) * common.cdiv(r, _OUTER_BLOCK)  # dw2's and dw1's, each C x R
     bias_blocks = (common.cdiv(c, _BIAS_BLOCK_M) if b2 is not None else 0) + (
         common.cdiv(r, _BIAS_BLOCK_M) if b1 is not None else 0)
     weight_grid = (tiles + bias_blocks,)
-    plan["weight_grid_of"] = lambda _meta: weight_grid
-    plan["weight_consts"] = dict(d_pre_gate_at=scratch["d_pre_gate_at"], hidden_at=scratch["hidden_at"],
-                                 d_pre_hidden_at=scratch["d_pre_hidden_at"], N=n, C=c, R=r, HAS_B1=b1 is not None,
-                                 HAS_B2=b2 is not None, ACC=acc)
-    plan["weight_meta"] = dict(BLOCK_1=_OUTER_BLOCK, BLOCK_2=_OUTER_BLOCK, BLOCK_ROWS=_BIAS_BLOCK_ROWS,
-                               BLOCK_M=_BIAS_BLOCK_M)
-    plan["input_meta"], plan["input_grid_of"] = _elementwise_plan(x)
-    plan["input_consts"] = dict(d_pooled_at=scratch["d_pooled_at"], C=c, HW=h * w, W=w, **common.strides("sx", x),
-                                **common.strides("sd", dy), **common.strides("so", dx_like), POST=post,
-                                INDEX64=common.index64(x, dy, dx_like), ACC=acc,
-                                ALIGN=common.alignment(c, x, dy, dx_like))
+    plan["weight_grad"] = common.Prepared(
+        _weight_grad_kernel, None, lambda _meta: weight_grid,
+        dict(d_pre_gate_at=scratch["d_pre_gate_at"], hidden_at=scratch["hidden_at"],
+             d_pre_hidden_at=scratch["d_pre_hidden_at"], N=n, C=c, R=r, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+             ACC=acc),
+        dict(BLOCK_1=_OUTER_BLOCK, BLOCK_2=_OUTER_BLOCK, BLOCK_ROWS=_BIAS_BLOCK_ROWS, BLOCK_M=_BIAS_BLOCK_M),
+        ("scratch_ptr", "pooled_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr"))
+    input_meta, input_grid_of = _elementwise_plan(x)
+    plan["input_grad"] = common.Prepared(
+        _input_grad_kernel, _input_grad_tuned, input_grid_of,
+        dict(d_pooled_at=scratch["d_pooled_at"], C=c, HW=h * w, W=w, **common.strides("sx", x),
+             **common.strides("sd", dy), **common.strides("so", dx_like), POST=post,
+             INDEX64=common.index64(x, dy, dx_like), ACC=acc, ALIGN=common.alignment(c, x, dy, dx_like)),
+        input_meta, ("x_ptr", "dy_ptr", "gate_ptr", "scratch_ptr", "dx_ptr"))
     return plan
 
 
@@ -483,17 +494,12 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tens
     r = w1.shape[0]
     w1, w2 = w1.contiguous(), w2.contiguous()
     scratch = torch.empty(plan["scratch_size"], device=x.device, dtype=plan["acc_t"])
-    args = dict(plan["consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, scratch_ptr=scratch,
-                count_ptr=common.ticket_counters(x.device, plan["counters"]),
-                w1_ptr=w1, b1_ptr=common.absent(b1, w1), w2_ptr=w2, b2_ptr=common.absent(b2, w2), pooled_ptr=pooled)
-    common.launch(_pool_mlp_backward_kernel, _pool_mlp_backward_tuned, plan["grid_of"], args, plan["meta"])
+    plan["pool_mlp"](x, dy, gates, scratch, common.ticket_counters(x.device, plan["counters"]), w1,
+                     common.absent(b1, w1), w2, common.absent(b2, w2), pooled)
     dw1 = torch.empty((r, c), device=x.device, dtype=w1.dtype)
     dw2 = torch.empty((c, r), device=x.device, dtype=w2.dtype)
     db1 = torch.empty(r, device=x.device, dtype=b1.dtype) if b1 is not None else None
     db2 = torch.empty(c, device=x.device, dtype=b2.dtype) if b2 is not None else None
-    args = dict(plan["weight_consts"], scratch_ptr=scratch, pooled_ptr=pooled, dw1_ptr=dw1,
-                db1_ptr=common.absent(db1, dw1), dw2_ptr=dw2, db2_ptr=common.absent(db2, dw2))
-    common.launch(_weight_grad_kernel, None, plan["weight_grid_of"], args, plan["weight_meta"])
-    args = dict(plan["input_consts"], x_ptr=x, dy_ptr=dy, gate_ptr=gates, scratch_ptr=scratch, dx_ptr=dx)
-    common.launch(_input_grad_kernel, _input_grad_tuned, plan["input_grid_of"], args, plan["input_meta"])
+    plan["weight_grad"](scratch, pooled, dw1, common.absent(db1, dw1), dw2, common.absent(db2, dw2))
+    plan["input_grad"](x, dy, gates, scratch, dx)
     return dx, dw1, db1, dw2, db2

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = r'''
 import importlib.util, json, os, sys
 import torch, triton
+from triton import knobs
 from triton.runtime.jit import JITFunction
 
 spec = importlib.util.spec_from_file_location("triton_launch_path", sys.argv[1])
@@ -103,6 +104,56 @@ tuned.cache.clear()
 stand_in.start_tuning()
 out["retuned_normal"] = launch(captured, True)[0]
 out["after_retune_normal"] = launch(captured, True)[0]
+
+# Prepared launches (common.Prepared): the varying arguments are every tensor and float
+through_launch = [0]  # calls of common.launch, which a prepared launch takes until it can relaunch directly
+real_launch = common.launch
+def counting_launch(*args):
+    through_launch[0] += 1
+    return real_launch(*args)
+common.launch = counting_launch
+
+def prepared_of(captured):
+    kernel, tuned, grid_of, args, meta = captured
+    varying = tuple(k for k, v in args.items() if isinstance(v, (torch.Tensor, float)))
+    return common.Prepared(kernel, tuned, grid_of, {k: v for k, v in args.items() if k not in varying}, meta, varying)
+
+def run_prepared(prepared, captured, **changes):
+    """(took common.launch, ran JITFunction.run, the launcher's arguments same as Triton's path gave)"""
+    changed = with_args(captured, **changes)
+    _launch.enabled = True
+    launches, runs = through_launch[0], normal_runs[0]
+    prepared(*(changed[3][k] for k in prepared.varying))
+    result = dict(through_launch=through_launch[0] > launches, normal=normal_runs[0] > runs)
+    got = bench.comparable(stand_in.last)
+    result["same"] = got == launch(changed, False)[1]
+    _launch.enabled = True
+    return result
+
+fwd_prepared = prepared_of(fwd)
+out["prepared_first"] = run_prepared(fwd_prepared, fwd)
+out["prepared_second"] = run_prepared(fwd_prepared, fwd)
+out["prepared_other_eps"] = run_prepared(fwd_prepared, fwd, eps_hi=0.25, eps_lo=0.0)
+base = torch.empty(x.numel() + 1, dtype=x.dtype)
+out["prepared_misaligned"] = run_prepared(fwd_prepared, fwd, x_ptr=base[1:].as_strided(x.shape, x.stride()))
+out["prepared_aligned_again"] = run_prepared(fwd_prepared, fwd)
+out["prepared_repeat"] = run_prepared(fwd_prepared, fwd)
+knobs.runtime.launch_enter_hook = lambda metadata: None
+out["prepared_enter_hook"] = run_prepared(fwd_prepared, fwd)
+knobs.runtime.launch_enter_hook = None
+rows_prepared = prepared_of(rows)
+run_prepared(rows_prepared, rows)
+out["prepared_float64"] = run_prepared(rows_prepared, rows, in_ptr=parts.double(),
+                                       out_ptr=torch.empty(64, dtype=torch.float64))
+kernel.add_pre_run_hook(lambda *a, **k: None)
+out["prepared_pre_run_hook"] = [run_prepared(rows_prepared, rows) for _ in range(2)]
+kernel.pre_run_hooks.clear()
+tuned_prepared = prepared_of(captured)
+run_prepared(tuned_prepared, captured)
+out["prepared_tuned"] = run_prepared(tuned_prepared, captured)
+tuned.cache.clear()
+stand_in.start_tuning()
+out["prepared_retuned"] = run_prepared(tuned_prepared, captured)
 print("RESULT " + json.dumps(out, default=str))
 '''
 
@@ -170,6 +221,28 @@ def test_autotuned_launches_reuse_the_tuned_config(stand_in_results):
     assert r["tuned_config_is_cached"]
     assert r["retuned_normal"], "with the tuning cache cleared the autotuner must decide again"
     assert not r["after_retune_normal"]
+
+
+def test_prepared_launches_relaunch_directly_what_tritons_path_launches(stand_in_results):
+    r = stand_in_results
+    assert r["prepared_first"]["through_launch"], "a prepared launch's first call goes through common.launch"
+    for case in ("prepared_second", "prepared_other_eps", "prepared_repeat", "prepared_enter_hook",
+                 "prepared_tuned"):
+        assert not r[case]["through_launch"] and not r[case]["normal"], f"{case}: should relaunch directly"
+    for case in ("prepared_first", "prepared_second", "prepared_other_eps", "prepared_misaligned",
+                 "prepared_aligned_again", "prepared_repeat", "prepared_enter_hook", "prepared_float64",
+                 "prepared_tuned", "prepared_retuned"):
+        assert r[case]["same"], f"{case}: the launcher got other arguments than from Triton's path"
+
+
+def test_prepared_launches_with_other_assumptions_go_through_launch(stand_in_results):
+    r = stand_in_results
+    for case in ("prepared_misaligned", "prepared_aligned_again", "prepared_float64"):
+        assert r[case]["through_launch"], f"{case}: relaunched a kernel compiled for other assumptions"
+    assert all(run["through_launch"] and run["same"] for run in r["prepared_pre_run_hook"]), \
+        "with a pre-run hook every call goes through Triton's path"
+    assert r["prepared_retuned"]["through_launch"] and r["prepared_retuned"]["normal"], \
+        "with the tuning cache cleared the autotuner must decide again"
 
 
 def test_interpreter_launches_take_tritons_path(monkeypatch):
