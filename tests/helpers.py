@@ -39,8 +39,9 @@ def cuda_backend_on_cpu(extension):
 
 
 def count_launches(monkeypatch) -> list[str]:
-    """The names of the Triton kernels launched from now on, in order (every Triton launch of
-    mobileops goes through ``mobileops.kernels._common.launch``, which this wraps)."""
+    """The names of the Triton kernels launched from now on, in order (under the interpreter
+    every Triton launch of mobileops, a prepared one included, goes through
+    ``mobileops.kernels._common.launch``, which this wraps)."""
     from mobileops.kernels import _common
 
     names, real_launch = [], _common.launch
@@ -222,3 +223,48 @@ def assert_bound_inference_is_general(monkeypatch, backend_name: str, op: str, c
         assert out.stride() == general.stride() and out.dtype == general.dtype
         assert torch.equal(out, general), f"{backend_name}: the bound call's values differ from the general call's"
 
+
+
+def assert_bound_training_is_general(monkeypatch, backend_name: str, op: str, layout: str, running: bool) -> None:
+    """On ``backend_name``, a differentiated ``op`` ("dwconv_bn_act" or "bn_act") call with batch
+    statistics (training with running statistics when ``running``, else without any) is bound to
+    its plan as one autograd node, and gives the general implementation's output, running
+    statistics and gradients bit for bit: the same launches with the same arguments."""
+    from mobileops.ops import _plan
+
+    _, _, x = bind_cases(op, layout)
+    g = torch.Generator().manual_seed(1)
+    c = x.shape[1]
+    w, gamma, beta = (torch.randn(*shape, generator=g) for shape in ((c, 1, 3, 3), (c,), (c,)))
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, gamma, beta)]
+        stats = (torch.zeros(c), torch.ones(c)) if running else (None, None)
+        if op == "dwconv_bn_act":
+            y = ops.dwconv_bn_act(leaves[0], leaves[1], leaves[2], leaves[3], *stats, stride=2, activation="hswish",
+                                  training=running)
+        else:
+            del leaves[1]
+            y = ops.bn_act(leaves[0], leaves[1], leaves[2], *stats, activation="silu", training=running)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(memory_format=torch.channels_last)
+        return y, y.grad_fn, stats, torch.autograd.grad(y, leaves, dy)
+
+    with mobileops.use_backend(backend_name):
+        backend.forget_choices()
+        bound = [run(), run()]  # the first makes the plan, the second runs the stored one
+        plans = list(plans_of(op).values())
+        assert len(plans) == 1 and plans[0].options == {}, f"{backend_name}: the training plan was not bound"
+        with monkeypatch.context() as m:  # the general implementation for the same call
+            m.setattr(_plan, "bind", lambda impl, args, options, in_place=None:
+                      _plan.Plan(impl.call, options, in_place))
+            backend.forget_choices()
+            general = run()
+        backend.forget_choices()
+    for y, grad_fn, stats, grads in bound:
+        assert type(grad_fn).__name__ == "BatchNormTrainingBackward", f"{backend_name}: {type(grad_fn).__name__}"
+        assert y.stride() == general[0].stride() and torch.equal(y, general[0]), f"{backend_name}: output differs"
+        for mine, theirs in zip(stats + grads, general[2] + general[3]):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert mine.stride() == theirs.stride() and torch.equal(mine, theirs), \
+                    f"{backend_name}: a running statistic or gradient differs from the general call's"

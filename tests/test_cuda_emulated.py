@@ -13,6 +13,7 @@ import torch
 from harness import ARGUMENTS, LAYOUTS, check, inputs
 from helpers import (
     assert_bound_inference_is_general,
+    assert_bound_training_is_general,
     assert_nan_and_inf_land_as_with_torch,
     bind_cases,
     cuda_backend_on_cpu,
@@ -334,6 +335,13 @@ def test_a_misaligned_input_takes_one_element_per_thread(cuda_on_cpu):
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
 def test_an_inference_call_bound_to_its_plan_gives_the_general_calls_bits(cuda_on_cpu, monkeypatch, op, layout):
     assert_bound_inference_is_general(monkeypatch, "cuda", *bind_cases(op, layout))
+
+
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "bn_act"])
+@pytest.mark.parametrize("running", [True, False], ids=["training", "no-running-stats"])
+def test_a_batch_statistics_call_bound_to_its_plan_gives_the_general_calls_bits(cuda_on_cpu, monkeypatch, op,
+                                                                                 running):
+    assert_bound_training_is_general(monkeypatch, "cuda", op, "channels_last", running)
 
 
 W_PACKED = ", kPackW>"  # how the launch log spells an NCHW launch with packs along W

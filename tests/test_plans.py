@@ -168,9 +168,22 @@ def test_an_inference_call_is_bound_to_its_plan_and_gives_the_general_calls_bits
         assert_bound_inference_is_general(monkeypatch, name, *bind_cases(op, layout))
 
 
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "bn_act"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("running", [True, False], ids=["training", "no-running-stats"])
+def test_a_batch_statistics_call_is_one_autograd_node_with_the_general_calls_bits(op, layout, running, monkeypatch):
+    from helpers import assert_bound_training_is_general
+
+    backends = _kernel_backends(op)
+    if not backends:
+        pytest.skip("no kernel backend runs on this CPU (set TRITON_INTERPRET=1)")
+    for name in backends:
+        assert_bound_training_is_general(monkeypatch, name, op, layout, running)
+
+
 def test_calls_that_need_more_than_the_forward_kernel_are_not_bound():
-    """Training, batch statistics, a gradient and autocast keep the general implementation
-    (the kernel ops' dispatch, autograd and casts)."""
+    """A differentiated call with running statistics and autocast on the conv keep the general
+    implementation (the kernel ops' dispatch, autograd and casts)."""
     import contextlib
 
     from helpers import plans_of
@@ -181,11 +194,11 @@ def test_calls_that_need_more_than_the_forward_kernel_are_not_bound():
     x, w, gamma, beta, rm, rv = _dw_args(dtype=torch.float32)
     none = contextlib.nullcontext
     calls = {
-        "training": (none, lambda: ops.bn_act(x, gamma, beta, rm, rv, training=True)),
-        "batch statistics": (none, lambda: ops.bn_act(x, gamma, beta, None, None)),
         "a gradient": (none, lambda: ops.bn_act(x, gamma.clone().requires_grad_(True), beta, rm, rv)),
         "autocast": (lambda: torch.autocast("cpu", torch.bfloat16),
                      lambda: ops.dwconv_bn_act(x, w, gamma, beta, rm, rv)),
+        "autocast in training": (lambda: torch.autocast("cpu", torch.bfloat16),
+                                 lambda: ops.dwconv_bn_act(x, w, gamma, beta, rm, rv, training=True)),
     }
     for name in backends:
         with mobileops.use_backend(name):

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mobileops import backend
 from mobileops.ops import _checks, _plan
-from mobileops.ops._dispatch import KernelOp, eager
+from mobileops.ops._dispatch import KernelOp, _c_apply, eager
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -128,6 +128,56 @@ def _autograd_backward(backward_op, ctx, dy):
             d_bn_bias if bn_bias is not None and needs[3] else None) + (None,) * 7
 
 
+class _BatchNormStep:
+    """What a call with batch statistics, bound to its signature, runs: the statistics launch,
+    the forward bound to its output's size and strides, the backward kernel op, and the
+    signature's options."""
+
+    __slots__ = ("stats", "forward", "backward", "stride", "padding", "activation", "update")
+
+    def __init__(self, stats, forward, backward, stride, padding, activation, update):
+        self.stats, self.forward, self.backward = stats, forward, backward
+        self.stride, self.padding, self.activation, self.update = stride, padding, activation, update
+
+    def __call__(self, x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps):
+        """(output, batch mean, batch rstd), updating the running statistics where the call does."""
+        if not self.update:
+            running_mean = running_var = None
+        mean, rstd = self.stats(x, weight, running_mean, running_var, stride=self.stride, padding=self.padding,
+                                momentum=momentum, eps=eps)
+        return self.forward(x, weight, bn_weight, bn_bias, mean, rstd, eps), mean, rstd
+
+
+class BatchNormTraining(torch.autograd.Function):
+    """A ``dwconv_bn_act`` / ``bn_act`` call with batch statistics, bound to its call signature
+    (eager, outside autocast for the conv, differentiable): one autograd node for what the
+    general implementation runs as the statistics op and the forward op's node. Same launches,
+    same arguments, same saved tensors and the same backward, so results are bit-identical.
+    ``apply(step, x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps)``
+    with a :class:`_BatchNormStep`."""
+
+    @staticmethod
+    def forward(ctx, step, x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps):
+        out, mean, rstd = step(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, mean, rstd)
+        ctx.step, ctx.eps = step, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bn_weight, bn_bias, mean, rstd = ctx.saved_tensors
+        step, needs = ctx.step, ctx.needs_input_grad
+        dx, dw, d_bn_weight, d_bn_bias = step.backward(dy, x, weight, bn_weight, bn_bias, mean, rstd, step.stride,
+                                                       step.padding, step.activation, "batch", ctx.eps,
+                                                       weight is not None and needs[2])
+        return (None, dx if needs[1] else None, dw if weight is not None and needs[2] else None,
+                d_bn_weight if bn_weight is not None and needs[3] else None,
+                d_bn_bias if bn_bias is not None and needs[4] else None, None, None, None, None)
+
+
+_BATCH_NORM_TRAINING = _c_apply(BatchNormTraining) or BatchNormTraining.apply
+
+
 class DwconvBnActKernels:
     """One kernel backend's ``dwconv_bn_act``, ``dwconv_act`` and ``bn_act``: its three custom
     ops and the implementations registered with :mod:`mobileops.backend`.
@@ -191,9 +241,12 @@ class DwconvBnActKernels:
         return self._conv_bn_act(x, None, bn_weight, bn_bias, running_mean, running_var, 1, 0, activation, training,
                                  momentum, eps)
 
-    # Binding (mobileops.ops._plan.bind): a call that only runs the forward kernel (running or no
-    # statistics, nothing to differentiate, eager, outside autocast for the ops that cast) gets
-    # the forward op's eager no-grad body with the output's size and strides decided once.
+    # Binding (mobileops.ops._plan.bind), eager calls only, outside autocast for the ops that cast:
+    # a call that only runs the forward kernel (running or no statistics, nothing to
+    # differentiate) gets the forward op's no-grad body with the output's size and strides
+    # decided once; a call with batch statistics gets the statistics and forward launches
+    # (_BatchNormStep), differentiated as one BatchNormTraining node. A call with running
+    # statistics that is differentiated keeps the general implementation.
 
     def _bound_forward(self, x, weight, stride, padding, activation, norm):
         size = _out_shape(x, weight, stride, padding)
@@ -206,10 +259,41 @@ class DwconvBnActKernels:
 
         return run
 
+    def _bound_batch_norm(self, x, weight, bn_weight, bn_bias, running_mean, stride, padding, activation, training,
+                          general):
+        """A call with batch statistics bound to its signature: the statistics and forward
+        launches (:class:`_BatchNormStep`), as one :class:`BatchNormTraining` node where the
+        call is differentiated. ``general(x, ..., momentum, eps)``: the general implementation,
+        for calls under torch.func transforms (which need the kernel ops' own autograd)."""
+        step = _BatchNormStep(self._launchers().batch_stats,
+                              self._bound_forward(x, weight, stride, padding, activation, "batch"), self.backward,
+                              stride, padding, activation, training and running_mean is not None)
+        if not _checks.needs_grad(x, weight, bn_weight, bn_bias):
+            def batch_norm(x, weight, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps):
+                return step(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps)[0]
+
+            return batch_norm
+
+        def batch_norm_training(x, weight, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps):
+            if torch._C._are_functorch_transforms_active():
+                return general(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
+            return _BATCH_NORM_TRAINING(step, x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps)
+
+        return batch_norm_training
+
     def _bind_dwconv_bn_act(self, x, weight, bn_weight, bn_bias, running_mean, running_var, *, stride, padding,
                             activation, training):
-        if (training or running_mean is None or not eager(x) or _checks.autocast_on_for(x)
-                or _checks.needs_grad(x, weight, bn_weight, bn_bias)):
+        if not eager(x) or _checks.autocast_on_for(x):
+            return None
+        if training or running_mean is None:
+            def general(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps):
+                return self.dwconv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                                          padding=padding, activation=activation, training=training,
+                                          momentum=momentum, eps=eps)
+
+            return self._bound_batch_norm(x, weight, bn_weight, bn_bias, running_mean, stride, padding, activation,
+                                          training, general)
+        if _checks.needs_grad(x, weight, bn_weight, bn_bias):
             return None
         run = self._bound_forward(x, weight, stride, padding, activation, "running")
 
@@ -229,7 +313,21 @@ class DwconvBnActKernels:
         return dwconv_act
 
     def _bind_bn_act(self, x, bn_weight, bn_bias, running_mean, running_var, *, activation, training):
-        if training or running_mean is None or not eager(x) or _checks.needs_grad(x, bn_weight, bn_bias):
+        if not eager(x):
+            return None
+        if training or running_mean is None:
+            def general(x, weight, bn_weight, bn_bias, running_mean, running_var, momentum, eps):
+                return self.bn_act(x, bn_weight, bn_bias, running_mean, running_var, activation=activation,
+                                   training=training, momentum=momentum, eps=eps)
+
+            bound = self._bound_batch_norm(x, None, bn_weight, bn_bias, running_mean, 1, 0, activation, training,
+                                           general)
+
+            def bn_act(x, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps):
+                return bound(x, None, bn_weight, bn_bias, running_mean, running_var, momentum=momentum, eps=eps)
+
+            return bn_act
+        if _checks.needs_grad(x, bn_weight, bn_bias):
             return None
         run = self._bound_forward(x, None, 1, 0, activation, "running")
 
