@@ -225,17 +225,24 @@ def assert_bound_inference_is_general(monkeypatch, backend_name: str, op: str, c
 
 
 
+#: The autograd node of each op's differentiated call bound to its plan.
+BOUND_TRAINING_NODES = {"dwconv_bn_act": "BatchNormTrainingBackward", "bn_act": "BatchNormTrainingBackward",
+                        "squeeze_excite": "SqueezeExciteTrainingBackward"}
+
+
 def assert_bound_training_is_general(monkeypatch, backend_name: str, op: str, layout: str, running: bool) -> None:
-    """On ``backend_name``, a differentiated ``op`` ("dwconv_bn_act" or "bn_act") call with batch
-    statistics (training with running statistics when ``running``, else without any) is bound to
-    its plan as one autograd node, and gives the general implementation's output, running
-    statistics and gradients bit for bit: the same launches with the same arguments."""
+    """On ``backend_name``, a differentiated ``op`` call is bound to its plan as one autograd
+    node (:data:`BOUND_TRAINING_NODES`), and gives the general implementation's output, running
+    statistics and gradients bit for bit: the same launches with the same arguments.
+    ``dwconv_bn_act`` and ``bn_act`` run with batch statistics: training with running
+    statistics when ``running``, else without any (``squeeze_excite`` ignores ``running``)."""
     from mobileops.ops import _plan
 
     _, _, x = bind_cases(op, layout)
     g = torch.Generator().manual_seed(1)
     c = x.shape[1]
     w, gamma, beta = (torch.randn(*shape, generator=g) for shape in ((c, 1, 3, 3), (c,), (c,)))
+    fc1, fc2 = torch.randn(3, c, generator=g) / 4, torch.randn(c, 3, generator=g) / 4
 
     def run():
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, gamma, beta)]
@@ -243,9 +250,13 @@ def assert_bound_training_is_general(monkeypatch, backend_name: str, op: str, la
         if op == "dwconv_bn_act":
             y = ops.dwconv_bn_act(leaves[0], leaves[1], leaves[2], leaves[3], *stats, stride=2, activation="hswish",
                                   training=running)
-        else:
+        elif op == "bn_act":
             del leaves[1]
             y = ops.bn_act(leaves[0], leaves[1], leaves[2], *stats, activation="silu", training=running)
+        else:
+            stats = ()
+            leaves = [leaves[0]] + [t.detach().clone().requires_grad_(True) for t in (fc1, fc2, beta)]
+            y = ops.squeeze_excite(leaves[0], leaves[1], None, leaves[2], leaves[3], post_act="hswish")
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(memory_format=torch.channels_last)
         return y, y.grad_fn, stats, torch.autograd.grad(y, leaves, dy)
 
@@ -261,7 +272,7 @@ def assert_bound_training_is_general(monkeypatch, backend_name: str, op: str, la
             general = run()
         backend.forget_choices()
     for y, grad_fn, stats, grads in bound:
-        assert type(grad_fn).__name__ == "BatchNormTrainingBackward", f"{backend_name}: {type(grad_fn).__name__}"
+        assert type(grad_fn).__name__ == BOUND_TRAINING_NODES[op], f"{backend_name}: {type(grad_fn).__name__}"
         assert y.stride() == general[0].stride() and torch.equal(y, general[0]), f"{backend_name}: output differs"
         for mine, theirs in zip(stats + grads, general[2] + general[3]):
             assert (mine is None) == (theirs is None)

@@ -337,10 +337,9 @@ def test_an_inference_call_bound_to_its_plan_gives_the_general_calls_bits(cuda_o
     assert_bound_inference_is_general(monkeypatch, "cuda", *bind_cases(op, layout))
 
 
-@pytest.mark.parametrize("op", ["dwconv_bn_act", "bn_act"])
-@pytest.mark.parametrize("running", [True, False], ids=["training", "no-running-stats"])
-def test_a_batch_statistics_call_bound_to_its_plan_gives_the_general_calls_bits(cuda_on_cpu, monkeypatch, op,
-                                                                                 running):
+@pytest.mark.parametrize(("op", "running"), [("dwconv_bn_act", True), ("dwconv_bn_act", False), ("bn_act", True),
+                                             ("bn_act", False), ("squeeze_excite", False)])
+def test_a_differentiated_call_bound_to_its_plan_gives_the_general_calls_bits(cuda_on_cpu, monkeypatch, op, running):
     assert_bound_training_is_general(monkeypatch, "cuda", op, "channels_last", running)
 
 

@@ -168,10 +168,12 @@ def test_an_inference_call_is_bound_to_its_plan_and_gives_the_general_calls_bits
         assert_bound_inference_is_general(monkeypatch, name, *bind_cases(op, layout))
 
 
-@pytest.mark.parametrize("op", ["dwconv_bn_act", "bn_act"])
+@pytest.mark.parametrize(("op", "running"), [("dwconv_bn_act", True), ("dwconv_bn_act", False), ("bn_act", True),
+                                             ("bn_act", False), ("squeeze_excite", False)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
-@pytest.mark.parametrize("running", [True, False], ids=["training", "no-running-stats"])
-def test_a_batch_statistics_call_is_one_autograd_node_with_the_general_calls_bits(op, layout, running, monkeypatch):
+def test_a_differentiated_call_is_one_autograd_node_with_the_general_calls_bits(op, layout, running, monkeypatch):
+    """dwconv_bn_act / bn_act with batch statistics (training with running statistics, or none),
+    and squeeze_excite."""
     from helpers import assert_bound_training_is_general
 
     backends = _kernel_backends(op)
@@ -184,6 +186,7 @@ def test_a_batch_statistics_call_is_one_autograd_node_with_the_general_calls_bit
 def test_calls_that_need_more_than_the_forward_kernel_are_not_bound():
     """A differentiated call with running statistics and autocast on the conv keep the general
     implementation (the kernel ops' dispatch, autograd and casts)."""
+    # (squeeze_excite binds every eager call: it has neither)
     import contextlib
 
     from helpers import plans_of

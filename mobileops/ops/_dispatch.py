@@ -59,7 +59,7 @@ class KernelOp:
 
             self.function = type(f"{name.split('::')[-1]}_function", (torch.autograd.Function,),
                                  dict(forward=staticmethod(forward), backward=staticmethod(backward)))
-            self._apply = _c_apply(self.function)
+            self._apply = fast_apply(self.function)
 
     def __call__(self, *args):
         if not eager(args[0]):
@@ -71,7 +71,7 @@ class KernelOp:
         return self.body(*args)
 
 
-def _c_apply(function: type):
+def fast_apply(function: type):
     """``function``'s C++ ``apply``, or None where this torch lacks it. ``Function.apply`` adds
     Python around it (about 5 us a call here) for functorch transforms and ``setup_context``
     functions, neither of which an eager call without transforms uses."""
@@ -80,4 +80,4 @@ def _c_apply(function: type):
     return None if apply is None else apply.__get__(None, function)
 
 
-__all__ = ["KernelOp", "eager"]
+__all__ = ["KernelOp", "eager", "fast_apply"]

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mobileops import backend
 from mobileops.ops import _checks, _plan
-from mobileops.ops._dispatch import KernelOp, _c_apply, eager
+from mobileops.ops._dispatch import KernelOp, eager, fast_apply
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -175,7 +175,7 @@ class BatchNormTraining(torch.autograd.Function):
                 d_bn_bias if bn_bias is not None and needs[4] else None, None, None, None, None)
 
 
-_BATCH_NORM_TRAINING = _c_apply(BatchNormTraining) or BatchNormTraining.apply
+_BATCH_NORM_TRAINING = fast_apply(BatchNormTraining) or BatchNormTraining.apply
 
 
 class DwconvBnActKernels:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mobileops import backend
 from mobileops.ops import _checks, _plan
-from mobileops.ops._dispatch import KernelOp, eager
+from mobileops.ops._dispatch import KernelOp, eager, fast_apply
 
 
 def _stats_dtype(x: Tensor) -> torch.dtype:
@@ -85,6 +85,51 @@ def _autograd_backward(backward_op, ctx, dy, _d_pooled, _d_gates):
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
 
 
+class _SqueezeExciteStep:
+    """What a call bound to its signature runs: the forward launches into an output of the
+    signature's size and strides, and the backward kernel op."""
+
+    __slots__ = ("size", "strides", "device", "dtype", "launch", "backward", "gate", "post_act")
+
+    def __init__(self, x, launch, backward, gate, post_act):
+        self.size, self.strides = x.shape, _checks.output_strides(x, x.shape)
+        self.device, self.dtype = x.device, x.dtype
+        self.launch, self.backward, self.gate, self.post_act = launch, backward, gate, post_act
+
+    def __call__(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        """(output, pooled, gates)"""
+        out = torch.empty_strided(self.size, self.strides, device=self.device, dtype=self.dtype)
+        return self.launch(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=out, gate=self.gate,
+                           post_act=self.post_act)
+
+
+class SqueezeExciteTraining(torch.autograd.Function):
+    """A differentiated ``squeeze_excite`` call bound to its call signature (eager): one autograd
+    node with one output, where the general implementation's node also returns the pooled
+    values and gates (to save them) and marks them non-differentiable. Same launches, same saved
+    tensors and the same backward, so results are bit-identical.
+    ``apply(step, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)`` with a :class:`_SqueezeExciteStep`."""
+
+    @staticmethod
+    def forward(ctx, step, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        out, pooled, gates = step(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates)
+        ctx.step = step
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates = ctx.saved_tensors
+        step, needs = ctx.step, ctx.needs_input_grad
+        dx, dw1, db1, dw2, db2 = step.backward(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pooled, gates,
+                                               step.gate, step.post_act)
+        grads = (dx, dw1, db1 if fc1_bias is not None else None, dw2, db2 if fc2_bias is not None else None)
+        return (None,) + tuple(g if need else None for g, need in zip(grads, needs[1:]))
+
+
+_SQUEEZE_EXCITE_TRAINING = fast_apply(SqueezeExciteTraining) or SqueezeExciteTraining.apply
+
+
 class SqueezeExciteKernels:
     """One kernel backend's ``squeeze_excite``: its two custom ops and the implementation
     registered with :mod:`mobileops.backend`.
@@ -118,18 +163,24 @@ class SqueezeExciteKernels:
         return self.forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate, post_act)[0]
 
     def _bind_squeeze_excite(self, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, gate, post_act):
-        """An eager call with nothing to differentiate (:func:`mobileops.ops._plan.bind`): the
-        forward op's body with the output's strides decided once."""
-        if not eager(x) or _checks.needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        """An eager call (:func:`mobileops.ops._plan.bind`): the forward launches with the
+        output's strides decided once, differentiated as one :class:`SqueezeExciteTraining`
+        node where the call is (the general path under torch.func transforms)."""
+        if not eager(x):
             return None
-        size, device, dtype, forward = x.shape, x.device, x.dtype, self._launchers().forward
-        strides = _checks.output_strides(x, size)
+        step = _SqueezeExciteStep(x, self._launchers().forward, self.backward, gate, post_act)
+        if not _checks.needs_grad(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+            def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+                return step(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)[0]
 
-        def squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-            out = torch.empty_strided(size, strides, device=device, dtype=dtype)
-            return forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out=out, gate=gate, post_act=post_act)[0]
+            return squeeze_excite
 
-        return squeeze_excite
+        def squeeze_excite_training(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+            if torch._C._are_functorch_transforms_active():
+                return self.squeeze_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gate=gate, post_act=post_act)
+            return _SQUEEZE_EXCITE_TRAINING(step, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+
+        return squeeze_excite_training
 
 
 #: The Triton backend's kernels (:mod:`mobileops.kernels.squeeze_excite`).
