@@ -277,6 +277,26 @@ def test_host_overhead_script_times_every_op_with_stubbed_launches(monkeypatch, 
     assert _common.launch is real_launch
 
 
+def test_host_instructions_counts_every_row_once_in_dump_order(monkeypatch, tmp_path):
+    """benchmarks/host_instructions.py: its child runs each requested call (outside valgrind the
+    client requests do nothing), and the dumps are read in callgrind's numeric order."""
+    pytest.importorskip("triton")
+    from mobileops import backend
+    from mobileops.kernels import _common
+
+    script = _benchmark_script("host_instructions")
+    calls = []
+    real_prepared = _common.Prepared.__call__
+    monkeypatch.setattr(backend, "_backend_problem", backend._backend_problem)  # the child replaces it
+    monkeypatch.setattr(torch._C, "_valgrind_toggle_and_dump_stats", lambda: calls.append("dump"))
+    names = ["bn_act inference", "eager bn_act train forward+backward", "floor squeeze_excite train forward+backward"]
+    script._child(names, 3, launcher=False)
+    assert calls == ["dump"] * 3 and _common.Prepared.__call__ is real_prepared
+    for number, total in ((1, 30), (2, 10), (10, 20)):  # .10 sorts before .2 as text
+        (tmp_path / f"callgrind.out.{number}").write_text(f"events: Ir\nsummary: {total}\n")
+    assert script._counted(list(tmp_path.glob("callgrind.out.*"))) == [30, 10, 20]
+
+
 def _benchmark_script(name: str):
     import importlib.util
     from pathlib import Path
