@@ -6,9 +6,11 @@
 Modes (the ``mode`` field of each row):
 
 ``mobileops python``
-    Kernel launches replaced by no-ops (``mobileops.kernels._common.launch``) in Triton's
-    interpreter build: validation, the call plan, autograd wiring, allocation and launch
-    arguments - mobileops' own Python. Also counts the launches per call.
+    Kernel launches replaced by no-ops (``mobileops.kernels._common.Prepared`` and
+    ``mobileops.kernels._common.launch``) in Triton's interpreter build: validation, the call
+    plan, autograd wiring, allocation and the launchers' own work up to the prepared launch -
+    mobileops' own Python. The prepared launch itself (its argument tuple, guards, Triton's
+    launcher) is the next mode's. Also counts the launches per call.
 ``through triton's launcher``
     Run in a subprocess without ``TRITON_INTERPRET``: the kernels are really compiled for sm_90
     and every launch goes through Triton's own Python launch path (and mobileops' direct launch

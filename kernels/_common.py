@@ -299,7 +299,9 @@ class Prepared:
     with the whole argument dict; after a launch that compiled (or found) a kernel, later calls
     hand the compiled kernel's launcher its argument tuple directly
     (:class:`mobileops.kernels._launch.Direct`): no dict, no cache key over every argument.
-    Under the interpreter every call takes :func:`launch`.
+    Under the interpreter every call takes :func:`launch` (after which asking for a direct
+    relaunch costs a type check). A hook on :func:`launch` sees the calls that take it: count
+    prepared launches on this class's ``__call__``.
 
     Args:
         kernel, tuned, grid_of, meta: as for :func:`launch`; ``grid_of`` must depend on the

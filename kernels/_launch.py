@@ -421,11 +421,12 @@ class Direct:
     config. Calling it with the varying values launches and returns True when the kernel still
     fits them, else launches nothing and returns False (the caller then takes :func:`launch`).
 
-    It checks, per call, what the cache key of :func:`launch` would: each varying value's type,
-    and a tensor's dtype and 16-byte alignment; the driver, current device, option knobs,
-    pre-run hooks, globals the kernel read and the autotuner's cached choice. What it does not
-    check is what the caller fixed: the other arguments, and a grid that depends only on them
-    and the meta-parameters.
+    It checks, per call, what the cache key of :func:`launch` would for what varies (tensors and
+    runtime floats only: :func:`direct` refuses anything else): each value's type, and a
+    tensor's dtype and 16-byte alignment; and the fast path's switch (``enabled``), the site
+    still usable, the driver, current device, option knobs, pre-run hooks, globals the kernel
+    read and the autotuner's cached choice. What it does not check is what the caller fixed:
+    the other arguments, and a grid that depends only on them and the meta-parameters.
     """
 
     __slots__ = ("fn", "site", "target", "drv", "device", "knobs", "grid", "types", "tensors", "dtypes",
@@ -445,7 +446,7 @@ class Direct:
         self.tuning = tuning  # (autotuner, its cache key, the chosen config) or None
 
     def __call__(self, values: tuple) -> bool:
-        if tuple(map(type, values)) != self.types:
+        if not enabled or not self.site.usable or tuple(map(type, values)) != self.types:
             return False
         drv = driver.active
         fn = self.fn
@@ -493,12 +494,15 @@ def direct(kernel, tuned, grid_of, args: dict, meta: dict | None, varying: tuple
     specialization the key cannot capture...)."""
     if not (enabled and DISABLED_REASON is None):
         return None
+    # (before touching the driver: under the interpreter there is none, and creating it fails)
+    if not isinstance(kernel if meta is not None else getattr(tuned, "fn", None), JITFunction):
+        return None
+    if meta is None and not isinstance(tuned, Autotuner):
+        return None
     try:
         drv = driver.active
         device = drv.get_current_device()
         if meta is not None:
-            if not isinstance(kernel, JITFunction):
-                return None
             meta = dict(meta)
             warps = meta.pop("num_warps", 4)
             site = _SITES.get(id(kernel))
@@ -508,8 +512,6 @@ def direct(kernel, tuned, grid_of, args: dict, meta: dict | None, varying: tuple
             target = site.lookup(vals, _extra_key(kernel, drv, device, warps))
             fn, grid, tuning = kernel, grid_of(meta), None
         else:
-            if not isinstance(tuned, Autotuner) or not isinstance(tuned.fn, JITFunction):
-                return None
             site = _SITES.get(id(tuned))
             if site is None or site.owner is not tuned or not site.usable:
                 return None
@@ -523,5 +525,12 @@ def direct(kernel, tuned, grid_of, args: dict, meta: dict | None, varying: tuple
         return None
     if target is None or _hooks_block(fn):
         return None
+    # Only what the key specialises on by kind alone may vary: a tensor (dtype, alignment) or a
+    # runtime float (its type). An integer or a constexpr is specialised on its value.
+    constexprs = {param.name for param in fn.params if param.is_constexpr}
+    for name in varying:
+        value = args[name]
+        if not (isinstance(value, torch.Tensor) or (type(value) is float and name not in constexprs)):
+            return None
     position = {name: i for i, name in enumerate(site.names)}
     return Direct(fn, site, target, drv, device, grid, vals, [position[name] for name in varying], tuning)

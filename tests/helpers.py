@@ -39,18 +39,30 @@ def cuda_backend_on_cpu(extension):
 
 
 def count_launches(monkeypatch) -> list[str]:
-    """The names of the Triton kernels launched from now on, in order (under the interpreter
-    every Triton launch of mobileops, a prepared one included, goes through
-    ``mobileops.kernels._common.launch``, which this wraps)."""
+    """The names of the Triton kernels launched from now on, in order. Every Triton launch of
+    mobileops is a prepared one (``mobileops.kernels._common.Prepared``, which on a GPU relaunches
+    directly after its first call) or goes through ``mobileops.kernels._common.launch`` (which a
+    prepared launch's first call takes too): this counts both, each launch once."""
     from mobileops.kernels import _common
 
-    names, real_launch = [], _common.launch
+    names, real_launch, real_prepared = [], _common.launch, _common.Prepared.__call__
+    inside_prepared = []
 
     def counting(kernel, *args, **kwargs):
-        names.append(getattr(kernel, "__name__", type(kernel).__name__))
+        if not inside_prepared:
+            names.append(getattr(kernel, "__name__", type(kernel).__name__))
         return real_launch(kernel, *args, **kwargs)
 
+    def counting_prepared(self, *values):
+        names.append(getattr(self.kernel, "__name__", type(self.kernel).__name__))
+        inside_prepared.append(True)
+        try:
+            return real_prepared(self, *values)
+        finally:
+            inside_prepared.pop()
+
     monkeypatch.setattr(_common, "launch", counting)
+    monkeypatch.setattr(_common.Prepared, "__call__", counting_prepared)
     return names
 
 

@@ -8,7 +8,7 @@ from helpers import DEVICES, runnable_backends
 
 import mobileops
 from mobileops import backend, ops
-from mobileops.ops import _dispatch
+from mobileops.ops import _dispatch, _plan
 
 KERNEL_BACKENDS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES
                    for b in runnable_backends("dwconv_bn_act", d) if b != "torch"]
@@ -37,6 +37,9 @@ def _run_block(device, backend_name, seed=0):
 
 @pytest.mark.parametrize("device, backend_name", KERNEL_BACKENDS)
 def test_eager_path_matches_the_custom_ops_bit_for_bit(monkeypatch, device, backend_name):
+    """The eager path (calls bound to their plans included) against every kernel op called
+    through its custom op (plans unbound, so the forward ops are reached too)."""
+    backend.forget_choices()
     direct = _run_block(device, backend_name)
     calls = []
     original = _dispatch.KernelOp.__call__
@@ -45,10 +48,15 @@ def test_eager_path_matches_the_custom_ops_bit_for_bit(monkeypatch, device, back
         calls.append(self.custom_op)
         return self.custom_op(*args)
 
-    monkeypatch.setattr(_dispatch.KernelOp, "__call__", through_custom_op)
-    dispatched = _run_block(device, backend_name)
-    monkeypatch.setattr(_dispatch.KernelOp, "__call__", original)
-    assert len(calls) >= 4, "the block should have gone through the custom ops"
+    with monkeypatch.context() as m:
+        m.setattr(_dispatch.KernelOp, "__call__", through_custom_op)
+        m.setattr(_plan, "bind", lambda impl, args, options, in_place=None: _plan.Plan(impl.call, options, in_place))
+        backend.forget_choices()
+        dispatched = _run_block(device, backend_name)
+    backend.forget_choices()
+    assert _dispatch.KernelOp.__call__ is original
+    # the forward and backward ops of dwconv_bn_act, bn_act (each with its statistics op) and SE
+    assert len(calls) == 8, f"the block should have gone through every custom op ({len(calls)} calls)"
     for index, (a, b) in enumerate(zip(direct, dispatched)):
         assert torch.equal(a, b), f"tensor {index} differs between the eager path and the custom ops"
 

@@ -1,7 +1,7 @@
 """Kernel launches per fused-op call on the triton backend, counted through the public ops (the
 design's limits: every inference call 1, SE 2; training forward + backward ``dwconv_bn_act`` <= 5,
-``bn_act`` <= 4, ``squeeze_excite`` <= 5). Counted, not timed: every Triton launch of mobileops
-goes through ``mobileops.kernels._common.launch``."""
+``bn_act`` <= 4, ``squeeze_excite`` <= 5). Counted, not timed (helpers.count_launches: every
+prepared launch and every call of ``mobileops.kernels._common.launch``)."""
 
 import pytest
 import torch
@@ -76,3 +76,22 @@ def test_ticket_counters_grow_without_freeing_the_old_buffer():
     assert large.numel() > small.numel() and not large.any()
     assert any(t is small for t in _common._OUTGROWN_COUNTERS)
     assert _common.ticket_counters(torch.device("cpu"), 8) is large
+
+
+def test_the_counter_counts_each_launch_once_direct_relaunches_included(launches):
+    """On a GPU a prepared launch relaunches directly after its first call, without
+    _common.launch; its first call goes through _common.launch inside the prepared call."""
+    import triton.language as tl
+
+    from mobileops.kernels import _common
+
+    parts = torch.randn(8, 4, dtype=torch.float64)
+    out = torch.empty(4, dtype=torch.float64)
+    prepared = _common.Prepared(_common.sum_rows_kernel, None, lambda meta: (1,), dict(ROWS=8, M=4, ACC=tl.float64),
+                                dict(_common.REDUCE_META), ("in_ptr", "out_ptr"))
+    prepared(parts, out)  # through _common.launch
+    torch.testing.assert_close(out, parts.sum(0))
+    prepared.direct = lambda values: True  # what a direct relaunch looks like from outside
+    prepared(parts, out)
+    assert launches == ["sum_rows_kernel", "sum_rows_kernel"]
+
