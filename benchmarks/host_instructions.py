@@ -66,19 +66,11 @@ def _child(names: list[str], calls: int, launcher: bool) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import host_overhead as ho
 
-    from mobileops import backend, use_backend
+    from mobileops import use_backend
 
     torch.set_num_threads(1)
     if launcher:
-        import triton_launch_path as stand_in_driver
-
-        stand_in_driver.install()
-        from mobileops.kernels import _common
-
-        stand_in_driver.patch_for_cpu_tensors(_common)
-    real_problem = backend._backend_problem
-    backend._backend_problem = lambda name, device: None if name == "triton" else real_problem(name, device)
-    backend.forget_choices()
+        ho.install_stand_in_driver()
     with contextlib.nullcontext() if launcher else ho.launches_stubbed([]), use_backend("triton"):
         table = _table()
         for name in names:

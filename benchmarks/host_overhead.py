@@ -234,19 +234,27 @@ def _launcher_rows(args) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-def _launcher_mode(args) -> None:
-    """In the subprocess: the fused calls with the stand-in driver (no GPU needed)."""
+def install_stand_in_driver() -> None:
+    """Make the triton backend compile for and launch through the stand-in CUDA sm_90 driver of
+    ``triton_launch_path.py`` on CPU tensors (run without ``TRITON_INTERPRET``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import triton_launch_path as stand_in_driver
 
     stand_in_driver.install()
-    from mobileops import backend, use_backend
+    from mobileops import backend
     from mobileops.kernels import _common
 
     stand_in_driver.patch_for_cpu_tensors(_common)
     real_problem = backend._backend_problem
     backend._backend_problem = lambda name, device: None if name == "triton" else real_problem(name, device)
     backend.forget_choices()
+
+
+def _launcher_mode(args) -> None:
+    """In the subprocess: the fused calls with the stand-in driver (no GPU needed)."""
+    install_stand_in_driver()
+    from mobileops import use_backend
+
     dtype = getattr(torch, args.dtype)
     meta = _meta(torch.device("cpu"), " (stand-in CUDA sm_90 driver: compiled, launches recorded)")
     with use_backend("triton"):

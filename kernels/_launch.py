@@ -134,12 +134,14 @@ class _Layout:
         if tuple(map(type, scalars)) != self.scalar_types:
             return None
         tensors = self.tensors(vals)
-        pointers = tuple(map(_DATA_PTR, tensors))
-        # Triton's get_tensor_specialization: data_ptr() % 16 == 0, per pointer; all aligned
-        # is the common case and one test.
-        aligned = True if not functools.reduce(operator.or_, pointers, 0) & 15 else \
-            tuple(p % 16 == 0 for p in pointers)
-        return extra, tuple(map(_DTYPE, tensors)), aligned, self.keyed(vals)
+        return extra, tuple(map(_DTYPE, tensors)), _alignment(tensors), self.keyed(vals)
+
+
+def _alignment(tensors: tuple):
+    """What Triton's tensor specialization records of ``tensors``' addresses (data_ptr() % 16 == 0,
+    per pointer): True when all are aligned, the common case and one test, else a flag each."""
+    pointers = tuple(map(_DATA_PTR, tensors))
+    return True if not functools.reduce(operator.or_, pointers, 0) & 15 else tuple(p % 16 == 0 for p in pointers)
 
 
 class _Site:
@@ -430,7 +432,7 @@ class Direct:
     """
 
     __slots__ = ("fn", "site", "target", "drv", "device", "knobs", "grid", "types", "tensors", "dtypes",
-                 "aligned", "all_aligned", "build", "tuning")
+                 "alignment", "build", "tuning")
 
     def __init__(self, fn, site, target, drv, device, grid, vals: tuple, varying: list[int], tuning):
         self.fn, self.site, self.target, self.drv, self.device, self.grid = fn, site, target, drv, device, grid
@@ -440,8 +442,7 @@ class Direct:
         self.tensors = _getter([i for i, v in enumerate(values) if isinstance(v, torch.Tensor)])
         tensors = self.tensors(values)
         self.dtypes = tuple(map(_DTYPE, tensors))
-        self.aligned = tuple(p % 16 == 0 for p in map(_DATA_PTR, tensors))
-        self.all_aligned = all(self.aligned)
+        self.alignment = _alignment(tensors)
         self.build = _builder(vals, varying)
         self.tuning = tuning  # (autotuner, its cache key, the chosen config) or None
 
@@ -456,13 +457,7 @@ class Direct:
         if device != self.device or _knob_state(fn) != self.knobs:
             return False
         tensors = self.tensors(values)
-        pointers = tuple(map(_DATA_PTR, tensors))
-        if tuple(map(_DTYPE, tensors)) != self.dtypes:
-            return False
-        if self.all_aligned:
-            if functools.reduce(operator.or_, pointers, 0) & 15:
-                return False
-        elif tuple(p % 16 == 0 for p in pointers) != self.aligned:
+        if tuple(map(_DTYPE, tensors)) != self.dtypes or _alignment(tensors) != self.alignment:
             return False
         if self.tuning is not None:
             tuned, tune_key, config = self.tuning

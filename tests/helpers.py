@@ -236,7 +236,6 @@ def assert_bound_inference_is_general(monkeypatch, backend_name: str, op: str, c
         assert torch.equal(out, general), f"{backend_name}: the bound call's values differ from the general call's"
 
 
-
 #: The autograd node of each op's differentiated call bound to its plan.
 BOUND_TRAINING_NODES = {"dwconv_bn_act": "BatchNormTrainingBackward", "bn_act": "BatchNormTrainingBackward",
                         "squeeze_excite": "SqueezeExciteTrainingBackward"}

@@ -281,13 +281,11 @@ def test_host_instructions_counts_every_row_once_in_dump_order(monkeypatch, tmp_
     """benchmarks/host_instructions.py: its child runs each requested call (outside valgrind the
     client requests do nothing), and the dumps are read in callgrind's numeric order."""
     pytest.importorskip("triton")
-    from mobileops import backend
     from mobileops.kernels import _common
 
     script = _benchmark_script("host_instructions")
     calls = []
     real_prepared = _common.Prepared.__call__
-    monkeypatch.setattr(backend, "_backend_problem", backend._backend_problem)  # the child replaces it
     monkeypatch.setattr(torch._C, "_valgrind_toggle_and_dump_stats", lambda: calls.append("dump"))
     names = ["bn_act inference", "eager bn_act train forward+backward", "floor squeeze_excite train forward+backward"]
     script._child(names, 3, launcher=False)

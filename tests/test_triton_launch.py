@@ -114,9 +114,7 @@ def counting_launch(*args):
 common.launch = counting_launch
 
 def prepared_of(captured):
-    kernel, tuned, grid_of, args, meta = captured
-    varying = tuple(k for k, v in args.items() if isinstance(v, (torch.Tensor, float)))
-    return common.Prepared(kernel, tuned, grid_of, {k: v for k, v in args.items() if k not in varying}, meta, varying)
+    return bench.prepared_launch(common, captured)[0]
 
 def run_prepared(prepared, captured, **changes):
     """(took common.launch, ran JITFunction.run, the launcher's arguments same as Triton's path gave)"""
